@@ -14,8 +14,8 @@ from .dataset import data_version, MANIFEST
 from . import storage
 
 # %% auto #0
-__all__ = ['STREAMS', 'PreprocessParams', 'implicit', 'deduplicate', 'min_count_filter', 'split_by_time', 'splitmix64',
-           'candidate_items', 'sample_negatives', 'index_table', 'negatives_for', 'preprocess_frame',
+__all__ = ['STREAMS', 'PreprocessParams', 'implicit', 'deduplicate', 'min_count_filter', 'splitmix64', 'candidate_items',
+           'tie_key', 'split_by_time', 'sample_negatives', 'index_table', 'negatives_for', 'preprocess_frame',
            'preprocess_paper', 'counts', 'write_dataset', 'partition_uri', 'preprocess', 'summary', 'parser',
            'params_from_args', 'main']
 
@@ -88,16 +88,7 @@ def min_count_filter(users:np.ndarray, items:np.ndarray, p:PreprocessParams, sta
     stats.update(dropped)
     return keep
 
-# %% ../nbs/05_preprocess.ipynb #8bd7b69c
-def split_by_time(df:pd.DataFrame, validation:bool=True) -> dict[str, pd.DataFrame]:
-    "Split indexed interactions (`user, item, timestamp`) into train / validation / test, last by `(timestamp, item)`."
-    df = df.sort_values(["user", "timestamp", "item"], kind="stable", ignore_index=True)
-    from_end = df.groupby("user", sort=False).cumcount(ascending=False).to_numpy()
-    out = {"test": df[from_end == 0], "train": df[from_end >= (2 if validation else 1)]}
-    if validation: out["validation"] = df[from_end == 1]
-    return {k: v.reset_index(drop=True) for k, v in out.items()}
-
-# %% ../nbs/05_preprocess.ipynb #ee11be34
+# %% ../nbs/05_preprocess.ipynb #70d433f7
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 STREAMS = {"validation": 1, "test": 2}
 
@@ -116,7 +107,23 @@ def candidate_items(seed:int, stream:int, users:np.ndarray, j:np.ndarray, n_item
         ku = splitmix64(key ^ (np.asarray(users, np.uint64)*_GOLD))
         return (splitmix64(ku + np.asarray(j, np.uint64)*_M2) % np.uint64(n_items)).astype(np.int64)
 
-# %% ../nbs/05_preprocess.ipynb #88bdcd19
+# %% ../nbs/05_preprocess.ipynb #e3c68af3
+def tie_key(users, items) -> np.ndarray:
+    "The order of interactions that share a timestamp: a SplitMix64 hash of `(user, item)` indexes, as int64."
+    with np.errstate(over="ignore"):
+        h = splitmix64(np.asarray(users, np.uint64)*_GOLD ^ np.asarray(items, np.uint64))
+    return (h >> np.uint64(1)).astype(np.int64)
+
+def split_by_time(df:pd.DataFrame, validation:bool=True) -> dict[str, pd.DataFrame]:
+    "Split indexed interactions (`user, item, timestamp`) into train / validation / test: last by `(timestamp, tie_key)`."
+    df = df.assign(_tie=tie_key(df.user.to_numpy(), df.item.to_numpy()))
+    df = df.sort_values(["user", "timestamp", "_tie"], kind="stable", ignore_index=True).drop(columns="_tie")
+    from_end = df.groupby("user", sort=False).cumcount(ascending=False).to_numpy()
+    out = {"test": df[from_end == 0], "train": df[from_end >= (2 if validation else 1)]}
+    if validation: out["validation"] = df[from_end == 1]
+    return {k: v.reset_index(drop=True) for k, v in out.items()}
+
+# %% ../nbs/05_preprocess.ipynb #ea2dab81
 def sample_negatives(users:np.ndarray, seen_users:np.ndarray, seen_items:np.ndarray, n_items:int, k:int,
                      seed:int, stream:int, chunk:int=200_000) -> pd.DataFrame:
     "`k` negatives for each of `users` (unique), never one of the items paired with it in `seen_*`: `user, item` rows."
@@ -152,7 +159,7 @@ def sample_negatives(users:np.ndarray, seen_users:np.ndarray, seen_items:np.ndar
     u, i = (np.concatenate(out_u), np.concatenate(out_i)) if out_u else (np.zeros(0, np.int64),)*2
     return pd.DataFrame({"user": u.astype(np.int32), "item": i.astype(np.int32)})
 
-# %% ../nbs/05_preprocess.ipynb #d9f86340
+# %% ../nbs/05_preprocess.ipynb #2d108462
 def index_table(codes_to_ids:np.ndarray, kept_codes:np.ndarray, name:str) -> tuple[pd.DataFrame, np.ndarray]:
     "Index the kept codes in the sort order of their original ids; return the index table and a code->index map."
     ids = pd.Series(codes_to_ids[kept_codes])
@@ -194,7 +201,7 @@ def preprocess_frame(data:Interactions, p:PreprocessParams=PreprocessParams(), p
     tables.update(users=users, items=items)
     return tables, stats
 
-# %% ../nbs/05_preprocess.ipynb #9ee5d766
+# %% ../nbs/05_preprocess.ipynb #9de06186
 def preprocess_paper(path, p:PreprocessParams=PreprocessParams()) -> tuple[dict, dict]:
     "Tables of a data set from the NCF paper's `.train.rating`/`.test.rating`/`.test.negative` files."
     files = read_paper(path)
@@ -217,7 +224,7 @@ def preprocess_paper(path, p:PreprocessParams=PreprocessParams()) -> tuple[dict,
                                     "train_count": np.bincount(train.item, minlength=n_items).astype(np.int64)})
     return tables, {"rows_read": len(files.train.df) + len(files.test.df)}
 
-# %% ../nbs/05_preprocess.ipynb #46aaa804
+# %% ../nbs/05_preprocess.ipynb #7511a629
 def counts(tables:dict) -> dict:
     c = {n: len(t) for n, t in tables.items()}
     c.update(n_users=len(tables["users"]), n_items=len(tables["items"]))
@@ -241,7 +248,7 @@ def partition_uri(out, run_date:str|None=None, run_id:str|None=None) -> str:
     except ValueError: raise ConfigError(f"run_date must be YYYY-MM-DD, got {run_date!r}") from None
     return storage.join(out, f"dt={run_date}")
 
-# %% ../nbs/05_preprocess.ipynb #d534ac24
+# %% ../nbs/05_preprocess.ipynb #2d067851
 def preprocess(src, out, params:PreprocessParams=PreprocessParams(), format:str="auto", cols:Columns=Columns(),
                items=None, run_date:str|None=None, run_id:str|None=None, verbose:bool=False) -> dict:
     "Read `src`, preprocess, write partition `OUT/dt=...`; return its manifest (with `path` and `seconds`)."
@@ -264,7 +271,7 @@ def _progress(rows:int):
     from tqdm.auto import tqdm
     return tqdm(total=4, desc="preprocess", unit="step", disable=rows < 500_000)
 
-# %% ../nbs/05_preprocess.ipynb #d50f3354
+# %% ../nbs/05_preprocess.ipynb #b80db567
 def summary(m:dict) -> str:
     "A one-screen summary of a preprocessing run."
     c, f = m["counts"], m["filtered"]
@@ -324,6 +331,6 @@ def main(argv=None) -> int:
     print(summary(m))
     return 0
 
-# %% ../nbs/05_preprocess.ipynb #59a31da4
+# %% ../nbs/05_preprocess.ipynb #a3ddee54
 #| eval: false
 if __name__ == "__main__": sys.exit(main())

@@ -1,0 +1,130 @@
+"""Training entry point: SageMaker environment, bitwise resume after a kill, pre-training, bad input."""
+import json, os, re, signal, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import small_dataset
+from ncf.dataset import load_splits
+from ncf.modeldir import load_model_dir, read_metrics
+from ncf.train import NegativeSampler, TrainConfig, train
+
+FAST = ["--batch_size", "512", "--factor_num", "8", "--num_layers", "2", "--full_ranking", "false", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return small_dataset(tmp_path_factory.mktemp("train"))
+
+
+def run_train(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "ncf.train", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})}, **kw)
+
+
+def test_sagemaker_environment(data, tmp_path):
+    env = {"SM_CHANNEL_TRAIN": str(data), "SM_MODEL_DIR": str(tmp_path / "model"), "SM_OUTPUT_DATA_DIR": str(tmp_path / "output")}
+    # SageMaker passes hyperparameters as --name value pairs, and may pass ones we do not know
+    r = run_train("--epochs", "2", *FAST, "--sparse", "false", "--some_platform_flag", "x", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2
+    for l in lines:  # SageMaker metric definitions parse these with regexes
+        hr, ndcg, loss = (float(re.search(p, l).group(1)) for p in (r"HR=(.*?);", r"NDCG=(.*?);", r"Loss=(.*?);"))
+        assert 0 <= hr <= 1 and 0 <= ndcg <= hr and loss > 0
+    md = load_model_dir(tmp_path / "model")
+    assert md.data_version == load_splits(data).data_version
+    assert json.loads((tmp_path / "output" / "metrics.json").read_text())["best_epoch"] == md.metrics["best_epoch"]
+    assert "ignoring unknown arguments ['--some_platform_flag', 'x']" in r.stderr
+
+
+def test_epochs_zero_writes_the_untrained_model(data, tmp_path):
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", "--epochs", "0", *FAST)
+    assert r.returncode == 0, r.stderr
+    m = read_metrics(tmp_path / "m")
+    assert m["best_epoch"] == 0 and m["history"] == []
+    assert m["test"]["hr"] < 0.5  # an untrained model ranks close to chance
+
+
+def kill_after_epoch(cmd, epoch: int):
+    "Start a training run and SIGKILL it as soon as it reports `epoch`."
+    p = subprocess.Popen([sys.executable, "-m", "ncf.train", *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in p.stdout:
+        if line.startswith(f"epoch {epoch}/"):
+            p.send_signal(signal.SIGKILL); break
+    p.wait(timeout=60)
+    return p.returncode
+
+
+def test_killed_run_resumes_bitwise(data, tmp_path):
+    common = ["--data", data, "--epochs", "4", "--seed", "3", *FAST]
+    assert run_train(*common, "--model-dir", tmp_path / "straight", "--checkpoint-dir", tmp_path / "ck1").returncode == 0
+    assert kill_after_epoch([*common, "--model-dir", tmp_path / "resumed", "--checkpoint-dir", tmp_path / "ck2"], 2) == -signal.SIGKILL
+    assert (tmp_path / "ck2" / "last.pt").exists() and not (tmp_path / "resumed").exists()
+    r = run_train(*common, "--model-dir", tmp_path / "resumed", "--checkpoint-dir", tmp_path / "ck2")
+    assert r.returncode == 0 and "resumed from" in r.stdout
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    strip = lambda m: [{k: v for k, v in h.items() if k not in ("seconds", "samples_per_s")} for h in m["history"]]
+    assert strip(a) == strip(b) and a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    state = torch.load(tmp_path / "ck2" / "last.pt", weights_only=True)  # checkpoints load without unpickling code
+    assert state["epoch"] == 4
+
+
+def test_neumf_pretraining(data, tmp_path):
+    for model in ("GMF", "MLP"):
+        assert run_train("--data", data, "--model-dir", tmp_path / model, "--model", model, "--epochs", "1", *FAST).returncode == 0
+    r = run_train("--data", data, "--model-dir", tmp_path / "neu", "--epochs", "1", *FAST,
+                  "--gmf_pretrain", tmp_path / "GMF", "--mlp_pretrain", tmp_path / "MLP")
+    assert r.returncode == 0, r.stderr
+    neu, gmf = load_model_dir(tmp_path / "neu"), load_model_dir(tmp_path / "GMF")
+    assert neu.config["train"]["gmf_pretrain"] == str(tmp_path / "GMF")
+    assert neu.model.embed_user_GMF.weight.shape == gmf.model.embed_user_GMF.weight.shape
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-0.1"], "lr must be > 0"),
+    (["--num_layers", "0"], "num_layers must be in 1..8"),
+    (["--factor_num", "0"], "factor_num must be >= 1"),
+    (["--model", "SVD"], "model must be one of"),
+    (["--gmf_pretrain", "/nonexistent"], "needs both gmf_pretrain and mlp_pretrain"),
+])
+def test_bad_hyperparameters_fail_before_training(data, tmp_path, args, message):
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_mismatched_pretrained_model_dir_is_refused(data, tmp_path):
+    assert run_train("--data", data, "--model-dir", tmp_path / "GMF", "--model", "GMF", "--epochs", "0", *FAST).returncode == 0
+    (tmp_path / "GMF" / "seen.parquet").write_bytes(b"damaged")
+    r = run_train("--data", data, "--model-dir", tmp_path / "neu", "--epochs", "1", *FAST,
+                  "--gmf_pretrain", tmp_path / "GMF", "--mlp_pretrain", tmp_path / "GMF")
+    assert r.returncode == 2 and "do not match their hash" in r.stderr
+
+
+def test_data_without_test_rows_is_refused(data, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"; shutil.copytree(data, bad)
+    for t in ("test", "test_negatives"):
+        pd.read_parquet(bad / f"{t}.parquet").iloc[:0].to_parquet(bad / f"{t}.parquet")
+    r = run_train("--data", bad, "--model-dir", tmp_path / "m", "--epochs", "1")
+    assert r.returncode == 2 and "no test rows" in r.stderr
+
+
+def test_raw_ratings_file_is_preprocessed_with_defaults(ml100k, tmp_path):
+    r = run_train("--data", ml100k, "--model-dir", tmp_path / "m", "--epochs", "0", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "943" in r.stdout and load_model_dir(tmp_path / "m").model.cfg.n_items == 1682
+
+
+def test_sampler_never_emits_a_training_positive():
+    rng = np.random.default_rng(0)
+    u = torch.as_tensor(rng.integers(0, 50, 3000)); i = torch.as_tensor(rng.integers(0, 60, 3000))
+    s = NegativeSampler(u, i, 60)
+    nu, ni = s.sample(u, 8, torch.Generator().manual_seed(1))
+    positives = set(zip(u.tolist(), i.tolist()))
+    assert len(nu) == 8 * len(u) and not any(p in positives for p in zip(nu.tolist(), ni.tolist()))
