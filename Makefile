@@ -56,6 +56,10 @@ clean-nbs: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python -m ncf.repo readme
 
+# The docs site, offline (no Quarto): every notebook executed on small data and rendered to _site/.
+docs: $(STAMP)
+	$(BIN)/python -m ncf.docs --out _site
+
 # Rewrite constraints.txt from the current venv (after changing a requirement on purpose).
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt

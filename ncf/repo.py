@@ -8,7 +8,8 @@ import filecmp, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['CHECKS', 'repo_root', 'export_drift', 'clean_drift', 'readme_text', 'readme_drift', 'write_readme', 'check', 'main']
+__all__ = ['CHECKS', 'repo_root', 'export_drift', 'clean_drift', 'directives', 'strip_directives', 'doc_cells', 'readme_text',
+           'readme_drift', 'write_readme', 'check', 'main']
 
 # %% ../nbs/99_repo.ipynb #38571825
 def repo_root(start=None) -> Path:
@@ -51,14 +52,30 @@ def clean_drift(root=None) -> list[str]:
         subprocess.run([_nbdev_bin("nbdev_clean")], cwd=d, check=True, capture_output=True)
         return [f"nbs/{p}" for p in _tree_diff(root/"nbs", d/"nbs")]
 
-# %% ../nbs/99_repo.ipynb #66d4bff9
+# %% ../nbs/99_repo.ipynb #2699288d
 _DIRECTIVE = re.compile(r"^\s*#\|\s*(.*)$")
 
-def _directives(src:str) -> set[str]:
+def directives(src:str) -> set[str]:
+    "A cell's `#|` directives, spaces removed: `{'hide', 'eval:false', ...}`."
     return {m.group(1).strip().replace(" ", "") for l in src.splitlines() if (m := _DIRECTIVE.match(l))}
 
-def _strip_directives(src:str) -> str:
+def strip_directives(src:str) -> str:
+    "The cell's source without its `#|` directive lines."
     return "\n".join(l for l in src.splitlines() if not _DIRECTIVE.match(l)).strip("\n")
+
+def doc_cells(cells:list) -> list:
+    "The cells a reader sees, as nbdev renders them: hidden cells dropped, directives applied and stripped (edits code cells in place)."
+    out = []
+    for c in cells:
+        d = directives(c.source) if c.cell_type == "code" else set()
+        if {"hide", "include:false"} & d or re.match(r"^\s*#\|\s*default_exp", c.source): continue
+        if c.cell_type == "code":
+            if "output:false" in d: c.outputs = []
+            if "echo:false" in d: c.source = ""
+            c.source = strip_directives(c.source)
+            if not c.source and not c.get("outputs"): continue
+        out.append(c)
+    return out
 
 def readme_text(root=None) -> str:
     "Markdown of `nbs/index.ipynb` the way nbdev would render it, without Quarto."
@@ -68,17 +85,7 @@ def readme_text(root=None) -> str:
 
     class NbdevDirectives(Preprocessor):
         def preprocess(self, nb, resources):
-            cells = []
-            for c in nb.cells:
-                d = _directives(c.source) if c.cell_type == "code" else set()
-                if {"hide", "include:false"} & d or re.match(r"^\s*#\|\s*default_exp", c.source): continue
-                if c.cell_type == "code":
-                    if "output:false" in d: c.outputs = []
-                    if "echo:false" in d: c.source = ""
-                    c.source = _strip_directives(c.source)
-                    if not c.source and not c.get("outputs"): continue
-                cells.append(c)
-            nb.cells = cells
+            nb.cells = doc_cells(nb.cells)
             return nb, resources
 
     root = repo_root(root)

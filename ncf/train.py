@@ -17,8 +17,9 @@ from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 
 # %% auto #0
 __all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_has_amx', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
-           'evaluate_full', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model', 'make_optimizer',
-           'TrainResult', 'train', 'final_metrics', 'save_model', 'parser', 'resolve_data', 'load_channels', 'main']
+           'popularity_baseline', 'evaluate_full', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model',
+           'make_optimizer', 'TrainResult', 'train', 'final_metrics', 'save_model', 'parser', 'resolve_data',
+           'load_channels', 'main']
 
 # %% ../nbs/09_train.ipynb #cb643b97
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class NegativeSampler:
             bad[idx] = self.is_positive(u[idx], items[idx])
         return u, items
 
-# %% ../nbs/09_train.ipynb #07b7d48a
+# %% ../nbs/09_train.ipynb #2521e325
 @torch.no_grad()
 def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk:int=8192) -> dict:
     "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol)."
@@ -127,6 +128,12 @@ def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk:int=8192) -> 
         u = users[lo:lo+chunk, None].expand_as(c)
         ranks.append(ranks_among(model(u.reshape(-1), c.reshape(-1)).float().view(c.shape)))
     hr, ndcg = hit_ndcg(torch.cat(ranks).cpu(), k)
+    return {"hr": hr, "ndcg": ndcg, "k": k}
+
+def popularity_baseline(splits:Splits, k:int) -> dict:
+    "The test metrics of ranking by training popularity: the bar a collaborative model must clear."
+    pop = torch.as_tensor(np.bincount(splits.train_items, minlength=splits.n_items), dtype=torch.float64)
+    hr, ndcg = hit_ndcg(ranks_among(pop[torch.as_tensor(splits.test.candidates())]), k)
     return {"hr": hr, "ndcg": ndcg, "k": k}
 
 @torch.no_grad()
@@ -199,7 +206,7 @@ class TrainResult:
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-# %% ../nbs/09_train.ipynb #7d3a8d79
+# %% ../nbs/09_train.ipynb #9cc2e805
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print) -> TrainResult:
     "Train on `splits`; select the epoch on validation; score the selected model on test."
     if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -275,6 +282,7 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
          "train_seconds": round(sum(r["seconds"] for r in history), 3)}
     m["validation"] = {f: best[f] for f in ("hr", "ndcg", "k")} if best else {"hr": float("nan"), "ndcg": float("nan"), "k": k}
     m["test"] = evaluate_sampled(model, splits.test, k, device)
+    m["test_popularity"] = popularity_baseline(splits, k)
     if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, splits.train_users, splits.train_items, k, device)
     return m
 

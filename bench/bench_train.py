@@ -1,0 +1,152 @@
+"""Training benchmark: the project's trainer against a straightforward per-sample implementation.
+
+Both train the same NeuMF (ncf.model.NCF) on the same preprocessed data, in the same run, on this
+machine. The per-sample baseline is the common public recipe: a torch Dataset whose __getitem__
+returns one (user, item, label) triple, negatives drawn in a Python loop each epoch, a DataLoader
+with batch_size 256. Each configuration runs in its own process so that peak memory is its own.
+
+    .venv/bin/python bench/bench_train.py                      # ML-100K if ../shared has it, else synthetic
+    .venv/bin/python bench/bench_train.py --seeds 5 --pretrain # accuracy over 5 seeds, with pre-training too
+
+Prints samples/s, seconds per epoch, time to reach the baseline's best validation HR, test HR@10 /
+NDCG@10 at the validation-selected epoch, and peak RSS.
+"""
+import argparse, json, os, resource, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "u.data"
+
+
+def prepare(work: Path) -> Path:
+    from ncf.preprocess import preprocess
+    if ML100K.exists(): src = ML100K
+    else:
+        from ncf.synthetic import SyntheticSpec, write_days
+        src = work / "raw"; write_days(SyntheticSpec(), src, 30)
+    return Path(preprocess(src, work / "data", run_id="bench")["path"])
+
+
+def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
+    "The common recipe: per-sample Dataset, Python-loop negatives, DataLoader(batch_size=256)."
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from ncf.dataset import load_splits
+    from ncf.model import NCF, ModelConfig
+    from ncf.train import evaluate_sampled
+    torch.manual_seed(seed); rng = np.random.default_rng(seed)
+    s = load_splits(data)
+    pairs = list(zip(s.train_users.tolist(), s.train_items.tolist()))
+    train_set = set(pairs)
+
+    class Triples(Dataset):
+        def __init__(self): self.rows = []
+        def resample(self):
+            rows = []
+            for u, i in pairs:
+                rows.append((u, i, 1.0))
+                for _ in range(4):
+                    j = int(rng.integers(s.n_items))
+                    while (u, j) in train_set: j = int(rng.integers(s.n_items))
+                    rows.append((u, j, 0.0))
+            self.rows = rows
+        def __len__(self): return len(self.rows)
+        def __getitem__(self, k): return self.rows[k]
+
+    ds = Triples()
+    model = NCF(ModelConfig(s.n_users, s.n_items, "NeuMF", 32, 3, 0.3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.001); loss_fn = torch.nn.BCEWithLogitsLoss()
+    history, t_train = [], 0.0
+    best = (-1, None)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter(); ds.resample(); model.train()
+        for u, i, y in DataLoader(ds, batch_size=256, shuffle=True, num_workers=0):
+            opt.zero_grad(); loss = loss_fn(model(u, i), y.float()); loss.backward(); opt.step()
+        dt = time.perf_counter() - t0; t_train += dt
+        v = evaluate_sampled(model, s.validation, 10, "cpu")
+        history.append({"epoch": epoch, "seconds": dt, "elapsed": t_train, "samples_per_s": len(ds) / dt, "validation": v})
+        if v["hr"] > best[0]: best = (v["hr"], {k: t.clone() for k, t in model.state_dict().items()})
+    model.load_state_dict(best[1])
+    return {"history": history, "test": evaluate_sampled(model, s.test, 10, "cpu")}
+
+
+def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
+    import torch
+    from ncf.dataset import load_splits
+    from ncf.train import TrainConfig, train, parser
+    s = load_splits(data)
+    args = vars(parser().parse_args(["--epochs", str(epochs), "--seed", str(seed), "--full_ranking", "false", *extra]))
+    cfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
+    r = train(s, cfg, log=lambda *a: None)
+    elapsed, hist = 0.0, []
+    for h in r.metrics["history"]:
+        elapsed += h["seconds"]; hist.append({**h, "elapsed": elapsed})
+    return {"history": hist, "test": r.metrics["test"], "best_epoch": r.metrics["best_epoch"]}
+
+
+def child(kind: str, data: str, epochs: int, seed: int, extra: list):
+    out = per_sample_baseline(Path(data), epochs, seed) if kind == "baseline" else ours(Path(data), epochs, seed, extra)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def run(kind, data, epochs, seed, extra=()):
+    r = subprocess.run([sys.executable, __file__, "--child", kind, "--data", str(data), "--epochs", str(epochs), "--seed", str(seed), "--", *extra],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarise(name, r, target_hr=None):
+    h = r["history"]
+    sps = np.mean([x["samples_per_s"] for x in h]); spe = np.mean([x["seconds"] for x in h])
+    reach = next((x["elapsed"] for x in h if target_hr is not None and x["validation"]["hr"] >= target_hr), None)
+    print(f"{name:<28} {sps:>12,.0f} {spe:>9.2f} {('%.1f' % reach) if reach is not None else '-':>10} "
+          f"{r['test']['hr']:>8.4f} {r['test']['ndcg']:>8.4f} {r['peak_rss_mb']:>9.0f}")
+    return sps, reach
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--child"); p.add_argument("--data"); p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
+    p.add_argument("--pretrain", action="store_true"); p.add_argument("--fast", default="--batch_size 4096 --lr_scaling sqrt")
+    p.add_argument("extra", nargs="*")
+    a = p.parse_args()
+    if a.child: return child(a.child, a.data, a.epochs, a.seed, a.extra)
+    work = Path(tempfile.mkdtemp(prefix="ncf-bench-"))
+    data = prepare(work)
+    print(f"data: {data} ({'ML-100K' if ML100K.exists() else 'synthetic'}), {a.epochs} epochs, torch threads {os.cpu_count()}")
+    if a.seeds: return accuracy(data, a)
+    base = run("baseline", data, a.epochs, a.seed)
+    target = max(x["validation"]["hr"] for x in base["history"])
+    print(f"baseline's best validation HR@10: {target:.4f}")
+    print(f"{'configuration':<28} {'samples/s':>12} {'s/epoch':>9} {'to target':>10} {'test HR':>8} {'NDCG':>8} {'peak MB':>9}")
+    b_sps, b_reach = summarise("per-sample baseline", base, target)
+    for name, extra in (("ncf defaults", []), (f"ncf fast ({a.fast})", a.fast.split())):
+        r = run("ours", data, a.epochs, a.seed, extra)
+        sps, reach = summarise(name, r, target)
+        print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
+
+
+def accuracy(data, a):
+    "Test HR/NDCG at the validation-selected epoch over seeds, with and without pre-training."
+    rows = {"NeuMF": [], "NeuMF + pre-training": []}
+    for seed in range(a.seeds):
+        rows["NeuMF"].append(run("ours", data, a.epochs, seed, a.extra)["test"])
+        if a.pretrain:
+            d = Path(tempfile.mkdtemp())
+            for m in ("GMF", "MLP"):
+                subprocess.run([sys.executable, "-m", "ncf.train", "--data", str(data), "--model-dir", str(d / m), "--model", m,
+                                "--seed", str(seed), "--epochs", str(a.epochs), "--full_ranking", "false", *a.extra], check=True, capture_output=True)
+            rows["NeuMF + pre-training"].append(run("ours", data, a.epochs, seed, [*a.extra, "--gmf_pretrain", str(d / "GMF"), "--mlp_pretrain", str(d / "MLP")])["test"])
+        print(f"seed {seed}: " + "; ".join(f"{k} HR {v[-1]['hr']:.4f} NDCG {v[-1]['ndcg']:.4f}" for k, v in rows.items() if v), flush=True)
+    for k, v in rows.items():
+        if v:
+            hr = np.array([x["hr"] for x in v]); nd = np.array([x["ndcg"] for x in v])
+            print(f"{k:<22} test HR@10 {hr.mean():.4f} ± {hr.std(ddof=1) if len(v) > 1 else 0:.4f}   NDCG@10 {nd.mean():.4f} ± {nd.std(ddof=1) if len(v) > 1 else 0:.4f}   ({len(v)} seeds)")
+
+
+if __name__ == "__main__":
+    main()

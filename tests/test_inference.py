@@ -1,0 +1,171 @@
+"""The inference path on trained models: numpy scoring against PyTorch, the SageMaker handler chain,
+the recommendation business rules (seen items, exclude list, categories, cold start, k), and
+client errors that name what is wrong."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ncf.core import ModelError, RequestError
+from ncf.inference import MAX_K, Recommender, input_fn, model_fn, output_fn, predict_fn
+from ncf.model import score_matrix
+from serve_helpers import damaged_copy, int_model, trained_models
+
+
+@pytest.fixture(scope="module")
+def rec() -> Recommender:
+    return model_fn(trained_models()["a"])
+
+
+@pytest.fixture(scope="module")
+def torch_scores(rec) -> np.ndarray:
+    "Logits of every (user, item) pair from the PyTorch model: the reference for ranking."
+    m = rec.md.model.eval()
+    return score_matrix(m, torch.arange(len(rec.users))).numpy()
+
+
+def handle(rec, body, content_type="application/json", accept="application/json"):
+    "The SageMaker container's call sequence for one request."
+    return json.loads(output_fn(predict_fn(input_fn(body, content_type), rec), accept))
+
+
+def test_numpy_scores_equal_pytorch(rec, torch_scores):
+    ours = np.stack([rec.scorer.logits(u) for u in range(len(rec.users))])
+    np.testing.assert_allclose(ours, torch_scores, rtol=1e-4, atol=1e-4)
+    forward = rec.md.model(torch.tensor([3, 3]), torch.tensor([7, 11])).detach().numpy()
+    np.testing.assert_allclose(rec.scorer.logits(3, np.array([7, 11])), forward, rtol=1e-4, atol=1e-5)
+
+
+def test_seed_contract_ranks_by_model(rec, torch_scores):
+    rng = np.random.default_rng(0)
+    for u in rng.choice(len(rec.users), 20, replace=False):
+        cand = rng.choice(len(rec.items), 25, replace=False)
+        user_id, item_ids = rec.users.ids[u], [rec.items.ids[i] for i in cand]
+        got = handle(rec, json.dumps({"user": [user_id] * 25, "item": item_ids}).encode())
+        expected = [item_ids[j] for j in np.argsort(-torch_scores[u, cand], kind="stable")]
+        assert got == expected
+
+
+def test_batch_top_k_and_scores(rec, torch_scores):
+    users, items = rec.users.ids[:3], rec.items.ids[:12]
+    body = json.dumps([{"user": u, "item": items, "top_k": 5, "return_scores": True} for u in users])
+    got = handle(rec, body)  # a str body, as the container passes a decoded JSON body
+    assert len(got) == 3
+    for u, r in enumerate(got):
+        assert len(r["items"]) == len(r["scores"]) == 5
+        assert r["scores"] == sorted(r["scores"], reverse=True)
+        idx = [rec.items.index[i] for i in r["items"]]
+        np.testing.assert_allclose(r["scores"], 1 / (1 + np.exp(-torch_scores[u, idx])), rtol=1e-4)
+
+
+def test_charset_and_any_accept(rec):
+    body = {"user": rec.users.ids[0], "item": rec.items.ids[:3]}
+    assert len(handle(rec, json.dumps(body), "application/json; charset=utf-8", "*/*")) == 3
+
+
+def test_integer_catalogue_takes_numeric_strings():
+    r = model_fn(int_model())
+    got = handle(r, json.dumps({"user": ["11", 11, 11], "item": ["105", 100, 109]}))
+    assert sorted(got) == [100, 105, 109] and all(type(i) is int for i in got)
+    assert r.recommend("21", k=3)["cold_start"] is False   # user 21 exists: a path segment is a string
+    assert r.recommend("x21", k=3)["cold_start"] is True
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b'{"user": [1, 2', 400, "malformed JSON"),
+    (b'', 400, "malformed JSON"),
+    (b'"text"', 400, "expected an object"),
+    (b'[]', 400, "empty batch"),
+    (b'{"user": [], "item": []}', 400, "'item' must be a non-empty array"),
+    (b'{"user": "C0000000", "item": []}', 400, "non-empty array"),
+    (b'{"user": ["C0000000"], "item": ["SKU-000000", "SKU-000001"]}', 400, "'user' has 1 ids and 'item' 2"),
+    (b'{"user": {"id": 1}, "item": ["SKU-000000"]}', 400, "'user' must be an id"),
+    (b'{"user": "C0000000", "item": "SKU-000000"}', 400, "'item' must be a non-empty array of ids, got a string"),
+    (b'{"user": "C0000000", "item": [null]}', 400, "ids must be integers or strings, got null"),
+    (b'{"user": "C0000000", "item": ["SKU-000000"], "top_k": 0}', 400, "'top_k' must be an integer in 1..1000"),
+    (b'{"user": "C0000000", "item": ["SKU-000000"], "top_k": "3"}', 400, "'top_k' must be an integer"),
+    (b'{"user": "C0000000", "item": ["SKU-000000"], "return_scores": 1}', 400, "'return_scores' must be true or false"),
+    (b'{"usr": "C0000000", "item": ["SKU-000000"]}', 400, "unknown field(s) ['usr']"),
+    (b'[{"user": "C0000000", "item": ["SKU-000000"]}, 5]', 400, "[1]: expected an object"),
+])
+def test_bad_requests(rec, body, status, fragment):
+    with pytest.raises(RequestError) as e: handle(rec, body)
+    assert e.value.status == status and fragment in str(e.value)
+
+
+def test_unknown_ids_are_named(rec):
+    with pytest.raises(RequestError, match=r"unknown user id\(s\) \['nobody'\]"):
+        handle(rec, b'{"user": "nobody", "item": ["SKU-000000"]}')
+    with pytest.raises(RequestError, match=r"unknown item id\(s\) \['SKU-X', 7\]") as e:
+        handle(rec, json.dumps({"user": rec.users.ids[0], "item": [rec.items.ids[0], "SKU-X", 7, "SKU-X"]}))
+    assert e.value.status == 400
+    with pytest.raises(RequestError, match=r"\[1\]: unknown item id"):
+        handle(rec, json.dumps([{"user": rec.users.ids[0], "item": rec.items.ids[:2]}, {"user": rec.users.ids[0], "item": ["SKU-X"]}]))
+
+
+def test_content_type_and_accept(rec):
+    with pytest.raises(RequestError) as e: handle(rec, b'{}', "text/csv")
+    assert e.value.status == 415
+    with pytest.raises(RequestError) as e: handle(rec, json.dumps({"user": rec.users.ids[0], "item": rec.items.ids[:1]}), accept="text/csv")
+    assert e.value.status == 406
+
+
+def test_recommendations_exclude_training_items_and_rank_the_rest(rec, torch_scores):
+    for u in range(0, len(rec.users), 7):
+        r = rec.recommend(rec.users.ids[u], k=20)
+        seen = set(rec.seen(u).tolist())
+        assert len(seen) > 0 and not seen & {rec.items.index[i] for i in r["items"]}
+        s = torch_scores[u].copy(); s[list(seen)] = -np.inf
+        assert [rec.items.index[i] for i in r["items"]] == list(np.argsort(-s, kind="stable")[:20])
+        assert r["cold_start"] is False and r["user"] == rec.users.ids[u]
+
+
+def test_seen_items_match_the_model_directory(rec):
+    seen = pd.read_parquet(rec.md.path / "seen.parquet")
+    for u in (0, 5, 77):
+        assert sorted(rec.seen(u).tolist()) == sorted(seen[seen.user == u].item.tolist())
+
+
+def test_exclude_list_and_candidates(rec):
+    uid = rec.users.ids[4]
+    top = rec.recommend(uid, k=5)["items"]
+    again = rec.recommend(uid, k=5, exclude=top[:2] + ["SKU-unknown"])["items"]
+    assert again[:3] == top[2:] and not set(again) & set(top[:2])
+    seen = [rec.items.ids[i] for i in rec.seen(4)[:2]]
+    cand = rec.recommend(uid, k=10, items=seen + top[:3], exclude=[top[0]])["items"]
+    assert cand == top[1:3]   # training items and the excluded one are dropped, the order kept
+
+
+def test_category_filter(rec):
+    items = pd.read_parquet(rec.md.path / "items.parquet").set_index("item_id")
+    cats = items.category.value_counts().index[:2].tolist()
+    r = rec.recommend(rec.users.ids[0], k=30, categories=[c.upper() for c in cats])
+    assert r["items"] and set(items.loc[r["items"], "category"]) <= set(cats)
+    with pytest.raises(RequestError, match="unknown category"): rec.recommend(rec.users.ids[0], categories=["no-such-category"])
+    g = model_fn(int_model())
+    assert set(g.recommend("1", k=10, categories=["drama"])["items"]) <= {100, 103, 106, 109}
+
+
+def test_cold_start_is_popularity(rec):
+    items = pd.read_parquet(rec.md.path / "items.parquet").sort_values(["train_count", "item"], ascending=[False, True])
+    r = rec.recommend("someone-new", k=10)
+    assert r["cold_start"] is True and r["user"] == "someone-new"
+    assert r["items"] == items.item_id.tolist()[:10]
+    assert r["scores"] == sorted(r["scores"], reverse=True) and 0 < sum(r["scores"]) <= 1
+
+
+@pytest.mark.parametrize("k", [0, -1, MAX_K + 1, 2.5, True, "5"])
+def test_k_bounds(rec, k):
+    with pytest.raises(RequestError, match="k must be an integer"): rec.recommend(rec.users.ids[0], k=k)
+
+
+def test_k_larger_than_what_is_left(rec):
+    r = rec.recommend(rec.users.ids[0], k=MAX_K)
+    assert len(r["items"]) == len(rec.items) - len(rec.seen(0)) < MAX_K
+
+
+def test_damaged_model_never_loads(tmp_path):
+    bad = damaged_copy(trained_models()["a"], tmp_path / "bad", "model.safetensors")
+    with pytest.raises(ModelError, match="do not match their hash"): model_fn(bad)

@@ -1,0 +1,291 @@
+"""The trigger and deploy Lambdas, called directly (moto's Lambda invoke needs Docker), against moto or botocore's Stubber."""
+import json, subprocess, sys, zipfile
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from botocore.stub import ANY, Stubber
+from moto import mock_aws
+
+from ncf import lambdas
+from ncf.lambdas import (DeployError, claim, claim_key, data_object, deploy, deploy_handler, endpoint_config_name,
+                         object_events, trigger_handler, wait_in_service)
+
+ROOT = Path(__file__).resolve().parents[1]
+REGION = "us-east-1"
+FAKE = dict(region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+BUCKET, PROJECT = "shop-data", "ncf-retrain"
+ENV = {"NCF_CODEBUILD_PROJECT": PROJECT, "NCF_RAW_PREFIX": "raw/", "NCF_MARKER_PREFIX": "triggers/"}
+ROLE = "arn:aws:iam::123456789012:role/ncf"
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    for k, v in {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    with mock_aws():
+        yield
+
+
+@pytest.fixture
+def s3(aws):
+    c = boto3.client("s3", **FAKE)
+    c.create_bucket(Bucket=BUCKET)
+    return c
+
+
+@pytest.fixture
+def codebuild(aws):
+    # moto rejects NO_SOURCE projects; the stack's project reads an S3 source bundle anyway.
+    c = boto3.client("codebuild", **FAKE)
+    c.create_project(name=PROJECT, source={"type": "S3", "location": f"{BUCKET}/ncf/source.zip"}, artifacts={"type": "NO_ARTIFACTS"},
+                     environment={"type": "LINUX_CONTAINER", "image": "aws/codebuild/standard:7.0", "computeType": "BUILD_GENERAL1_MEDIUM"},
+                     serviceRole="arn:aws:iam::123456789012:role/ncf-codebuild")
+    return c
+
+
+def builds(codebuild) -> int:
+    return len(codebuild.list_builds_for_project(projectName=PROJECT)["ids"])
+
+
+def template_event_pattern(bucket: str) -> dict:
+    "The EventBridge rule's pattern from pipelines/template.yaml, with its Refs resolved."
+    from cfnlint.decode import decode_str
+    t, errors = decode_str((ROOT / "pipelines" / "template.yaml").read_text())
+    assert not errors
+    refs = {"DataBucket": bucket, **{k: p.get("Default") for k, p in t["Parameters"].items()}}
+    def resolve(x):
+        if isinstance(x, dict): return refs[x["Ref"]] if set(x) == {"Ref"} else {k: resolve(v) for k, v in x.items()}
+        if isinstance(x, list): return [resolve(v) for v in x]
+        return x
+    return resolve(t["Resources"]["NewDataRule"]["Properties"]["EventPattern"])
+
+
+# ------------------------------------------------------------------ module boundaries
+
+def test_import_is_standard_library_and_boto3_only():
+    code = ("import sys, ncf.lambdas; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'torch', 'pandas', 'numpy', 'sagemaker', 'pyarrow', 'moto'}); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_handlers_run_from_a_one_file_zip(tmp_path):
+    "The Lambda deployment package is ncf/lambdas.py alone (pipelines/template.yaml: Handler lambdas.*)."
+    z = tmp_path / "lambdas.zip"
+    with zipfile.ZipFile(z, "w") as f: f.write(ROOT / "ncf" / "lambdas.py", "lambdas.py")
+    code = f"import sys; sys.path.insert(0, {str(z)!r}); import lambdas; print(callable(lambdas.trigger_handler) and callable(lambdas.deploy_handler))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    assert out.strip() == "True"
+
+
+def test_data_keys_agree_with_the_reader(tmp_path):
+    "What the trigger calls data is exactly what ncf.readers reads from a partition."
+    from ncf.readers import _data_files
+    names = ["part-0.parquet", "part-1.csv", "a.tsv", "_SUCCESS", ".part-2.csv", "_tmp.parquet", "notes.txt", "x.json", "data.csv.gz"]
+    part = tmp_path / "dt=2026-02-01"; part.mkdir()
+    for n in names: (part / n).write_text("x")
+    read = {p.name for p in _data_files(part)}
+    triggered = {n for n in names if data_object(BUCKET, f"raw/dt=2026-02-01/{n}", "v", "raw/")}
+    assert triggered == read == {"part-0.parquet", "part-1.csv", "a.tsv"}
+
+
+# ------------------------------------------------------------------ trigger
+
+def test_eventbridge_rule_routes_only_data_objects_and_handler_starts_one_build(s3, codebuild):
+    "S3 (EventBridge notifications on) -> the template's rule -> SQS (a target moto delivers to) -> handler."
+    events, sqs = boto3.client("events", **FAKE), boto3.client("sqs", **FAKE)
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"EventBridgeConfiguration": {}})
+    q = sqs.create_queue(QueueName="rule-target")["QueueUrl"]
+    q_arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.put_rule(Name="ncf-new-data", EventPattern=json.dumps(template_event_pattern(BUCKET)))
+    events.put_targets(Rule="ncf-new-data", Targets=[{"Id": "trigger", "Arn": q_arn}])
+    for key in ("raw/dt=2026-02-01/part-0.parquet", "ncf/runs/x/model.tar.gz", "triggers/abc.json", "raw/items.parquet"):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    delivered = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=q, MaxNumberOfMessages=10).get("Messages", [])]
+    keys = [e["detail"]["object"]["key"] for e in delivered]
+    assert sorted(keys) == ["raw/dt=2026-02-01/part-0.parquet", "raw/items.parquet"]  # the rule filters on the prefix only
+
+    out = [r for e in delivered for r in trigger_handler(e, s3=s3, codebuild=codebuild, env=ENV)["results"]]
+    assert sorted((r["action"], r.get("run_date")) for r in out) == [("ignored", None), ("started", "2026-02-01")]
+    assert next(r for r in out if r["action"] == "started")["data_uri"] == f"s3://{BUCKET}/raw"
+    again = trigger_handler(delivered[keys.index("raw/dt=2026-02-01/part-0.parquet")], s3=s3, codebuild=codebuild, env=ENV)["results"]
+    assert [r["action"] for r in again] == ["duplicate"]
+    assert builds(codebuild) == 1
+    markers = [o for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="triggers/")["Contents"] if o["Key"] != "triggers/abc.json"]
+    assert len(markers) == 1 and json.loads(s3.get_object(Bucket=BUCKET, Key=markers[0]["Key"])["Body"].read())["run_date"] == "2026-02-01"
+
+
+def test_direct_s3_notification(s3, codebuild):
+    "The direct S3 -> SQS notification shape (keys URL-encoded, no sequencer from moto: the ETag is the version)."
+    sqs = boto3.client("sqs", **FAKE)
+    q = sqs.create_queue(QueueName="direct")["QueueUrl"]
+    q_arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={
+        "QueueConfigurations": [{"QueueArn": q_arn, "Events": ["s3:ObjectCreated:*"]}]})
+    s3.put_object(Bucket=BUCKET, Key="raw/dt=2026-02-02/part 0.csv", Body=b"x")
+    bodies = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=q, MaxNumberOfMessages=10)["Messages"]]
+    event = next(b for b in bodies if "Records" in b)
+    assert object_events(event)[0]["key"] == "raw/dt=2026-02-02/part 0.csv"
+    out = trigger_handler(event, s3=s3, codebuild=codebuild, env=ENV)["results"][0]
+    assert (out["action"], out["run_date"]) == ("started", "2026-02-02") and out["version"]
+    assert trigger_handler({"Service": "Amazon S3", "Event": "s3:TestEvent"}, s3=s3, codebuild=codebuild, env=ENV) == {"results": []}
+
+
+def test_a_new_write_of_the_same_key_is_a_new_trigger(s3, codebuild):
+    ev = lambda seq: {"source": "aws.s3", "detail-type": "Object Created",
+                      "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-01/a.csv", "sequencer": seq}}}
+    acts = [trigger_handler(ev(s), s3=s3, codebuild=codebuild, env=ENV)["results"][0]["action"] for s in ("01", "01", "02")]
+    assert acts == ["started", "duplicate", "started"] and builds(codebuild) == 2
+
+
+def test_claim_is_a_conditional_put(s3):
+    # moto 5.2 implements put_object(IfNoneMatch="*") with HTTP 412 for an existing key.
+    key = claim_key("triggers/", BUCKET, "raw/dt=2026-02-01/a.csv", "v1")
+    assert claim(s3, BUCKET, key, {"a": 1}) is True
+    assert claim(s3, BUCKET, key, {"a": 2}) is False
+    assert json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == {"a": 1}
+
+
+def test_codebuild_gets_the_run_as_environment_overrides(s3):
+    # Stubber: moto's start_build ignores environmentVariablesOverride and idempotencyToken.
+    cb = boto3.client("codebuild", **FAKE)
+    event = {"source": "aws.s3", "detail-type": "Object Created",
+             "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-03/part-0.parquet", "version-id": "v7", "sequencer": "0F"}}}
+    marker = claim_key("triggers/", BUCKET, "raw/dt=2026-02-03/part-0.parquet", "v7")
+    expected = {"projectName": PROJECT, "idempotencyToken": marker.rsplit("/", 1)[-1][:64], "environmentVariablesOverride": [
+        {"name": "NCF_DATA_URI", "value": f"s3://{BUCKET}/raw", "type": "PLAINTEXT"},
+        {"name": "NCF_RUN_DATE", "value": "2026-02-03", "type": "PLAINTEXT"},
+        {"name": "NCF_DATA_VERSION", "value": "2026-02-03:v7", "type": "PLAINTEXT"},
+        {"name": "NCF_TRIGGER_OBJECT", "value": f"s3://{BUCKET}/raw/dt=2026-02-03/part-0.parquet", "type": "PLAINTEXT"}]}
+    with Stubber(cb) as stub:
+        stub.add_response("start_build", {"build": {"id": f"{PROJECT}:1"}}, expected)
+        out = trigger_handler(event, s3=s3, codebuild=cb, env=ENV)["results"][0]
+        stub.assert_no_pending_responses()
+    assert (out["action"], out["build_id"], out["version"]) == ("started", f"{PROJECT}:1", "v7")
+
+
+def test_a_failed_start_releases_the_claim_so_the_retry_runs(s3, codebuild):
+    # Stubber for the failure: moto's CodeBuild has no way to make start_build fail.
+    event = {"source": "aws.s3", "detail-type": "Object Created",
+             "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-04/a.csv", "sequencer": "0A"}}}
+    failing = boto3.client("codebuild", **FAKE)
+    with Stubber(failing) as stub:
+        stub.add_client_error("start_build", "AccountLimitExceededException", "too many concurrent builds")
+        with pytest.raises(ClientError, match="too many concurrent builds"):
+            trigger_handler(event, s3=s3, codebuild=failing, env=ENV)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="triggers/")
+    assert trigger_handler(event, s3=s3, codebuild=codebuild, env=ENV)["results"][0]["action"] == "started"
+
+
+def test_trigger_needs_its_project():
+    with pytest.raises(RuntimeError, match="NCF_CODEBUILD_PROJECT"):
+        trigger_handler({"Records": []}, env={})
+
+
+# ------------------------------------------------------------------ deploy
+
+@pytest.fixture
+def sm(aws):
+    c = boto3.client("sagemaker", **FAKE)
+    for name in ("ncf-v1", "ncf-v2"):
+        c.create_model(ModelName=name, PrimaryContainer={"Image": "img", "ModelDataUrl": f"s3://{BUCKET}/{name}.tar.gz"}, ExecutionRoleArn=ROLE)
+    return c
+
+
+def test_deploy_creates_then_is_idempotent(sm):
+    event = {"endpoint_name": "ncf", "model_name": "ncf-v1", "instance_type": "ml.m5.large", "instance_count": "1"}
+    first = deploy_handler(event, sagemaker=sm)
+    assert first["action"] == "created"
+    ep = sm.describe_endpoint(EndpointName="ncf")
+    assert ep["EndpointConfigName"] == first["endpoint_config_name"] == endpoint_config_name("ncf", "ncf-v1", "ml.m5.large", 1)
+    assert deploy_handler(event, sagemaker=sm)["action"] == "unchanged"
+    assert len(sm.list_endpoint_configs()["EndpointConfigs"]) == 1
+    assert wait_in_service(sm, "ncf", first["endpoint_config_name"], timeout_s=1)["EndpointStatus"] == "InService"
+
+
+def test_deploy_handler_validates_its_event():
+    with pytest.raises(ValueError, match=r"lacks \['model_name'\]"):
+        deploy_handler({"endpoint_name": "ncf"}, sagemaker=object())
+
+
+def test_describe_endpoint_not_found_is_none_other_errors_raise(sm):
+    assert lambdas.describe_endpoint(sm, "nope") is None  # moto: ValidationException "Could not find endpoint"
+    # Stubber: moto cannot deny access.
+    denied = boto3.client("sagemaker", **FAKE)
+    with Stubber(denied) as stub:
+        stub.add_client_error("describe_endpoint", "AccessDeniedException", "not authorized")
+        with pytest.raises(ClientError, match="not authorized"):
+            lambdas.describe_endpoint(denied, "ncf")
+
+
+ENDPOINT = {"EndpointName": "ncf", "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/ncf",
+            "CreationTime": "2026-01-01T00:00:00Z", "LastModifiedTime": "2026-01-01T00:00:00Z"}
+
+
+def stub_config_exists(stub, name):
+    stub.add_response("describe_endpoint_config", {"EndpointConfigName": name, "EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{name}",
+                                                   "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "ncf-v2"}],
+                                                   "CreationTime": "2026-01-01T00:00:00Z"}, {"EndpointConfigName": name})
+
+
+def test_deploy_updates_an_endpoint_in_service_and_deletes_nothing():
+    # Stubber: moto raises NotImplementedError for update_endpoint. A Stubber fails on any call not queued,
+    # so this also proves that no delete_endpoint / delete_endpoint_config is made.
+    sm = boto3.client("sagemaker", **FAKE)
+    new = endpoint_config_name("ncf", "ncf-v2", "ml.m5.large")
+    with Stubber(sm) as stub:
+        stub.add_client_error("describe_endpoint_config", "ValidationException", f'Could not find endpoint configuration "{new}".')
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{new}"}, {"EndpointConfigName": new, "ProductionVariants": ANY})
+        stub.add_response("describe_endpoint", {**ENDPOINT, "EndpointConfigName": "ncf-old", "EndpointStatus": "InService"}, {"EndpointName": "ncf"})
+        stub.add_response("update_endpoint", {"EndpointArn": ENDPOINT["EndpointArn"]}, {"EndpointName": "ncf", "EndpointConfigName": new})
+        r = deploy_handler({"endpoint_name": "ncf", "model_name": "ncf-v2", "instance_type": "ml.m5.large"}, sagemaker=sm)
+        stub.assert_no_pending_responses()
+    assert (r["action"], r["previous_endpoint_config_name"]) == ("updated", "ncf-old")
+
+
+@pytest.mark.parametrize("status,current,pending,expect", [
+    ("Updating", "ncf-old", "NEW", "in-progress"),     # a duplicate invocation while our update runs
+    ("Creating", "NEW", None, "in-progress"),
+    ("Updating", "ncf-old", "ncf-other", DeployError),  # someone else's update: retry later
+    ("Failed", "ncf-old", None, DeployError),
+])
+def test_deploy_while_the_endpoint_is_busy(status, current, pending, expect):
+    # Stubber: moto's endpoints are InService at once, so these states cannot be reached there.
+    sm = boto3.client("sagemaker", **FAKE)
+    new = endpoint_config_name("ncf", "ncf-v2", "ml.m5.large")
+    ep = {**ENDPOINT, "EndpointStatus": status, "EndpointConfigName": current.replace("NEW", new)}
+    if pending: ep["PendingDeploymentSummary"] = {"EndpointConfigName": pending.replace("NEW", new)}
+    with Stubber(sm) as stub:
+        stub_config_exists(stub, new)
+        stub.add_response("describe_endpoint", ep, {"EndpointName": "ncf"})
+        if expect is DeployError:
+            with pytest.raises(DeployError, match=status): deploy(sm, "ncf", "ncf-v2", "ml.m5.large")
+        else:
+            assert deploy(sm, "ncf", "ncf-v2", "ml.m5.large")["action"] == expect
+        stub.assert_no_pending_responses()
+
+
+class Script:
+    "A SageMaker client whose describe_endpoint plays a script of states (the last one repeats)."
+    def __init__(self, *states): self.states = list(states)
+    def describe_endpoint(self, EndpointName):
+        return {"EndpointName": EndpointName, **(self.states.pop(0) if len(self.states) > 1 else self.states[0])}
+
+
+def fast_clock():
+    t = iter(range(10_000))
+    return {"sleep": lambda s: None, "clock": lambda: next(t), "poll_s": 1}
+
+
+def test_wait_in_service_outcomes():
+    ok = Script({"EndpointStatus": "Updating", "EndpointConfigName": "old"}, {"EndpointStatus": "InService", "EndpointConfigName": "new"})
+    assert wait_in_service(ok, "ncf", "new", timeout_s=100, **fast_clock())["EndpointConfigName"] == "new"
+    with pytest.raises(DeployError, match="failed: bad image"):
+        wait_in_service(Script({"EndpointStatus": "Failed", "FailureReason": "bad image"}), "ncf", "new", **fast_clock())
+    with pytest.raises(DeployError, match="rolled back to old"):
+        wait_in_service(Script({"EndpointStatus": "Updating", "EndpointConfigName": "old"},
+                               {"EndpointStatus": "InService", "EndpointConfigName": "old", "FailureReason": "health check"}), "ncf", "new", **fast_clock())
+    with pytest.raises(DeployError, match=r"after 30s \(status Updating, config old\)"):
+        wait_in_service(Script({"EndpointStatus": "Updating", "EndpointConfigName": "old"}), "ncf", "new", timeout_s=30, **fast_clock())

@@ -1,0 +1,379 @@
+"""The real server on a free loopback port: SageMaker contract, recommendation API, bad input, the
+admin API, a hot swap under concurrent load with no failed request, and a fuzz test."""
+import json
+import socket
+import urllib.parse
+import threading
+import time
+
+import httpx
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from ncf.core import NCFError
+from ncf.inference import MAX_K, Recommender
+from ncf.serve import MAX_BODY, current_version, free_port, launch, make_app, swap_model
+from serve_helpers import damaged_copy, trained_models
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict:
+    return trained_models()
+
+
+@pytest.fixture(scope="module")
+def recs(models) -> dict:
+    return {name: Recommender.load(path) for name, path in models.items()}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    proc = launch(models["a"], port=0)
+    yield proc
+    proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c: yield c
+
+
+def check_error(r: httpx.Response, status: int, fragment: str = ""):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and r.headers["x-model-version"]
+    doc = r.json()
+    assert doc["status"] == status and fragment in doc["error"], doc
+
+
+# -- the SageMaker contract --------------------------------------------------------------------------
+
+def test_ping(http, recs):
+    r = http.get("/ping")
+    assert r.status_code == 200 and r.headers["x-model-version"] == recs["a"].version == r.json()["model_version"]
+
+
+def test_invocations_seed_contract(http, recs):
+    rec = recs["a"]
+    u, items = rec.users.ids[10], rec.items.ids[30:55]
+    r = http.post("/invocations", json={"user": [u] * 25, "item": items})
+    assert r.status_code == 200 and r.headers["x-model-version"] == rec.version
+    assert r.json() == rec.rank(u, items) and sorted(r.json()) == sorted(items)
+
+
+def test_invocations_batch_with_scores(http, recs):
+    rec = recs["a"]
+    body = [{"user": rec.users.ids[i], "item": rec.items.ids[:10], "top_k": 4, "return_scores": True} for i in range(3)]
+    r = http.post("/invocations", json=body)
+    assert r.status_code == 200
+    assert r.json() == [rec.rank(q["user"], q["item"], 4, True) for q in body]
+
+
+# -- the recommendation API ----------------------------------------------------------------------
+
+def test_top_k_excludes_training_items(http, recs, models):
+    rec, seen = recs["a"], pd.read_parquet(models["a"] / "seen.parquet")
+    for u in (0, 17, len(rec.users) - 1):
+        uid = rec.users.ids[u]
+        r = http.get(f"/recommendations/{uid}", params={"k": 25})
+        doc = r.json()
+        assert r.status_code == 200 and r.headers["x-model-version"] == doc["model_version"] == rec.version
+        assert len(doc["items"]) == 25 and doc["cold_start"] is False
+        trained = {rec.items.ids[i] for i in seen[seen.user == u].item}
+        assert trained and not trained & set(doc["items"])
+        assert doc["items"] == rec.recommend(uid, k=25)["items"]
+
+
+def test_default_k_is_10(http, recs):
+    assert len(http.get(f"/recommendations/{recs['a'].users.ids[1]}").json()["items"]) == 10
+
+
+def test_categories_and_exclude(http, recs, models):
+    rec = recs["a"]
+    meta = pd.read_parquet(models["a"] / "items.parquet").set_index("item_id")
+    cats = meta.category.value_counts().index[:2].tolist()
+    uid = rec.users.ids[3]
+    doc = http.get(f"/recommendations/{uid}", params={"k": 20, "category": ",".join(cats)}).json()
+    assert doc["items"] and set(meta.loc[doc["items"], "category"]) <= set(cats)
+    repeated = http.get(f"/recommendations/{uid}", params=[("k", "20"), ("category", cats[0]), ("category", cats[1])]).json()
+    assert repeated["items"] == doc["items"]
+    top = http.get(f"/recommendations/{uid}?k=5").json()["items"]
+    rest = http.get(f"/recommendations/{uid}", params={"k": 5, "exclude": ",".join(top[:2])}).json()["items"]
+    assert rest[:3] == top[2:]
+
+
+def test_post_form(http, recs):
+    rec = recs["a"]
+    uid, top = rec.users.ids[8], rec.recommend(rec.users.ids[8], k=6)["items"]
+    r = http.post("/recommendations", json={"user": uid, "k": 3, "items": top + rec.items.ids[:5], "exclude": [top[0]]})
+    assert r.status_code == 200
+    assert r.json()["items"] == rec.recommend(uid, k=3, items=top + rec.items.ids[:5], exclude=[top[0]])["items"]
+    assert r.json()["items"][:2] == top[1:3]
+    cat = rec.md.items.category.iloc[0]
+    doc = http.post("/recommendations", json={"user": uid, "categories": cat, "k": 5}).json()
+    assert set(rec.md.items.set_index("item_id").loc[doc["items"], "category"]) == {cat}
+
+
+def test_cold_start(http, recs):
+    rec = recs["a"]
+    items = rec.md.items.sort_values(["train_count", "item"], ascending=[False, True]).item_id.tolist()
+    doc = http.get("/recommendations/brand-new-customer?k=5").json()
+    assert doc["cold_start"] is True and doc["items"] == items[:5] and doc["user"] == "brand-new-customer"
+    doc = http.post("/recommendations", json={"user": "another-one", "k": 3, "exclude": items[:1]}).json()
+    assert doc["cold_start"] is True and doc["items"] == items[1:4]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+BAD = [  # method, path, kwargs, status, fragment of the error
+    ("post", "/invocations", {"content": b'{"user": ', "headers": JSON}, 400, "malformed JSON"),
+    ("post", "/invocations", {"content": b'{"user": "C0000001", "item": ["SKU-000001"]}', "headers": {"content-type": "text/plain"}}, 415, "content type"),
+    ("post", "/invocations", {"content": b'{"user": "C0000001", "item": ["SKU-000001"]}'}, 415, "content type"),
+    ("post", "/invocations", {"json": {"user": 1.5, "item": ["SKU-000001"]}}, 400, "'user' must be an id"),
+    ("post", "/invocations", {"json": {"user": ["C0000001"] * 2, "item": ["SKU-000001"]}}, 400, "one user id per item"),
+    ("post", "/invocations", {"json": {"user": ["C0000001"], "item": ["SKU-999999"]}}, 400, "unknown item id(s) ['SKU-999999']"),
+    ("post", "/invocations", {"json": {"user": ["nobody"], "item": ["SKU-000001"]}}, 400, "unknown user id(s) ['nobody']"),
+    ("post", "/invocations", {"json": {"user": [], "item": []}}, 400, "non-empty array"),
+    ("post", "/invocations", {"json": []}, 400, "empty batch"),
+    ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-000001"], "top_k": 0}}, 400, "top_k"),
+    ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-000001"]}, "headers": {"accept": "text/csv"}}, 406, "Accept"),
+    ("post", "/invocations", {"content": b"[" + b"1," * MAX_BODY + b"1]", "headers": JSON}, 413, "over the limit"),
+    ("get", "/recommendations/C0000001?k=0", {}, 400, "k must be an integer in 1..1000"),
+    ("get", f"/recommendations/C0000001?k={MAX_K + 1}", {}, 400, "k must be an integer"),
+    ("get", "/recommendations/C0000001?k=ten", {}, 400, "k must be an integer"),
+    ("get", "/recommendations/C0000001?kk=3", {}, 400, "unknown query parameter"),
+    ("get", "/recommendations/C0000001?category=no-such-thing", {}, 400, "unknown category"),
+    ("get", "/recommendations/C0000001?items=SKU-X", {}, 400, "unknown item id"),
+    ("post", "/recommendations", {"json": {"user": "C0000001", "k": -3}}, 400, "k must be"),
+    ("post", "/recommendations", {"json": {"k": 3}}, 400, "'user' must be an id"),
+    ("post", "/recommendations", {"json": {"user": "C0000001", "items": []}}, 400, "non-empty array"),
+    ("post", "/recommendations", {"json": {"user": "C0000001", "exclude": "SKU-000001"}}, 400, "'exclude' must be"),
+    ("post", "/recommendations", {"content": b"user=C1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, ""),
+    ("get", "/nowhere", {}, 404, "Not Found"),
+    ("get", "/invocations", {}, 405, "Method Not Allowed"),
+    ("delete", "/ping", {}, 405, ""),
+]
+
+
+@pytest.mark.parametrize("method,path,kw,status,fragment", BAD, ids=[f"{b[0]} {b[1][:40]} {b[3]}" for b in BAD])
+def test_bad_input(http, method, path, kw, status, fragment):
+    check_error(http.request(method.upper(), path, **kw), status, fragment)
+
+
+def test_oversize_chunked_body_is_refused(http):
+    def chunks():
+        for _ in range(40): yield b"x" * 65536     # no content-length: the server counts as it reads
+    check_error(http.post("/invocations", content=chunks(), headers=JSON), 413, "over the limit")
+    assert http.get("/ping").status_code == 200
+
+
+def test_server_survives_a_broken_connection(server, http):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"user\"")
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GARBAGE\r\n\r\n"); s.recv(1024)
+    assert http.get("/ping").status_code == 200
+
+
+# -- admin API and hot swap ---------------------------------------------------------------------
+
+def test_admin_refuses_non_loopback_clients(models, recs):
+    app = make_app(recs["a"])
+    for host in ("10.1.2.3", "192.168.0.7", "2001:db8::1", "testclient"):
+        r = TestClient(app, client=(host, 40000)).post("/admin/model", json={"model_dir": str(models["b"])})
+        assert r.status_code == 403 and "loopback" in r.json()["error"]
+    assert TestClient(app, client=("10.1.2.3", 1)).get("/admin/model").status_code == 403
+    assert TestClient(app, client=("::1", 1)).get("/admin/model").json()["model_version"] == recs["a"].version
+
+
+def _local_address():
+    "A non-loopback address of this machine, or None."
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try: s.connect(("10.255.255.255", 1)); ip = s.getsockname()[0]
+        except OSError: return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_admin_refuses_non_loopback_over_the_network(models, recs):
+    ip = _local_address()
+    if ip is None: pytest.skip("no non-loopback interface")
+    proc = launch(models["a"], host="0.0.0.0", port=0)
+    try:
+        r = httpx.post(f"http://{ip}:{proc.port}/admin/model", json={"model_dir": str(models["b"])}, timeout=30)
+        assert r.status_code == 403
+        assert httpx.get(f"http://{ip}:{proc.port}/ping").status_code == 200
+        assert current_version(proc.url) == recs["a"].version
+    finally:
+        proc.terminate(); proc.wait(timeout=30)
+
+
+def test_swap_under_concurrent_load(models, recs, tmp_path):
+    "Clients hammer the server while it swaps a→b, refuses a damaged model, swaps b→a: no request fails."
+    a, b = recs["a"], recs["b"]
+    bad = damaged_copy(models["b"], tmp_path / "bad")
+    queries = [{"user": [a.users.ids[i]] * 25, "item": a.items.ids[i:i + 25]} for i in range(0, 200, 10)]
+    expected = {m.version: [m.rank(q["user"][0], q["item"]) for q in queries] for m in (a, b)}
+    proc = launch(models["a"], port=0)
+    log, errors, stop = [], [], threading.Event()
+
+    def client(n):
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            i = n
+            while not stop.is_set():
+                i = (i + 1) % len(queries)
+                t0 = time.monotonic()
+                try:
+                    if i % 4 == 0:
+                        r = c.get(f"/recommendations/{queries[i]['user'][0]}?k=10")
+                        ok = r.status_code == 200 and r.json()["model_version"] == r.headers["x-model-version"]
+                    else:
+                        r = c.post("/invocations", json=queries[i])
+                        # the answer is the one of the model named in its header: a request runs on one model
+                        ok = r.status_code == 200 and r.json() == expected[r.headers["x-model-version"]][i]
+                    log.append((t0, time.monotonic(), r.headers.get("x-model-version"), ok))
+                except Exception as e:  # a refused or reset connection is a failed request too
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    try:
+        for t in threads: t.start()
+        time.sleep(1.0)
+        assert swap_model(proc.url, models["b"]) == b.version
+        t_b = time.monotonic()
+        time.sleep(1.0)
+        with pytest.raises(NCFError, match="HTTP 422"): swap_model(proc.url, bad)
+        time.sleep(0.5)
+        assert current_version(proc.url) == b.version          # the refused model changed nothing
+        t_a0 = time.monotonic()
+        assert swap_model(proc.url, models["a"]) == a.version
+        t_a = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads: t.join(timeout=60)
+        proc.terminate(); proc.wait(timeout=30)
+    assert errors == [] and len(log) > 200
+    assert all(ok for *_, ok in log), [e for e in log if not e[3]][:5]
+    # a request that started after a swap returned ran on the new model
+    assert all(v == b.version for t0, t1, v, _ in log if t_b < t0 and t1 < t_a0)
+    assert all(v == a.version for t0, t1, v, _ in log if t0 > t_a)
+    versions = [v for *_, v, _ in sorted(log)]
+    assert versions[0] == a.version and b.version in versions and versions[-1] == a.version
+
+
+# -- lifecycle helpers ------------------------------------------------------------------------------
+
+def test_a_model_that_fails_to_load_never_serves(models, tmp_path):
+    bad = damaged_copy(models["a"], tmp_path / "bad", "model.safetensors")
+    port = free_port()
+    with pytest.raises(NCFError, match="exited with status 2.*do not match their hash"):
+        launch(bad, port=port, timeout=60)
+    assert current_version(f"http://127.0.0.1:{port}") is None
+    with pytest.raises(NCFError, match="exited with status 2.*not a model directory"):
+        launch(tmp_path, port=0)
+
+
+def test_launch_refuses_a_busy_port(server, models):
+    with pytest.raises(NCFError, match="already answers"): launch(models["b"], port=server.port)
+
+
+def test_current_version_when_nothing_answers():
+    assert current_version(f"http://127.0.0.1:{free_port()}") is None
+    with pytest.raises(NCFError, match="model swap at .* failed"): swap_model(f"http://127.0.0.1:{free_port()}", "/tmp")
+
+
+# -- fuzz ---------------------------------------------------------------------------------------
+
+def _ids(rec):
+    known_users, known_items = st.sampled_from(rec.users.ids[:50]), st.sampled_from(rec.items.ids[:80])
+    junk = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.integers(-2**70, 2**70), st.text(max_size=12),
+                     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    return known_users, known_items, junk
+
+
+def _mutate(base, fields, junk):
+    "Valid objects, and the same with one field dropped or replaced by junk."
+    def change(d, field, value, drop):
+        d = dict(d)
+        if drop: d.pop(field, None)
+        else: d[field] = value
+        return d
+    return st.one_of(base, st.builds(change, base, st.sampled_from(fields), junk, st.booleans()))
+
+
+def query_strategy(rec):
+    "Objects near the seed contract: valid ones, one field off, and random shapes."
+    users, items, junk = _ids(rec)
+    some_id = st.one_of(users, items, st.text(max_size=10), st.integers(-5, 10**6))
+
+    def valid(u, its, repeat, top, scores):
+        q = {"user": [u] * len(its) if repeat else u, "item": its}
+        if top is not None: q["top_k"] = top
+        if scores is not None: q["return_scores"] = scores
+        return q
+    base = st.builds(valid, users, st.lists(items, min_size=1, max_size=30), st.booleans(),
+                     st.one_of(st.none(), st.integers(1, 40)), st.one_of(st.none(), st.booleans()))
+    near = _mutate(base, ["user", "item", "top_k", "return_scores", "extra"],
+                   st.one_of(junk, some_id, st.lists(some_id, max_size=5), st.integers(-3, 2000)))
+    shapes = st.fixed_dictionaries({}, optional={"user": st.one_of(users, st.lists(some_id, max_size=5), junk),
+                                                 "item": st.one_of(st.lists(some_id, max_size=30), junk), "top_k": junk})
+    return st.one_of(near, near, st.lists(near, min_size=1, max_size=4), shapes, st.lists(shapes, max_size=3), junk)
+
+
+def rec_strategy(rec):
+    users, items, junk = _ids(rec)
+    cats = st.sampled_from(sorted(rec.categories)[:5] + ["no-such", "CAT-1"])
+    base = st.fixed_dictionaries({"user": st.one_of(users, st.text(max_size=8))},
+                                 optional={"k": st.integers(1, 60), "items": st.lists(items, min_size=1, max_size=20),
+                                           "categories": st.one_of(cats, st.lists(cats, min_size=1, max_size=3)),
+                                           "exclude": st.lists(st.one_of(items, st.integers()), max_size=10)})
+    return _mutate(base, ["user", "k", "items", "categories", "exclude", "other"], st.one_of(junk, st.integers(-5, 1100)))
+
+
+def request_strategy(rec):
+    "(method, path, body bytes, content type): valid-ish JSON, raw bytes, odd paths and query strings."
+    json_body = st.one_of(query_strategy(rec), rec_strategy(rec)).map(lambda d: json.dumps(d).encode())
+    raw = st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode), json_body.map(lambda b: b[: len(b) // 2]))
+    ctype = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "", "APPLICATION/JSON", "multipart/form-data"])
+    path_seg = st.one_of(st.sampled_from(rec.users.ids[:20]), st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12))
+    query = st.lists(st.tuples(st.sampled_from(["k", "category", "exclude", "items", "x"]),
+                               st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=10), st.sampled_from(rec.items.ids[:10]))), max_size=4)
+    post = st.tuples(st.just("POST"), st.sampled_from(["/invocations", "/recommendations"]), st.one_of(json_body, json_body, raw), ctype)
+    get = st.builds(lambda seg, q: ("GET", "/recommendations/" + urllib.parse.quote(seg, safe="")
+                                    + ("?" + urllib.parse.urlencode(q) if q else ""), b"", ""), path_seg, query)
+    other = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "PATCH"]), st.sampled_from(["/ping", "/invocations", "/admin/model", "/x"]), raw, ctype)
+    return st.one_of(post, post, get, other)
+
+
+def assert_clean_answer(r, version):
+    assert r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["x-model-version"] == version
+    doc = r.json()
+    if r.status_code >= 400: assert doc["status"] == r.status_code and doc["error"]
+
+
+def test_fuzz_in_process(recs):
+    rec = recs["a"]
+    with TestClient(make_app(rec), client=("203.0.113.9", 1)) as client:   # not loopback: admin answers 403
+        @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(request_strategy(rec))
+        def run(req):
+            method, path, body, ctype = req
+            assert_clean_answer(client.request(method, path, content=body, headers={"content-type": ctype} if ctype else {}), rec.version)
+        run()
+
+
+def test_fuzz_real_server(http, recs):
+    rec = recs["a"]
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(request_strategy(rec))
+    def run(req):
+        method, path, body, ctype = req
+        assert_clean_answer(http.request(method, path, content=body, headers={"content-type": ctype} if ctype else {}), rec.version)
+    run()
+    assert http.get("/ping").status_code == 200

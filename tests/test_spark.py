@@ -1,0 +1,254 @@
+"""The Spark preprocessing job against the pandas one: same tables, same data version, same errors.
+
+One local Spark session serves the whole module (starting one takes seconds)."""
+import ast, json
+from pathlib import Path
+
+import numpy as np, pandas as pd
+import pytest
+
+pytest.importorskip("pyspark")
+import ncf.spark
+from ncf.core import ConfigError, DataError
+from ncf.dataset import load_splits, read_tables
+from ncf.preprocess import PreprocessParams, main, parser, preprocess
+from ncf.readers import Columns
+from ncf.spark import preprocess_spark, spark_session
+from ncf.synthetic import SyntheticSpec, generate, write_days
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = {"spark.sql.shuffle.partitions": 4, "spark.default.parallelism": 2, "spark.ui.enabled": "false",
+        "spark.driver.memory": "1g"}
+
+
+@pytest.fixture(scope="session")
+def spark():
+    s = spark_session("local[2]", CONF)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    "30 days of the synthetic shop: daily Parquet partitions with string ids, and an item catalogue."
+    root = tmp_path_factory.mktemp("shop")
+    write_days(SyntheticSpec(n_users=400, n_items=300, seed=3), root/"raw", 30)
+    return root
+
+
+def same(got:dict, ref:dict):
+    "Assert two runs wrote the same data set: tables row for row, dtypes, data version, manifest, loaded splits."
+    a, b = read_tables(got["path"]), read_tables(ref["path"])
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert list(a[name].columns) == list(b[name].columns), name
+        assert a[name].dtypes.to_dict() == b[name].dtypes.to_dict(), name
+        key = list(a[name].columns)
+        pd.testing.assert_frame_equal(a[name].sort_values(key, ignore_index=True), b[name].sort_values(key, ignore_index=True), obj=name)
+    assert got["data_version"] == ref["data_version"]
+    for k in ("counts", "filtered", "source", "params"): assert got[k] == ref[k], k
+    on_disk = json.loads((Path(got["path"])/"manifest.json").read_text())
+    assert on_disk["engine"] == "spark" and on_disk["data_version"] == ref["data_version"]
+    sa, sb = load_splits(got["path"]), load_splits(ref["path"])
+    np.testing.assert_array_equal(sa.train_users, sb.train_users); np.testing.assert_array_equal(sa.train_items, sb.train_items)
+    for held in ("test", "validation"):
+        ha, hb = getattr(sa, held), getattr(sb, held)
+        assert (ha is None) == (hb is None)
+        if ha is not None:
+            for f in ("users", "items", "negatives"): np.testing.assert_array_equal(getattr(ha, f), getattr(hb, f))
+
+
+# ---- parity ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shop_ref(shop):
+    return preprocess(shop/"raw", shop/"pandas", run_date="2026-02-01")
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_synthetic_parity(spark, shop, shop_ref, partitions):
+    got = preprocess_spark(shop/"raw", shop/f"spark{partitions}", run_date="2026-02-01", spark=spark, partitions=partitions)
+    same(got, shop_ref)
+    assert got["counts"]["n_items"] > 0 and "category" in read_tables(got["path"])["items"]  # metadata merged
+    assert got["spark"]["partitions"] == partitions
+
+
+@pytest.mark.parametrize("params", [PreprocessParams(), PreprocessParams(rating_threshold=4, min_item_interactions=5, seed=7)],
+                         ids=["defaults", "threshold"])
+def test_ml100k_parity(spark, ml100k, tmp_path, params):
+    ref = preprocess(ml100k, tmp_path/"pandas", params, run_id="t")
+    got = preprocess_spark(ml100k, tmp_path/"spark", params, run_id="t", spark=spark, partitions=2)
+    same(got, ref)
+    if params.rating_threshold is None:
+        c = got["counts"]
+        assert (c["n_users"], c["n_items"], c["test"], c["validation"], c["train"]) == (943, 1682, 943, 943, 98114)
+    else: assert got["filtered"]["below_rating_threshold"] > 0 and got["filtered"]["items_too_few_interactions"] > 0
+
+
+@pytest.fixture(scope="module")
+def ratings(tmp_path_factory):
+    "Explicit ratings (integer ids) from the synthetic shop, with duplicates and ties, as a frame."
+    spec = SyntheticSpec(n_users=300, n_items=250, seed=5)
+    df = generate(spec, 20)
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"user": df.user_id.str[1:].astype(int) + 1, "item": df.item_id.str[4:].astype(int) + 1,
+                         "rating": rng.integers(1, 6, len(df)), "timestamp": df.timestamp // 7200 * 7200})
+
+
+@pytest.mark.parametrize("fmt", ["ml-1m", "ml-csv"])
+def test_movielens_text_parity(spark, ratings, tmp_path, fmt):
+    if fmt == "ml-1m":
+        src = tmp_path/"ratings.dat"
+        src.write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ratings.itertuples(index=False)))
+    else:
+        src = tmp_path/"ratings.csv"
+        ratings.rename(columns={"user": "userId", "item": "movieId"}).assign(rating=ratings.rating/2).to_csv(src, index=False)
+    p = PreprocessParams(rating_threshold=2, num_negatives=20)
+    ref = preprocess(tmp_path, tmp_path/"pandas", p, format=fmt, run_id="t")
+    got = preprocess_spark(tmp_path, tmp_path/"spark", p, format=fmt, run_id="t", spark=spark, partitions=2)
+    same(got, ref)
+    assert got["source"]["format"] == fmt
+
+
+def test_generic_csv_log_parity(spark, tmp_path):
+    "A CSV event log with its own column names, string ids, ISO datetimes and an event filter."
+    df = generate(SyntheticSpec(n_users=250, n_items=200, seed=9), 20)
+    df["when"] = df.timestamp.astype(str)
+    iso = df.index % 3 == 0
+    df.loc[iso, "when"] = pd.to_datetime(df.timestamp[iso], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    src = tmp_path/"events.csv"
+    df[["when", "user_id", "item_id", "event"]].rename(columns={"user_id": "customer", "item_id": "sku"}).to_csv(src, index=False)
+    cols = Columns(user="customer", item="sku", timestamp="when", event="event")
+    p = PreprocessParams(events="purchase,cart", min_user_interactions=3, num_negatives=30)
+    ref = preprocess(src, tmp_path/"pandas", p, cols=cols, run_id="t")
+    got = preprocess_spark(src, tmp_path/"spark", p, cols=cols, run_id="t", spark=spark, partitions=2)
+    same(got, ref)
+    assert got["filtered"]["other_events"] > 0 and got["filtered"]["duplicates"] > 0
+
+
+def test_command_line(spark, shop, capsys):
+    "`ncf_preprocess --engine spark` runs the Spark job (in this session) and prints the same summary."
+    args = [str(shop/"raw"), str(shop/"cli"), "--no-validation", "--negatives", "20", "--seed", "11", "--days", "20", "--run-id"]
+    assert main(args + ["pandas"]) == 0
+    assert main(args + ["spark", "--engine", "spark"]) == 0
+    out = capsys.readouterr().out
+    ref, got = (json.loads((shop/"cli"/f"run={r}"/"manifest.json").read_text()) for r in ("pandas", "spark"))
+    assert got["engine"] == "spark" and ref["engine"] == "pandas"
+    assert got["data_version"] == ref["data_version"] and "validation" not in got["counts"]
+    assert len(ref["source"]["files"]) == 20 and got["source"] == ref["source"]
+    assert out.count(f"version     {ref['data_version'][:16]}") == 2
+
+
+def test_rerun_replaces_partition(spark, shop, shop_ref):
+    "Writing the same partition again replaces it whole, with the same version; no staging directory is left."
+    out = shop/"again"
+    m1 = preprocess_spark(shop/"raw", out, run_date="2026-02-01", spark=spark, partitions=2)
+    m2 = preprocess_spark(shop/"raw", out, run_date="2026-02-01", spark=spark, partitions=2)
+    assert m1["data_version"] == m2["data_version"] == shop_ref["data_version"]
+    assert [p.name for p in out.iterdir()] == ["dt=2026-02-01"]
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def messages(path, spark, fmt="auto", cols=Columns(), params=PreprocessParams(), tmp=None):
+    "The error messages of the pandas and the Spark job for one input."
+    out = []
+    for run in (preprocess, lambda *a, **k: preprocess_spark(*a, **k, spark=spark)):
+        with pytest.raises((DataError, ConfigError)) as e: run(path, tmp or Path(path).parent/"out", params, fmt, cols, run_id="x")
+        out.append(f"{type(e.value).__name__}: {e.value}")
+    return out
+
+
+BAD_TEXT = {
+    "missing column": ("bad.csv", "user_id,item_id,time\n1,2,3\n", "missing column(s) ['timestamp']"),
+    "timestamp": ("bad.csv", "user_id,item_id,timestamp\n1,2,3\n1,3,soon\n", "line 3: column 'timestamp': timestamp 'soon'"),
+    "empty": ("bad.csv", "", "file is empty"),
+    "blank lines": ("bad.csv", "\n\n\n", "file is empty"),
+    "header only": ("bad.csv", "user_id,item_id,timestamp\n", "file is empty"),
+    "separators in the head": ("bad.csv", "user_id,item_id,timestamp\n1,2,3\n1\t2\t3\n", "line 3: mixed separators"),
+    "separators later": ("bad.csv", "user_id,item_id,timestamp\n" + "1,2,3\n"*60 + "1\t2\t3\n", "line 62: expected 3 fields separated by ','"),
+    "too many fields": ("bad.csv", "user_id,item_id,timestamp\n" + "1,2,3\n"*60 + "1,2,3,4\n" + "1,2,x\n", "line 62: expected 3 fields, saw 4"),
+    "missing value": ("bad.csv", "user_id,item_id,timestamp\n1,2,3\n1,,3\n", "line 3: expected 3 fields"),
+    "rating": ("u.data", "1\t10\t5\t881250949\n2\t20\tfive\t881250950\n", "u.data: line 2: column 'rating': rating 'five' is not a number"),
+    "movielens width": ("u.data", "1\t10\t5\n", "line 1: expected 4 fields separated by tab, found 3"),
+    "double colon": ("ratings.dat", "1::10::5::978300760\n2::20::3::978300761\n3\t4\t5\t6\n", "line 3: expected 4 fields separated by '::'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TEXT, ids=list(BAD_TEXT))
+def test_bad_text_same_error(spark, tmp_path, case):
+    name, text, expected = BAD_TEXT[case]
+    (tmp_path/name).write_text(text)
+    pandas_msg, spark_msg = messages(tmp_path/name, spark)
+    assert spark_msg == pandas_msg
+    assert spark_msg.startswith("DataError: ") and expected in spark_msg
+
+
+def test_bad_parquet_same_error(spark, tmp_path):
+    pd.DataFrame({"user_id": [1, None, 3], "item_id": ["a", "b", "c"], "timestamp": [1, 2, 3]}).to_parquet(tmp_path/"nulls.parquet")
+    pandas_msg, spark_msg = messages(tmp_path/"nulls.parquet", spark)
+    assert spark_msg == pandas_msg and "nulls.parquet: row 1: column 'user_id' has no value" in spark_msg
+    pd.DataFrame({"user": [1], "item_id": ["a"], "timestamp": [1]}).to_parquet(tmp_path/"cols.parquet")
+    pandas_msg, spark_msg = messages(tmp_path/"cols.parquet", spark)
+    assert spark_msg == pandas_msg and "missing column(s) ['user_id']" in spark_msg
+
+
+def test_bad_partition_same_error(spark, tmp_path):
+    "The first bad file of a window of daily partitions is the one named, with its line."
+    for day, body in (("01", "1,1,1767225600\n2,1,1767225601\n"), ("02", "1,2,1767312000\n2,2,tomorrow\n"), ("03", "1,3,x\n")):
+        d = tmp_path/"raw"/f"dt=2026-01-{day}"; d.mkdir(parents=True)
+        (d/"part-0.csv").write_text("user_id,item_id,timestamp\n" + body)
+    pandas_msg, spark_msg = messages(tmp_path/"raw", spark, tmp=tmp_path/"out")
+    assert spark_msg == pandas_msg and "dt=2026-01-02/part-0.csv: line 3: column 'timestamp': timestamp 'tomorrow'" in spark_msg
+
+
+def test_spark_message_without_reread(spark, tmp_path, monkeypatch):
+    "Inputs too large (or too remote) to re-read with pandas get Spark's message: same fault, Parquet row, no text line."
+    monkeypatch.setattr(ncf.spark, "REREAD_BYTES", 0)
+    (tmp_path/"bad.csv").write_text("user_id,item_id,timestamp\n1,2,3\n1,3,soon\n")
+    with pytest.raises(DataError, match=r"bad.csv: line unknown .*column 'timestamp': timestamp 'soon' is not a number"):
+        preprocess_spark(tmp_path/"bad.csv", tmp_path/"out", spark=spark, run_id="x")
+    pd.DataFrame({"user_id": [1, 2, 3], "item_id": ["a", "b", "c"], "timestamp": ["1", "2", "later"]}).to_parquet(tmp_path/"t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet: row 2: column 'timestamp': timestamp 'later' is not"):
+        preprocess_spark(tmp_path/"t.parquet", tmp_path/"out", spark=spark, run_id="x")
+
+
+def test_config_errors_same(spark, tmp_path):
+    (tmp_path/"log.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
+    a, b = messages(tmp_path/"log.csv", spark, params=PreprocessParams(rating_threshold=3))
+    assert a == b == "ConfigError: rating_threshold is set but the input has no rating column"
+    a, b = messages(tmp_path/"missing.csv", spark)
+    assert a == b and "no such file" in a
+
+
+# ---- the pipeline files -----------------------------------------------------------------------------
+
+def test_airflow_dag_structure():
+    "The DAG file parses, schedules daily, adds the EMR step and waits for it (checked without Airflow)."
+    tree = ast.parse((ROOT/"pipelines"/"airflow_dag.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"DAG", "EmrAddStepsOperator", "EmrStepSensor"} <= imported
+    calls = {n.func.id: n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"DAG", "EmrAddStepsOperator", "EmrStepSensor"} <= set(calls)
+    kw = lambda call: {k.arg: k.value for k in call.keywords}
+    dag = kw(calls["DAG"])
+    assert ast.literal_eval(dag["schedule"]) == "@daily" and ast.literal_eval(dag["catchup"]) is False
+    add, wait = kw(calls["EmrAddStepsOperator"]), kw(calls["EmrStepSensor"])
+    assert "add_preprocess_step" in ast.unparse(wait["step_id"]) and ast.unparse(add["steps"]) == "STEPS"
+    assert "emr_step.json" in ast.get_source_segment((ROOT/"pipelines"/"airflow_dag.py").read_text(),
+                                                     next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "STEPS"))
+    assert any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.RShift) for n in ast.walk(tree))  # add >> wait
+
+
+def test_emr_step_definition():
+    "The EMR step is spark-submit of ncf's Spark module, with arguments `ncf_preprocess` accepts."
+    steps = json.loads((ROOT/"pipelines"/"emr_step.json").read_text())
+    assert isinstance(steps, list) and len(steps) == 1
+    jar = steps[0]["HadoopJarStep"]
+    assert jar["Jar"] == "command-runner.jar" and jar["Args"][0] == "spark-submit"
+    args = jar["Args"]
+    script = next(a for a in args if a.endswith("ncf/spark.py"))
+    a = parser().parse_args(args[args.index(script) + 1:] + ["--engine", "spark"])
+    assert a.src.startswith("s3://") and a.out.startswith("s3://") and a.format == "partitioned"
+    assert a.run_date == "{{ ds }}" and a.end_date == "{{ ds }}"
+    assert Path(ncf.spark.__file__).name == Path(script).name
