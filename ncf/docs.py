@@ -30,11 +30,11 @@ def title_of(nb, default:str="") -> tuple[str, str]:
     t = re.search(r"^#\s+(.+)$", md, re.M); d = re.search(r"^>\s*(.+)$", md, re.M)
     return (t.group(1).strip() if t else default), (d.group(1).strip() if d else "")
 
-# %% ../nbs/98_docs.ipynb #b9bf0980
+# %% ../nbs/98_docs.ipynb #eb95eb31
 SKIP_TAG = "skip-execution"   # nbclient's own tag for cells it must not run
 
 def _settings(root) -> configparser.SectionProxy:
-    cfg = configparser.ConfigParser(); cfg.read(Path(root)/"settings.ini")
+    cfg = configparser.ConfigParser(interpolation=None); cfg.read(Path(root)/"settings.ini")
     return cfg["DEFAULT"]
 
 def mark_skipped(nb, flags=("notest", "slow")) -> int:
@@ -72,7 +72,7 @@ def cache_key(nb_path, small:bool=True) -> str:
     "What an executed notebook depends on: its own bytes, the package source, and the data size."
     return hashlib.sha256(Path(nb_path).read_bytes() + _source_hash().encode() + str(bool(small)).encode()).hexdigest()[:20]
 
-# %% ../nbs/98_docs.ipynb #91d88ce8
+# %% ../nbs/98_docs.ipynb #683c457a
 TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- if resources.ncf.math -%}{{ super() }}{%- endif -%}{%- endblock html_head_js_mathjax -%}
@@ -99,7 +99,8 @@ body.jp-Notebook { padding: 0; }
 .ncf-nav li a { display: block; padding: .15rem .4rem; border-radius: 4px; text-decoration: none; color: #234; }
 .ncf-nav li a[aria-current=page] { background: #dfe7f3; font-weight: 600; }
 main { margin-left: 15rem; padding: 1rem 2rem 2rem; max-width: 70rem; }
-.ncf-pager { display: flex; justify-content: space-between; border-top: 1px solid #dde; margin-top: 2rem; padding-top: 1rem; }
+.ncf-pager { display: flex; justify-content: space-between; border-top: 1px solid #dde; margin-top: 2rem; padding-top: 1rem;
+              font: 14px/1.5 system-ui, sans-serif; }
 .ncf-contents td { padding: .2rem .8rem .2rem 0; vertical-align: top; }
 @media (max-width: 50rem) { .ncf-nav { position: static; width: auto; } main { margin-left: 0; } }
 """
@@ -120,7 +121,7 @@ def navigation(site:list[dict], current:str, title:str) -> dict:
         after = f'<section class="ncf-contents"><h2 id="pages">Pages</h2><table>{rows}</table></section>'
     return {"nav": nav, "pager": prev + nxt, "after": after}
 
-# %% ../nbs/98_docs.ipynb #dfed77e3
+# %% ../nbs/98_docs.ipynb #38f932c7
 _HREF = re.compile(r'(<a\s[^>]*?\bhref=")([^"]*)(")')   # links only: code shown on a page has `&lt;a`, never `<a`
 _EXTERNAL = re.compile(r"^(#|[a-zA-Z][a-zA-Z0-9+.-]*:|//)")
 
@@ -137,7 +138,7 @@ def rewrite_links(text:str, names:set, src_dir:Path, root:Path, repo_url:str="",
         return m.group(1) + html.escape(new) + m.group(3)
     return _HREF.sub(fix, text)
 
-# %% ../nbs/98_docs.ipynb #70ac4dd0
+# %% ../nbs/98_docs.ipynb #1447f93d
 def render(nb, page:str, site:list[dict], title:str="ncf") -> str:
     "One notebook as a page of the site: nbdev's cells, the JupyterLab look, embedded plots, the navigation."
     import jinja2
@@ -151,7 +152,7 @@ def render(nb, page:str, site:list[dict], title:str="ncf") -> str:
     body, _ = exporter.from_notebook_node(nb, resources={"ncf": {"css": CSS, "math": math, **navigation(site, page, title)}})
     return body
 
-# %% ../nbs/98_docs.ipynb #0ac4af7e
+# %% ../nbs/98_docs.ipynb #dd9d3e31
 class _Hrefs(HTMLParser):
     def __init__(self): super().__init__(); self.hrefs = []
     def handle_starttag(self, tag, attrs): self.hrefs += [v for k, v in attrs if k == "href" and v]
@@ -167,7 +168,7 @@ def broken_links(site) -> list[str]:
     return [f"{page.name} -> {h}" for page in sorted(site.glob("*.html")) for h in local_links(page)
             if not (page.parent/h.partition("#")[0]).is_file()]
 
-# %% ../nbs/98_docs.ipynb #5f6a940a
+# %% ../nbs/98_docs.ipynb #a0161fbb
 def _why(e:Exception) -> str:
     "One line on why a notebook failed: the cell's exception (nbclient keeps its name and value), without colours."
     name, value = getattr(e, "ename", type(e).__name__), getattr(e, "evalue", str(e))
@@ -220,7 +221,7 @@ def build_site(out="_site", root=None, names=None, workers:int=2, timeout:int=90
     log(f"docs site: {len(site)} pages in {out} ({time.perf_counter() - t0:.0f} s); open {out/'index.html'}")
     return [out/s["page"] for s in site]
 
-# %% ../nbs/98_docs.ipynb #176173a3
+# %% ../nbs/98_docs.ipynb #0acf1b1c
 def main(argv=None) -> int:
     "`python -m ncf.docs [--out _site] [NOTEBOOK ...]`: build the offline docs site."
     p = argparse.ArgumentParser(prog="python -m ncf.docs", description="Build the offline HTML docs site from nbs/.")
@@ -236,6 +237,6 @@ def main(argv=None) -> int:
     except NCFError as e: print(f"docs: error: {e}", file=sys.stderr); return 1
     return 0
 
-# %% ../nbs/98_docs.ipynb #6e9596eb
+# %% ../nbs/98_docs.ipynb #85fa40f2
 #| eval: false
 if __name__ == "__main__": sys.exit(main())

@@ -13,19 +13,20 @@ from .model import NCF, item_tables
 from .modeldir import ModelDir, load_model_dir
 
 # %% auto #0
-__all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k', 'IdIndex',
-           'category_index', 'seen_csr', 'Recommender', 'Query', 'Batch', 'parse_query', 'media_type', 'parse_json',
-           'parse_recommendation', 'Prediction', 'model_fn', 'input_fn', 'predict_fn', 'accepts_json', 'output_fn']
+__all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',
+           'IdIndex', 'category_index', 'seen_csr', 'Recommender', 'Query', 'Batch', 'parse_query', 'media_type',
+           'parse_json', 'parse_recommendation', 'Prediction', 'model_fn', 'input_fn', 'predict_fn', 'accepts_json',
+           'output_fn']
 
-# %% ../nbs/11_inference.ipynb #39eb3a15
+# %% ../nbs/11_inference.ipynb #41694e23
 try:  # orjson is several times faster; the managed container may lack it
     import orjson
-    _loads, _dumps = orjson.loads, orjson.dumps
+    json_loads, json_dumps = orjson.loads, orjson.dumps
 except ImportError:  # pragma: no cover
-    _loads = json.loads
-    def _dumps(obj) -> bytes: return json.dumps(obj, separators=(",", ":")).encode()
+    json_loads = json.loads
+    def json_dumps(obj) -> bytes: return json.dumps(obj, separators=(",", ":")).encode()
 
-# %% ../nbs/11_inference.ipynb #adf65c55
+# %% ../nbs/11_inference.ipynb #17a12a2c
 @dataclass
 class Scorer:
     "A trained NCF model exported to numpy: `logits(u, items)` scores one user against many items."
@@ -41,7 +42,7 @@ class Scorer:
     @torch.no_grad()
     def from_model(cls, model:NCF) -> Scorer:
         cfg, f = model.cfg, model.cfg.factor_num
-        np32 = lambda t: t.detach().float().cpu().numpy().astype(np.float32, copy=True)
+        np32 = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.float32).copy()
         w = model.predict_layer.weight[0]
         tables = item_tables(model)
         gmf, mlp = cfg.model != "MLP", cfg.model != "GMF"
@@ -70,12 +71,12 @@ class Scorer:
         s += self.bias
         return s
 
-# %% ../nbs/11_inference.ipynb #d10a44a6
+# %% ../nbs/11_inference.ipynb #cd04e740
 MAX_ITEMS = 10_000   # candidate (or excluded) items in one query
 MAX_BATCH = 1_000    # queries in one /invocations call
 MAX_K = 1_000        # largest top-k
 CATEGORY_COLUMNS = {"category": r"[|,]", "genres": r"[|,\s]+"}  # item metadata column -> separator of its values
-_INT = re.compile(r"-?\d{1,30}")
+INT_ID = re.compile(r"-?\d{1,30}")
 
 def _is_id(x) -> bool: return type(x) is int or type(x) is str  # not bool, not float
 
@@ -92,7 +93,7 @@ def top_k(scores:np.ndarray, k:int) -> np.ndarray:
     idx = idx[np.lexsort((idx, -scores[idx]))][:k]
     return idx[np.isfinite(scores[idx])]
 
-# %% ../nbs/11_inference.ipynb #82358262
+# %% ../nbs/11_inference.ipynb #3a497de2
 class IdIndex:
     "Original ids of users or items <-> the model's indexes."
     def __init__(self, table:pd.DataFrame, what:str):
@@ -104,7 +105,7 @@ class IdIndex:
 
     def key(self, x):
         "`x` as the catalogue spells it: numeric strings for integer ids, decimal strings for string ids."
-        if self.ints: return int(x) if type(x) is str and _INT.fullmatch(x) else x
+        if self.ints: return int(x) if type(x) is str and INT_ID.fullmatch(x) else x
         return str(x) if type(x) is int else x
 
     def get(self, x) -> int|None: return self.index.get(self.key(x))
@@ -202,7 +203,7 @@ class Recommender:
                 "data_version": self.md.data_version, "n_users": len(self.users), "n_items": len(self.items),
                 "categories": len(self.categories)}
 
-# %% ../nbs/11_inference.ipynb #d0d1d991
+# %% ../nbs/11_inference.ipynb #73e97116
 @dataclass(frozen=True)
 class Query:
     "One user's candidates to rank: the seed contract, validated."
@@ -253,7 +254,7 @@ def parse_json(body, content_type:str|None):
     "The JSON document of a request body, or a `RequestError` (415 for another content type)."
     if media_type(content_type) != "application/json":
         raise RequestError(f"content type must be application/json, got {content_type or 'none'!r}", 415)
-    try: return _loads(body)
+    try: return json_loads(body)
     except (ValueError, TypeError, RecursionError) as e: raise RequestError(f"malformed JSON: {e}") from None
 
 # %% ../nbs/11_inference.ipynb #49e71664
@@ -277,7 +278,7 @@ def parse_recommendation(q) -> dict:
         out["categories"] = cats
     return out
 
-# %% ../nbs/11_inference.ipynb #be1971b4
+# %% ../nbs/11_inference.ipynb #b58c27d6
 @dataclass(frozen=True)
 class Prediction:
     results:list
@@ -312,4 +313,4 @@ def accepts_json(accept:str|None) -> bool:
 def output_fn(prediction:Prediction, accept:str|None="application/json") -> bytes:
     "Serialise as JSON: the ranked ids (or items and scores) for one query, an array of them for a batch."
     if not accepts_json(accept): raise RequestError(f"can only answer application/json, but Accept is {accept!r}", 406)
-    return _dumps(prediction.results if prediction.batch else prediction.results[0])
+    return json_dumps(prediction.results if prediction.batch else prediction.results[0])

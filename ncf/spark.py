@@ -256,7 +256,7 @@ def parsed(raw:DataFrame, src:Source, fields:dict, extra:dict) -> DataFrame:
     out |= extra
     return raw.select(*[v.alias(k) for k, v in out.items()])
 
-# %% ../nbs/10_spark.ipynb #23ed00e3
+# %% ../nbs/10_spark.ipynb #ef18a34a
 def parse_text(spark, srcs:list[Source]) -> DataFrame:
     "Parse text sources of one layout."
     s0 = srcs[0]; n = len(s0.names)
@@ -275,7 +275,9 @@ def parse_text(spark, srcs:list[Source]) -> DataFrame:
 
 def parse_parquet(spark, srcs:list[Source]) -> DataFrame:
     "Parse Parquet sources (files or directories)."
-    raw = spark.read.option("mergeSchema", "true").parquet(*[s.path for s in srcs])
+    raw = spark.read.parquet(*[s.path for s in srcs])
+    if not set(srcs[0].cols.mapping()) <= set(raw.columns):  # files differ in their optional columns: merge (one more job)
+        raw = spark.read.option("mergeSchema", "true").parquet(*[s.path for s in srcs])
     types = {f.name: f.dataType for f in raw.schema.fields}
     fields = {n: (raw[f"`{n}`"], types[n]) for n in srcs[0].cols.mapping()}
     return parsed(raw, srcs[0], fields, dict(_row=F.col("_metadata.row_index"), more_fields=F.lit(False), missing_field=F.lit(False)))
@@ -374,22 +376,24 @@ def read_spark(spark, path, format:str, cols:Columns=Columns(), days:int|None=No
     return SparkInteractions(df, format, [s.path for s in srcs], sum(r["rows"] for r in prof.values()), present,
                              item_metadata(path, items), implicit)
 
-# %% ../nbs/10_spark.ipynb #11dcee9c
+# %% ../nbs/10_spark.ipynb #23d752a3
 def deduplicate(df:DataFrame) -> DataFrame:
     "One row per (user, item): the earliest timestamp."
     return df.groupBy("user", "item").agg(F.min("timestamp").alias("timestamp"))
 
-def min_count_filter(df:DataFrame, p:PreprocessParams, stats:dict, keep:list) -> tuple[DataFrame, int]:
-    "The rows kept by the minimum-interaction filters, iterated to a fixed point, and their number of items."
+def min_count_filter(df:DataFrame, p:PreprocessParams, stats:dict, keep:list) -> tuple[DataFrame, int, int]:
+    "The rows kept by the minimum-interaction filters, iterated to a fixed point; their number of items; the rows given."
     dropped = dict(users_too_few_interactions=0, items_too_few_interactions=0, users_too_few_negatives=0)
     few_u, few_i = F.col("n") < p.min_user_interactions, F.col("n") < p.min_item_interactions
+    given = 0
     while True:  # each round is one Spark job; its user and item counts are cached (in `keep`) for the drops
         uc = df.groupBy("user").agg(F.count(F.lit(1)).alias("n")).persist(); keep.append(uc)
         ic = df.groupBy("item").agg(F.count(F.lit(1)).alias("n")).persist(); keep.append(ic)
         items = ic.agg(F.count(F.lit(1)).alias("n_items"), F.count_if(few_i).alias("few_i"))
         no_neg = ~few_u & (F.col("n_items") - F.col("n") < p.num_negatives)
-        r = uc.crossJoin(items).agg(F.first("n_items"), F.first("few_i"), F.count_if(few_u), F.count_if(no_neg)).first()
-        n_items, n_few_i, n_few_u, n_no_neg = (v or 0 for v in r)
+        r = uc.crossJoin(items).agg(F.first("n_items"), F.first("few_i"), F.count_if(few_u), F.count_if(no_neg), F.sum("n")).first()
+        n_items, n_few_i, n_few_u, n_no_neg, n_rows = (v or 0 for v in r)
+        given = given or n_rows
         no_neg = ~few_u & (F.lit(n_items) - F.col("n") < p.num_negatives)
         if not (n_few_u or n_no_neg or n_few_i): break
         dropped["users_too_few_interactions"] += n_few_u; dropped["users_too_few_negatives"] += n_no_neg
@@ -398,7 +402,7 @@ def min_count_filter(df:DataFrame, p:PreprocessParams, stats:dict, keep:list) ->
                 .join(ic.filter(few_i).select("item"), "item", "left_anti").persist())
         keep.append(df)
     stats.update(dropped)
-    return df, n_items
+    return df, n_items, given
 
 # %% ../nbs/10_spark.ipynb #01fd4b6e
 def dense_index(ids:DataFrame, name:str, keep:list) -> DataFrame:
@@ -452,7 +456,7 @@ def negatives(rows:DataFrame, n_items:int, p:PreprocessParams, stream:str, batch
         return sample_negatives(np.unique(u), u, b.item.to_numpy(np.int64), n_items, k, seed, sid)
     with _quiet(): return rows.select("user", "item").mapInPandas(by_whole_users(draw, batch_rows), "user int, item int")
 
-# %% ../nbs/10_spark.ipynb #7dedf3c5
+# %% ../nbs/10_spark.ipynb #b540c46e
 def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
     "Item metadata merged onto the item index, as `ncf.preprocess.preprocess_frame` merges it."
     if meta is None: return items
@@ -470,8 +474,9 @@ def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int
     if p.rating_threshold is not None: df = df.filter(F.col("rating") >= p.rating_threshold)
     if p.events is not None: df = df.filter(F.col("event").isin(list(p.events)))
     df = deduplicate(df).persist(); keep.append(df)
-    stats["duplicates"] = data.rows - stats["below_rating_threshold"] - stats["other_events"] - df.count(); lap("filtered")
-    df, n_items = min_count_filter(df, p, stats, keep)
+    stats["duplicates"] = None  # known after the first round of the filters, which counts the deduplicated rows
+    df, n_items, n_unique = min_count_filter(df, p, stats, keep)
+    stats["duplicates"] = data.rows - stats["below_rating_threshold"] - stats["other_events"] - n_unique; lap("filtered")
     if n_items == 0: raise DataError(f"no interactions left after filtering ({json.dumps(stats)}); relax the filters")
     users = dense_index(df.select("user").distinct(), "user", keep)
     items = dense_index(df.select("item").distinct(), "item", keep)

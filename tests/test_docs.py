@@ -18,6 +18,7 @@ class Page(HTMLParser):
         a = dict(attrs); self._in = tag
         if tag == "a" and a.get("href"): self.hrefs.append(a["href"])
         if tag == "img" and a.get("src"): self.imgs.append(a["src"])
+    def handle_endtag(self, tag): self._in = None
     def handle_data(self, data):
         if self._in == "title": self.title += data
         if self._in not in ("style", "script"): self.text.append(data)

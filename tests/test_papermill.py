@@ -1,9 +1,10 @@
 """The pipeline notebooks, run headless with papermill the way CI runs them: retrain, promote, roll back."""
-import base64, json, subprocess
+import base64, json, re, subprocess
 from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from conftest import ROOT, venv_bin
 from helpers import SMALL_SHOP
@@ -83,7 +84,7 @@ def test_retrain_on_new_day_then_roll_back_and_refuse_rejected(shop):
     assert reg.production("ncf").version == 1
 
 
-def test_deploy_needs_a_version(shop, tmp_path):
+def test_deploy_needs_a_version(tmp_path):
     r = papermill("deploy", tmp_path/"out.ipynb", tmp_path, work_dir="work")
     assert r.returncode != 0 and "set the parameter `version`" in r.stderr
 
@@ -95,3 +96,14 @@ def test_pipeline_notebooks_are_clean_and_parametrised(root):
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name}.ipynb has outputs: clear them"
         assert [c for c in code if "parameters" in c.metadata.get("tags", [])] == [code[0]]
         assert nb.metadata.kernelspec.name == "python3"
+
+
+def test_pipeline_notebook_parameters_match_the_ci_job(root):
+    "Each `-p NAME` the retrain and deploy jobs pass is a parameter of the notebook (papermill would only warn)."
+    ci = yaml.safe_load((root/".gitlab-ci.yml").read_text())
+    for job, nb in (("retrain", "retrain"), ("deploy", "deploy")):
+        cmd = next(s for s in ci[job]["script"] if "papermill" in s)
+        passed = set(re.findall(r"-[py] \"?(\w+)", cmd))
+        cell = next(c for c in nbformat.read(root/"pipelines"/f"{nb}.ipynb", as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        declared = set(re.findall(r"^(\w+)\s*(?::[^=]+)?=", cell.source, re.M))
+        assert passed and passed <= declared, (job, passed - declared)

@@ -1,5 +1,5 @@
 """The repository frame: notebooks == package, README == index notebook, CI files valid."""
-import json, shutil, subprocess, sys
+import json, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -95,18 +95,27 @@ def test_gitlab_ci_validates_against_schema(root):
 
 
 def test_gitlab_ci_structure(root):
-    ci = yaml.safe_load((root / ".gitlab-ci.yml").read_text())
+    text = (root / ".gitlab-ci.yml").read_text()
+    ci = yaml.safe_load(text)
     assert ci["stages"] == ["check", "test", "docs", "retrain", "deploy"]
     jobs = {k: v for k, v in ci.items() if isinstance(v, dict) and "stage" in v}
     assert {j["stage"] for j in jobs.values()} == set(ci["stages"])
     assert any("make test" in s for s in jobs["test"]["script"])
     assert any("make check" in s for s in jobs["check"]["script"])
-    assert "public" in jobs["pages"]["artifacts"]["paths"]
+    assert "tests/artifacts/" in jobs["test"]["artifacts"]["paths"]                 # browser screenshots
+    pages = " ".join(jobs["pages"]["script"])
+    assert "public" in jobs["pages"]["artifacts"]["paths"] and "make docs" in pages and "nbdev_docs" in pages
     assert any("papermill" in s and "retrain.ipynb" in s for s in jobs["retrain"]["script"])
+    assert {"runs/retrain.ipynb", "runs/metrics.json"} <= set(jobs["retrain"]["artifacts"]["paths"])
     assert {r["if"].split("==")[1].strip().strip('"') for r in jobs["retrain"]["rules"]} == {"schedule", "web"}
     deploy_rules = jobs["deploy"]["rules"]
     assert all(r.get("when") == "manual" and '"main"' in r["if"] for r in deploy_rules)
     assert any("NCF_MODEL_VERSION" in s for s in jobs["deploy"]["script"])
+    assert any("papermill" in s and "deploy.ipynb" in s for s in jobs["deploy"]["script"])
+    # every CI variable the jobs read is documented in the header
+    header = text.split("\ndefault:")[0]
+    used = set(re.findall(r"\$\{?((?:NCF|QUARTO)_[A-Z_]+)", text.split("\ndefault:")[1]))
+    assert used and not {v for v in used if v not in header}, "document these CI variables at the top of .gitlab-ci.yml"
 
 
 def test_ci_run_calls_the_readme_test_command(root):

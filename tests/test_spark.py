@@ -12,12 +12,13 @@ import ncf.spark
 from ncf.core import ConfigError, DataError
 from ncf.dataset import load_splits, read_tables
 from ncf.preprocess import PreprocessParams, main, parser, preprocess
-from ncf.readers import Columns
-from ncf.spark import preprocess_spark, spark_session
+from ncf.readers import Columns, read_interactions
+from ncf.spark import preprocess_spark, read_spark, spark_session, to_pandas
 from ncf.synthetic import SyntheticSpec, generate, write_days
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = {"spark.sql.shuffle.partitions": 4, "spark.default.parallelism": 2, "spark.ui.enabled": "false",
+        "spark.sql.adaptive.enabled": "false",  # adaptive planning pays off on big inputs, costs seconds on tiny ones
         "spark.driver.memory": "1g"}
 
 
@@ -67,10 +68,12 @@ def shop_ref(shop):
 
 @pytest.mark.parametrize("partitions", [1, 3])
 def test_synthetic_parity(spark, shop, shop_ref, partitions):
-    got = preprocess_spark(shop/"raw", shop/f"spark{partitions}", run_date="2026-02-01", spark=spark, partitions=partitions)
+    "Same data set on 1 and 3 user partitions; the second run replaces the first's partition whole."
+    got = preprocess_spark(shop/"raw", shop/"spark", run_date="2026-02-01", spark=spark, partitions=partitions)
     same(got, shop_ref)
-    assert got["counts"]["n_items"] > 0 and "category" in read_tables(got["path"])["items"]  # metadata merged
     assert got["spark"]["partitions"] == partitions
+    assert "category" in read_tables(got["path"])["items"]  # the catalogue beside the partitions is merged
+    assert [p.name for p in (shop/"spark").iterdir()] == ["dt=2026-02-01"]  # nothing staged is left behind
 
 
 @pytest.mark.parametrize("params", [PreprocessParams(), PreprocessParams(rating_threshold=4, min_item_interactions=5, seed=7)],
@@ -85,67 +88,44 @@ def test_ml100k_parity(spark, ml100k, tmp_path, params):
     else: assert got["filtered"]["below_rating_threshold"] > 0 and got["filtered"]["items_too_few_interactions"] > 0
 
 
-@pytest.fixture(scope="module")
-def ratings(tmp_path_factory):
-    "Explicit ratings (integer ids) from the synthetic shop, with duplicates and ties, as a frame."
-    spec = SyntheticSpec(n_users=300, n_items=250, seed=5)
-    df = generate(spec, 20)
-    rng = np.random.default_rng(0)
-    return pd.DataFrame({"user": df.user_id.str[1:].astype(int) + 1, "item": df.item_id.str[4:].astype(int) + 1,
-                         "rating": rng.integers(1, 6, len(df)), "timestamp": df.timestamp // 7200 * 7200})
-
-
-@pytest.mark.parametrize("fmt", ["ml-1m", "ml-csv"])
-def test_movielens_text_parity(spark, ratings, tmp_path, fmt):
-    if fmt == "ml-1m":
-        src = tmp_path/"ratings.dat"
-        src.write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ratings.itertuples(index=False)))
-    else:
-        src = tmp_path/"ratings.csv"
-        ratings.rename(columns={"user": "userId", "item": "movieId"}).assign(rating=ratings.rating/2).to_csv(src, index=False)
-    p = PreprocessParams(rating_threshold=2, num_negatives=20)
-    ref = preprocess(tmp_path, tmp_path/"pandas", p, format=fmt, run_id="t")
-    got = preprocess_spark(tmp_path, tmp_path/"spark", p, format=fmt, run_id="t", spark=spark, partitions=2)
-    same(got, ref)
-    assert got["source"]["format"] == fmt
-
-
-def test_generic_csv_log_parity(spark, tmp_path):
-    "A CSV event log with its own column names, string ids, ISO datetimes and an event filter."
+def test_command_line_csv_log(spark, tmp_path, capsys):
+    """`ncf_preprocess --engine spark` (in this session) on a CSV event log with its own column names, string
+    ids, ISO datetimes, an event filter and no validation: the same data set as `--engine pandas`."""
     df = generate(SyntheticSpec(n_users=250, n_items=200, seed=9), 20)
     df["when"] = df.timestamp.astype(str)
     iso = df.index % 3 == 0
     df.loc[iso, "when"] = pd.to_datetime(df.timestamp[iso], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
     src = tmp_path/"events.csv"
     df[["when", "user_id", "item_id", "event"]].rename(columns={"user_id": "customer", "item_id": "sku"}).to_csv(src, index=False)
-    cols = Columns(user="customer", item="sku", timestamp="when", event="event")
-    p = PreprocessParams(events="purchase,cart", min_user_interactions=3, num_negatives=30)
-    ref = preprocess(src, tmp_path/"pandas", p, cols=cols, run_id="t")
-    got = preprocess_spark(src, tmp_path/"spark", p, cols=cols, run_id="t", spark=spark, partitions=2)
-    same(got, ref)
-    assert got["filtered"]["other_events"] > 0 and got["filtered"]["duplicates"] > 0
-
-
-def test_command_line(spark, shop, capsys):
-    "`ncf_preprocess --engine spark` runs the Spark job (in this session) and prints the same summary."
-    args = [str(shop/"raw"), str(shop/"cli"), "--no-validation", "--negatives", "20", "--seed", "11", "--days", "20", "--run-id"]
+    args = [str(src), str(tmp_path/"out"), "--user-col", "customer", "--item-col", "sku", "--time-col", "when", "--event-col", "event",
+            "--events", "purchase,cart", "--min-user", "2", "--no-validation", "--negatives", "30", "--seed", "11", "--run-id"]
     assert main(args + ["pandas"]) == 0
     assert main(args + ["spark", "--engine", "spark"]) == 0
-    out = capsys.readouterr().out
-    ref, got = (json.loads((shop/"cli"/f"run={r}"/"manifest.json").read_text()) for r in ("pandas", "spark"))
-    assert got["engine"] == "spark" and ref["engine"] == "pandas"
-    assert got["data_version"] == ref["data_version"] and "validation" not in got["counts"]
-    assert len(ref["source"]["files"]) == 20 and got["source"] == ref["source"]
-    assert out.count(f"version     {ref['data_version'][:16]}") == 2
+    ref, got = (json.loads((tmp_path/"out"/f"run={r}"/"manifest.json").read_text()) for r in ("pandas", "spark"))
+    same({**got, "path": tmp_path/"out"/"run=spark"}, {**ref, "path": tmp_path/"out"/"run=pandas"})
+    assert got["filtered"]["other_events"] > 0 and got["filtered"]["duplicates"] > 0 and "validation" not in got["counts"]
+    assert capsys.readouterr().out.count(f"version     {ref['data_version'][:16]}") == 2
 
 
-def test_rerun_replaces_partition(spark, shop, shop_ref):
-    "Writing the same partition again replaces it whole, with the same version; no staging directory is left."
-    out = shop/"again"
-    m1 = preprocess_spark(shop/"raw", out, run_date="2026-02-01", spark=spark, partitions=2)
-    m2 = preprocess_spark(shop/"raw", out, run_date="2026-02-01", spark=spark, partitions=2)
-    assert m1["data_version"] == m2["data_version"] == shop_ref["data_version"]
-    assert [p.name for p in out.iterdir()] == ["dt=2026-02-01"]
+@pytest.mark.parametrize("fmt", ["ml-1m", "ml-csv"])
+def test_movielens_text_read_parity(spark, tmp_path, fmt):
+    "MovieLens 1M `::` files and 20M-style CSV read to the same canonical rows as the pandas readers."
+    rng = np.random.default_rng(1)
+    n = 500
+    r = pd.DataFrame({"user": rng.integers(1, 60, n), "item": rng.integers(1, 90, n), "rating": rng.integers(1, 11, n)/2,
+                      "timestamp": rng.integers(978_300_000, 978_400_000, n)})
+    if fmt == "ml-1m":
+        src = tmp_path/"ratings.dat"
+        src.write_text("".join(f"{u}::{i}::{int(x)}::{t}\n" for u, i, x, t in r.itertuples(index=False)))
+    else:
+        src = tmp_path/"ratings.csv"
+        r.rename(columns={"user": "userId", "item": "movieId"}).to_csv(src, index=False)
+    ref = read_interactions(tmp_path, fmt).df
+    got = read_spark(spark, tmp_path, fmt)
+    cols = ["user", "item", "timestamp", "rating"]
+    g = to_pandas(got.df)[cols].astype(ref[cols].dtypes.to_dict())
+    pd.testing.assert_frame_equal(g.sort_values(cols, ignore_index=True), ref[cols].sort_values(cols, ignore_index=True))
+    assert got.rows == n and got.format == fmt and got.files == [str(src)]
 
 
 # ---- bad input --------------------------------------------------------------------------------------
