@@ -481,8 +481,10 @@ d = { 'settings': { 'branch': 'main',
                            'ncf.train.make_optimizer': ('train.html#make_optimizer', 'ncf/train.py'),
                            'ncf.train.parser': ('train.html#parser', 'ncf/train.py'),
                            'ncf.train.popularity_baseline': ('train.html#popularity_baseline', 'ncf/train.py'),
+                           'ncf.train.refit_with_validation': ('train.html#refit_with_validation', 'ncf/train.py'),
                            'ncf.train.resolve_data': ('train.html#resolve_data', 'ncf/train.py'),
                            'ncf.train.resolve_device': ('train.html#resolve_device', 'ncf/train.py'),
                            'ncf.train.save_checkpoint': ('train.html#save_checkpoint', 'ncf/train.py'),
                            'ncf.train.save_model': ('train.html#save_model', 'ncf/train.py'),
-                           'ncf.train.train': ('train.html#train', 'ncf/train.py')}}}
+                           'ncf.train.train': ('train.html#train', 'ncf/train.py'),
+                           'ncf.train.train_epoch': ('train.html#train_epoch', 'ncf/train.py')}}}

@@ -18,10 +18,10 @@ from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 # %% auto #0
 __all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_has_amx', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
            'popularity_baseline', 'evaluate_full', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model',
-           'make_optimizer', 'TrainResult', 'train', 'final_metrics', 'save_model', 'parser', 'resolve_data',
-           'load_channels', 'main']
+           'make_optimizer', 'TrainResult', 'train_epoch', 'refit_with_validation', 'train', 'final_metrics',
+           'save_model', 'parser', 'resolve_data', 'load_channels', 'main']
 
-# %% ../nbs/09_train.ipynb #cb643b97
+# %% ../nbs/09_train.ipynb #f3566d64
 @dataclass(frozen=True)
 class TrainConfig:
     "Training hyperparameters and run options. Validated on construction."
@@ -46,6 +46,7 @@ class TrainConfig:
     mlp_pretrain:str|None=None   # ... and a trained MLP model directory
     alpha:float=0.5              # weight of GMF in the pre-trained NeuMF output layer
     full_ranking:bool=True       # also score the selected model by full ranking on the test set
+    refit:bool=True              # after selection, retrain on train + validation for the selected epochs
 
     def __post_init__(self):
         def need(ok, msg):
@@ -90,13 +91,13 @@ def autocast_dtype(cfg:TrainConfig, device:torch.device):
     if cfg.precision == "bf16" or device.type == "cuda" or cpu_has_amx(): return torch.bfloat16
     return None
 
-# %% ../nbs/09_train.ipynb #456ca256
+# %% ../nbs/09_train.ipynb #a8765bc4
 class NegativeSampler:
     "Draws `num_ng` negatives per training positive, never one of that user's training positives."
     def __init__(self, users:torch.Tensor, items:torch.Tensor, n_items:int):
         self.n_items = n_items
         self.keys = torch.unique(users*n_items + items)  # sorted
-        deg = torch.bincount(users)
+        deg = torch.bincount(self.keys//n_items)  # distinct positives per user
         if (deg >= n_items).any(): raise DataError("a user has interacted with every item: no negatives can be drawn")
 
     def is_positive(self, users, items) -> torch.Tensor:
@@ -176,7 +177,7 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fp else None
 
-# %% ../nbs/09_train.ipynb #8072bf57
+# %% ../nbs/09_train.ipynb #dc825e21
 def build_model(cfg:TrainConfig, n_users:int, n_items:int) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP model directories."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
@@ -202,11 +203,49 @@ class TrainResult:
     model:NCF
     metrics:dict
     config:TrainConfig
+    pairs:tuple        # (users, items) the final model learned from: its "seen" items
 
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-# %% ../nbs/09_train.ipynb #9cc2e805
+# %% ../nbs/09_train.ipynb #828157bd
+def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
+                cfg:TrainConfig, gen:torch.Generator, dtype) -> tuple[float, int, float]:
+    "Train one epoch; return the mean loss, the number of samples and the seconds it took."
+    model.train(); t0 = time.perf_counter(); device = tu.device
+    nu, ni = sampler.sample(tu, cfg.num_ng, gen)
+    users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
+    labels = torch.cat([torch.ones(len(tu), device=device), torch.zeros(len(nu), device=device)])
+    perm = torch.randperm(len(users), generator=gen, device=device)
+    loss_fn, total = nn.BCEWithLogitsLoss(), torch.zeros((), device=device)
+    for lo in range(0, len(perm), cfg.batch_size):
+        idx = perm[lo:lo+cfg.batch_size]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(users[idx], items[idx])
+        loss = loss_fn(logits.float(), labels[idx])
+        for o in opts: o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts: o.step()
+        total += loss.detach()*len(idx)
+    return total.item()/len(perm), len(perm), time.perf_counter() - t0
+
+# %% ../nbs/09_train.ipynb #071c9c86
+def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print):
+    "Train a fresh model on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
+    users = np.concatenate([splits.train_users, splits.validation.users])
+    items = np.concatenate([splits.train_items, splits.validation.items])
+    torch.manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    model = build_model(cfg, splits.n_users, splits.n_items).to(device)
+    opts = make_optimizer(model, cfg)
+    tu, ti = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
+    sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
+    for epoch in range(1, epochs + 1):
+        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype); seconds += s
+        log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
+    return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
+
+# %% ../nbs/09_train.ipynb #84e4ba67
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print) -> TrainResult:
     "Train on `splits`; select the epoch on validation; score the selected model on test."
     if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -218,8 +257,6 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     opts = make_optimizer(model, cfg)
     tu = torch.as_tensor(splits.train_users, device=device); ti = torch.as_tensor(splits.train_items, device=device)
     sampler = NegativeSampler(tu, ti, splits.n_items)
-    labels = torch.cat([torch.ones(len(tu), device=device), torch.zeros(len(tu)*cfg.num_ng, device=device)])
-    loss_fn = nn.BCEWithLogitsLoss()
     select_on = splits.validation
     fp = fingerprint(cfg, splits.data_version)
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
@@ -236,22 +273,8 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
         best, best_state = {"epoch": 0, **evaluate_sampled(model, select_on, cfg.top_k, device)}, copy.deepcopy(model.state_dict())
     stale = 0 if best is None else max(0, start - best["epoch"])
     for epoch in range(start + 1, cfg.epochs + 1):
-        model.train(); t0 = time.perf_counter()
-        nu, ni = sampler.sample(tu, cfg.num_ng, gen)
-        users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
-        perm = torch.randperm(len(users), generator=gen, device=device)
-        total = torch.zeros((), device=device)
-        for lo in range(0, len(perm), cfg.batch_size):
-            idx = perm[lo:lo+cfg.batch_size]
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = model(users[idx], items[idx])
-            loss = loss_fn(logits.float(), labels[idx])
-            for o in opts: o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts: o.step()
-            total += loss.detach()*len(idx)
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "loss": total.item()/len(perm), "seconds": round(seconds, 4), "samples_per_s": round(len(perm)/seconds)}
+        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype)
+        row = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 4), "samples_per_s": round(n/seconds)}
         if select_on is not None:
             row["validation"] = evaluate_sampled(model, select_on, cfg.top_k, device)
             if _better(row["validation"], best):
@@ -270,9 +293,15 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: validation HR has not improved for {stale} epochs (best: epoch {best['epoch']})"); break
     if best_state is not None: model.load_state_dict(best_state)
-    return TrainResult(model.eval(), final_metrics(model, splits, cfg, device, history, best), cfg)
+    pairs = (splits.train_users, splits.train_items)
+    refit = None
+    if cfg.refit and best and best["epoch"] > 0:
+        model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log)
+    metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
+    if refit: metrics["refit"] = refit
+    return TrainResult(model.eval(), metrics, cfg, pairs)
 
-def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None) -> dict:
+def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None, pairs=None) -> dict:
     "The `metrics.json` document of the selected model."
     k = cfg.top_k
     m = {"schema": METRICS_SCHEMA, "k": k, "protocol": f"leave-one-out, {splits.test.negatives.shape[1]} sampled negatives, ties count against the model",
@@ -283,17 +312,18 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
     m["validation"] = {f: best[f] for f in ("hr", "ndcg", "k")} if best else {"hr": float("nan"), "ndcg": float("nan"), "k": k}
     m["test"] = evaluate_sampled(model, splits.test, k, device)
     m["test_popularity"] = popularity_baseline(splits, k)
-    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, splits.train_users, splits.train_items, k, device)
+    seen_users, seen_items = pairs or (splits.train_users, splits.train_items)
+    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
     return m
 
-# %% ../nbs/09_train.ipynb #d329aff4
+# %% ../nbs/09_train.ipynb #e430f0b1
 def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
     "Write the trained model with everything serving needs (see `ncf.modeldir`); return the manifest."
-    seen = pd.DataFrame({"user": splits.train_users, "item": splits.train_items})
+    seen = pd.DataFrame({"user": result.pairs[0], "item": result.pairs[1]})
     return write_model_dir(model_dir, result.model.cpu(), splits.users, splits.items, seen, result.metrics,
                            asdict(result.config), splits.data_version)
 
-# %% ../nbs/09_train.ipynb #e7e643b5
+# %% ../nbs/09_train.ipynb #55572f3d
 def _bool(s) -> bool:
     if isinstance(s, bool): return s
     if str(s).lower() in ("1", "true", "yes", "y"): return True
@@ -364,6 +394,6 @@ def main(argv=None) -> int:
     print(f"model {manifest['model_version']} written to {args.model_dir}")
     return 0
 
-# %% ../nbs/09_train.ipynb #dc2e59fb
+# %% ../nbs/09_train.ipynb #59a31da4
 #| eval: false
 if __name__ == "__main__": sys.exit(main())

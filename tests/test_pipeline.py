@@ -9,7 +9,9 @@ from ncf.pipeline import PipelineParams, deploy_local, run_local
 from ncf.registry import LocalRegistry
 from ncf.synthetic import next_day, write_days
 
-FAST = {"epochs": 2, "batch_size": 512, "factor_num": 8, "num_layers": 2, "full_ranking": False, "precision": "fp32"}
+# The small shop is learnable but noisy (about 200 test users): a trained model reaches HR@10 of about
+# 0.28 against 0.09 for an untrained one, so the gate is set between the two with a wide tolerance.
+FAST = {"epochs": 8, "full_ranking": False, "precision": "fp32"}
 
 
 def free_port() -> int:
@@ -30,7 +32,7 @@ def shop(tmp_path_factory) -> Path:
 
 
 def params(work: Path, url: str = "http://127.0.0.1:9", **hp) -> PipelineParams:
-    return PipelineParams(data_uri=str(work / "raw"), work_dir=str(work), endpoint_url=url, hr_threshold=0.05,
+    return PipelineParams(data_uri=str(work / "raw"), work_dir=str(work), endpoint_url=url, hr_threshold=0.15, tolerance=0.15,
                           hyperparameters={**FAST, **hp})
 
 
@@ -69,7 +71,7 @@ def test_retrain_cycle(shop):
         rejected = run_local(params(shop, url, epochs=0))  # an untrained model must not pass the gate
         assert not rejected.passed and rejected.version.status == "Rejected"
         assert [r.name for r in rejected.records][-2:] == ["RegisterRejected", "Fail"]
-        assert "worse than production" in rejected.version.reason
+        assert "below the threshold" in rejected.version.reason
         assert version_header(url) == v2 and reg.production("ncf").version == 2
 
         deploy_local(reg, "ncf", 1, url)  # rollback with one command
