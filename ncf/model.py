@@ -10,7 +10,7 @@ from torch import nn
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['MODELS', 'ModelConfig', 'NCF', 'item_tables', 'score_matrix', 'neumf_from_pretrained']
+__all__ = ['MODELS', 'ModelConfig', 'Dropout', 'NCF', 'item_tables', 'score_matrix', 'neumf_from_pretrained']
 
 # %% ../nbs/06_model.ipynb #fc9bcce8
 MODELS = ("GMF", "MLP", "NeuMF")
@@ -34,7 +34,19 @@ class ModelConfig:
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
-# %% ../nbs/06_model.ipynb #edf6954a
+# %% ../nbs/06_model.ipynb #19be632d
+class Dropout(nn.Module):
+    "Inverted dropout with a vectorised mask (`torch.rand(...) >= p`)."
+    def __init__(self, p:float=0.5):
+        super().__init__()
+        if not 0 <= p < 1: raise ConfigError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0: return x
+        return x*((torch.rand_like(x) >= self.p).to(x.dtype)*(1/(1 - self.p)))
+    def extra_repr(self): return f"p={self.p}"
+
+# %% ../nbs/06_model.ipynb #a41461c0
 class NCF(nn.Module):
     "GMF, MLP or NeuMF, by `cfg.model`. `forward(users, items)` returns one logit per pair."
     def __init__(self, cfg:ModelConfig, sparse:bool=False):
@@ -49,7 +61,7 @@ class NCF(nn.Module):
             layers = []
             for i in range(cfg.num_layers):
                 width = f*2**(cfg.num_layers - i)
-                layers += [nn.Dropout(cfg.dropout), nn.Linear(width, width//2), nn.ReLU()]
+                layers += [Dropout(cfg.dropout), nn.Linear(width, width//2), nn.ReLU()]
             self.MLP_layers = nn.Sequential(*layers)
         self.predict_layer = nn.Linear(2*f if cfg.model == "NeuMF" else f, 1)
         self.reset_parameters()
@@ -73,7 +85,7 @@ class NCF(nn.Module):
     def forward(self, users:torch.Tensor, items:torch.Tensor) -> torch.Tensor:
         return self.predict_layer(self.features(users, items)).squeeze(-1)
 
-# %% ../nbs/06_model.ipynb #abd9824c
+# %% ../nbs/06_model.ipynb #115685f4
 @torch.no_grad()
 def item_tables(model:NCF) -> dict:
     "What does not depend on the user: item GMF embeddings and the item half of the first MLP layer."
@@ -100,7 +112,7 @@ def score_matrix(model:NCF, users:torch.Tensor, items:torch.Tensor|None=None, ta
     x = parts[0] if len(parts) == 1 else torch.cat([parts[0].expand(*parts[1].shape[:2], -1), parts[1]], -1)
     return model.predict_layer(x).squeeze(-1)
 
-# %% ../nbs/06_model.ipynb #ca51a8ef
+# %% ../nbs/06_model.ipynb #07074eb6
 def neumf_from_pretrained(gmf:NCF, mlp:NCF, alpha:float=0.5, dropout:float|None=None, sparse:bool=False) -> NCF:
     "A NeuMF initialised from trained GMF and MLP models with the alpha-weighted output layer."
     g, m = gmf.cfg, mlp.cfg
