@@ -10,9 +10,10 @@ Scenarios (see bench/locustfile.py): `seed` is POST /invocations with one user a
 
 The load generator runs on the same machine as the server, so the two compete for the cores. The
 report accounts for it over the exact load window (measured inside Locust, see the locustfile):
-server CPU from /proc/PID/stat, Locust's from its own rusage, and "other" is the machine's busy time
-(/proc/stat) minus both, i.e. whatever else was running. Requests/s is requests divided by that
-window. A run where "other" is large was disturbed and should be repeated.
+server CPU from /proc (the server process and its uvicorn workers), Locust's from its own rusage,
+and "other" is the machine's busy time (/proc/stat) minus both, i.e. whatever else was running.
+Requests/s is requests divided by that window. A run where "other" is large was disturbed and
+should be repeated.
 """
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def run_scenario(name: str, url: str, server_pid: int, args, workdir: Path) -> d
     r = {"requests": w["requests"], "failures": w["failures"], "rps": w["requests"] / wall, **percentiles(workdir / name)}
     server, gen = cpu["server"] / wall, cpu["locust"] / wall
     busy = cpu["machine_busy"] / wall
-    r.update(scenario=name, seconds=round(wall, 1), users=args.users, workers=1,
+    r.update(scenario=name, seconds=round(wall, 1), users=args.users, workers=args.workers,
              cpu_cores={"server": round(server, 2), "locust": round(gen, 2), "other": round(max(busy - server - gen, 0), 2),
                         "machine": os.cpu_count()},
+             cpu_us_per_request={"server": round(cpu["server"] / max(r["requests"], 1) * 1e6), "locust": round(cpu["locust"] / max(r["requests"], 1) * 1e6)},
              loadavg_before=load, target={"rps": target_rps, "p99_ms": target_p99},
              passed=r["failures"] == 0 and r["rps"] >= target_rps and r["99"] <= target_p99)
     return r
@@ -70,8 +72,9 @@ def run_scenario(name: str, url: str, server_pid: int, args, workdir: Path) -> d
 def report(r: dict) -> str:
     c = r["cpu_cores"]
     return (f"{r['scenario']:5s} {r['rps']:8,.0f} req/s  {r['requests']:,} requests, {r['failures']} failures  "
-            f"p50 {r['50']:g} ms  p95 {r['95']:g} ms  p99 {r['99']:g} ms  [{r['seconds']:g} s, {r['users']} Locust users]\n"
+            f"p50 {r['50']:g} ms  p95 {r['95']:g} ms  p99 {r['99']:g} ms  [{r['seconds']:g} s, {r['users']} Locust users, {r['workers']} server worker(s)]\n"
             f"      CPU (cores of {c['machine']}): server {c['server']}, locust {c['locust']}, other {c['other']};"
+            f" per request: server {r['cpu_us_per_request']['server']} µs, locust {r['cpu_us_per_request']['locust']} µs;"
             f" load average before {' '.join(r['loadavg_before'])}\n"
             f"      target ≥ {r['target']['rps']:,} req/s, p99 ≤ {r['target']['p99_ms']} ms, 0 failures: "
             + ("PASS" if r["passed"] else "FAIL"))
@@ -86,10 +89,11 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=16, help="concurrent Locust users (closed loop)")
     p.add_argument("--rate", type=float, default=0, help="pace the whole run at this many req/s (0: as fast as answered)")
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="ncf-load-"))
-    proc = launch(args.model_dir, port=args.port, log_path=workdir / "server.log")
+    proc = launch(args.model_dir, port=args.port, log_path=workdir / "server.log", workers=args.workers)
     results = []
     try:
         print(f"server {proc.url} (pid {proc.pid}), model {args.model_dir}; Locust logs and CSVs in {workdir}", flush=True)

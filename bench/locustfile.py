@@ -66,9 +66,23 @@ def _snapshot() -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF)
     snap = {"t": time.monotonic(), "machine_busy": (sum(f[:8]) - f[3] - f[4]) / TICK, "locust": own.ru_utime + own.ru_stime}
     if pid := os.environ.get("NCF_SERVER_PID"):
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        snap["server"] = sum(int(x) for x in stat[11:15]) / TICK
+        snap["server"] = tree_cpu(int(pid))
     return snap
+
+
+def tree_cpu(root: int) -> float:
+    "CPU seconds of a process and its descendants (the server and its uvicorn workers), from /proc."
+    procs = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit(): continue
+        try: f = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError: continue
+        procs[int(p.name)] = (int(f[1]), int(f[11]) + int(f[12]))   # ppid, utime + stime
+    tree, total, grew = {root}, 0, True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
+        tree |= more; grew = bool(more)
+    return sum(procs[p][1] for p in tree if p in procs) / TICK
 
 
 @events.test_start.add_listener

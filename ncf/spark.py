@@ -29,7 +29,7 @@ __all__ = ['SETTINGS', 'FLAGS', 'REREAD_BYTES', 'spark_session', 'to_pandas', 'i
            'dense_index', 'by_whole_users', 'leave_one_out', 'negatives', 'preprocess_frames', 'write_tables',
            'preprocess_spark', 'main']
 
-# %% ../nbs/10_spark.ipynb #7ca362fd
+# %% ../nbs/10_spark.ipynb #c5aaa7a4
 SETTINGS = {"spark.sql.session.timeZone": "UTC",                 # ISO datetimes without a zone are UTC
             "spark.sql.execution.arrow.pyspark.enabled": "true",  # Arrow between the JVM and pandas
             "spark.ui.showConsoleProgress": "false"}
@@ -37,12 +37,13 @@ SETTINGS = {"spark.sql.session.timeZone": "UTC",                 # ISO datetimes
 def spark_session(master:str|None=None, # default `local[*]`, unless spark-submit chose the master
                   conf:dict|None=None,  # more Spark settings, e.g. {"spark.sql.shuffle.partitions": 8}
                   ) -> SparkSession:
-    "The active Spark session, or a new one set up for this job."
+    "The active Spark session (as it is), or a new one set up for this job."
     if (active := SparkSession.getActiveSession()) is not None: return active
     b = SparkSession.builder.appName("ncf-preprocess")
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not launched by spark-submit: a local session on this machine
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        b = b.master(master or "local[*]").config("spark.driver.memory", os.environ.get("NCF_SPARK_DRIVER_MEMORY", "4g"))
+        b = (b.master(master or "local[*]").config("spark.driver.memory", os.environ.get("NCF_SPARK_DRIVER_MEMORY", "4g"))
+              .config("spark.sql.shuffle.partitions", 4*(os.cpu_count() or 1)))  # 200 tiny tasks per shuffle do not pay on one machine
     for k, v in {**SETTINGS, **(conf or {})}.items(): b = b.config(k, str(v))
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("NCF_SPARK_LOG_LEVEL", "ERROR"))
@@ -59,7 +60,7 @@ def to_pandas(df:DataFrame) -> pd.DataFrame:
     "A small Spark frame as pandas, through Arrow."
     with _quiet(): return df.toArrow().to_pandas()
 
-# %% ../nbs/10_spark.ipynb #f615ee18
+# %% ../nbs/10_spark.ipynb #37877af2
 def is_remote(uri) -> bool:
     "Whether `uri` has a scheme other than `file://` (`s3://`, `hdfs://`, ...)."
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(uri))) and not str(uri).startswith("file://")
@@ -80,19 +81,36 @@ def _listdir(spark, uri) -> list[tuple[str, bool]]:
     fs, p = _hadoop(spark, uri)
     return [(s.getPath().getName(), s.isDirectory()) for s in fs.listStatus(p)]
 
+def _exists(spark, uri) -> bool:
+    if not is_remote(uri): return Path(uri).exists()
+    fs, p = _hadoop(spark, uri); return fs.exists(p)
+
 def _delete(spark, uri):
     fs, p = _hadoop(spark, uri)
     if fs.exists(p): fs.delete(p, True)
+
+def _fetch(spark, uri, local:Path) -> Path:
+    "Copy a remote file or directory to `local`."
+    fs, p = _hadoop(spark, uri)
+    fs.copyToLocalFile(False, p, spark.sparkContext._jvm.org.apache.hadoop.fs.Path(str(local)), True)
+    return local
+
+def _put(spark, local:Path, uri):
+    "Copy a local file to a remote URI."
+    fs, p = _hadoop(spark, uri)
+    fs.copyFromLocalFile(False, True, spark.sparkContext._jvm.org.apache.hadoop.fs.Path(str(local)), p)
+
+def _join(uri, *parts) -> str:
+    "Join path parts onto a local path or a remote URI (any scheme)."
+    return "/".join([str(uri).rstrip("/"), *map(str, parts)]) if is_remote(uri) else str(Path(uri, *map(str, parts)))
 
 @contextlib.contextmanager
 def _head(spark, uri, nbytes:int=1<<20):
     "A local file for the pandas helpers: `uri` itself, or a copy of a remote file's first whole lines."
     if not is_remote(uri): yield Path(uri); return
     fs, p = _hadoop(spark, uri)
-    jvm, stream, buf = spark.sparkContext._jvm, fs.open(p), bytearray()
-    try:
-        chunk = spark.sparkContext._gateway.new_array(jvm.byte, 1 << 16)
-        while len(buf) < nbytes and (n := stream.read(chunk)) > 0: buf += bytes(chunk)[:n]
+    stream = fs.open(p)
+    try: buf = bytes(stream.readNBytes(nbytes))  # a returned byte[] arrives as bytes
     finally: stream.close()
     if len(buf) >= nbytes: buf = buf[:buf.rfind(b"\n") + 1]
     with tempfile.TemporaryDirectory(prefix="ncf-head-") as d:
@@ -174,18 +192,18 @@ def parquet_source(spark, path, cols:Columns=Columns()) -> Source:
     except Exception as e: src.error = DataError(f"{path}: not a readable Parquet file: {e}")
     return src
 
-# %% ../nbs/10_spark.ipynb #6ba0d3a5
+# %% ../nbs/10_spark.ipynb #b771ff48
 def _remote_partitions(spark, root) -> dict[str, str]:
     out = {}
     for name, is_dir in sorted(_listdir(spark, root)):
         if not (is_dir and name.startswith("dt=")): continue
-        try: out[dt.date.fromisoformat(name[3:]).isoformat()] = storage.join(root, name)
-        except ValueError: raise DataError(f"{storage.join(root, name)}: partition name is not dt=YYYY-MM-DD") from None
+        try: out[dt.date.fromisoformat(name[3:]).isoformat()] = _join(root, name)
+        except ValueError: raise DataError(f"{_join(root, name)}: partition name is not dt=YYYY-MM-DD") from None
     return out
 
 def _files_of(spark, part) -> list[str]:
     if not is_remote(part): return [str(f) for f in _data_files(Path(part))]
-    return [storage.join(part, n) for n, d in sorted(_listdir(spark, part))
+    return [_join(part, n) for n, d in sorted(_listdir(spark, part))
             if not d and not n.startswith((".", "_")) and Path(n).suffix in (".parquet", ".csv", ".tsv")]
 
 def partitioned_sources(spark, root, cols:Columns=Columns(), days:int|None=None, end:str|None=None) -> list[Source]:
@@ -195,16 +213,14 @@ def partitioned_sources(spark, root, cols:Columns=Columns(), days:int|None=None,
     if not files: raise DataError(f"{root}: the selected partitions hold no data files")
     return [parquet_source(spark, f, cols) if f.endswith(".parquet") else text_source(spark, f, "csv", cols) for f in files]
 
-def item_metadata(path, items=None) -> pd.DataFrame|None:
+def item_metadata(spark, path, items=None) -> pd.DataFrame|None:
     "The item catalogue the pandas reader would attach: `items` if given, else the one beside a directory input."
     where = items if items is not None else path
-    if is_remote(where):
-        if items is None:  # a remote directory: is there a catalogue in it?
-            where = next((storage.join(path, n) for n in ("items.parquet", "items.csv", "items.tsv")
-                          if storage.exists(storage.join(path, n))), None)
-            if where is None: return None
-        with storage.local_copy(where) as p: return read_item_metadata(p)
-    return read_item_metadata(where) if items is not None or Path(where).is_dir() else None
+    if not is_remote(where): return read_item_metadata(where) if items is not None or Path(where).is_dir() else None
+    if items is None:  # a remote directory: is there a catalogue in it?
+        where = next((u for n in ("items.parquet", "items.csv", "items.tsv") if _exists(spark, u := _join(path, n))), None)
+        if where is None: return None
+    with tempfile.TemporaryDirectory(prefix="ncf-items-") as d: return read_item_metadata(_fetch(spark, where, Path(d)/Path(where).name))
 
 # %% ../nbs/10_spark.ipynb #7ad99555
 def _ids(c, dtype):
@@ -333,7 +349,7 @@ def check(spark, srcs:list[Source], prof:dict[str, dict]):
                 f, r = hits[0]
                 fail(spark, src, _spark_message(src, flag, _spark_path(f) if not is_remote(f) else f, r[f"{flag}_example"]))
 
-# %% ../nbs/10_spark.ipynb #f58016f6
+# %% ../nbs/10_spark.ipynb #f9a7356f
 @dataclass
 class SparkInteractions:
     "Validated interactions as a Spark frame (`user, item, timestamp, rating, event`), and where they came from."
@@ -374,9 +390,9 @@ def read_spark(spark, path, format:str, cols:Columns=Columns(), days:int|None=No
     c = srcs[0].cols
     present = ("user", "item", "timestamp") + tuple(k for k in ("rating", "event") if getattr(c, k))
     return SparkInteractions(df, format, [s.path for s in srcs], sum(r["rows"] for r in prof.values()), present,
-                             item_metadata(path, items), implicit)
+                             item_metadata(spark, path, items), implicit)
 
-# %% ../nbs/10_spark.ipynb #23d752a3
+# %% ../nbs/10_spark.ipynb #c6fe7b0d
 def deduplicate(df:DataFrame) -> DataFrame:
     "One row per (user, item): the earliest timestamp."
     return df.groupBy("user", "item").agg(F.min("timestamp").alias("timestamp"))
@@ -385,22 +401,22 @@ def min_count_filter(df:DataFrame, p:PreprocessParams, stats:dict, keep:list) ->
     "The rows kept by the minimum-interaction filters, iterated to a fixed point; their number of items; the rows given."
     dropped = dict(users_too_few_interactions=0, items_too_few_interactions=0, users_too_few_negatives=0)
     few_u, few_i = F.col("n") < p.min_user_interactions, F.col("n") < p.min_item_interactions
-    given = 0
-    while True:  # each round is one Spark job; its user and item counts are cached (in `keep`) for the drops
+    df = df.persist(); keep.append(df)
+    given = df.count()  # computed once here, not by each of the concurrent stages below
+    while True:  # one Spark job per round; its user and item counts are cached (in `keep`) for the drops
         uc = df.groupBy("user").agg(F.count(F.lit(1)).alias("n")).persist(); keep.append(uc)
         ic = df.groupBy("item").agg(F.count(F.lit(1)).alias("n")).persist(); keep.append(ic)
         items = ic.agg(F.count(F.lit(1)).alias("n_items"), F.count_if(few_i).alias("few_i"))
         no_neg = ~few_u & (F.col("n_items") - F.col("n") < p.num_negatives)
-        r = uc.crossJoin(items).agg(F.first("n_items"), F.first("few_i"), F.count_if(few_u), F.count_if(no_neg), F.sum("n")).first()
-        n_items, n_few_i, n_few_u, n_no_neg, n_rows = (v or 0 for v in r)
-        given = given or n_rows
+        r = uc.crossJoin(F.broadcast(items)).agg(F.first("n_items"), F.first("few_i"), F.count_if(few_u), F.count_if(no_neg)).first()
+        n_items, n_few_i, n_few_u, n_no_neg = (v or 0 for v in r)
         no_neg = ~few_u & (F.lit(n_items) - F.col("n") < p.num_negatives)
         if not (n_few_u or n_no_neg or n_few_i): break
         dropped["users_too_few_interactions"] += n_few_u; dropped["users_too_few_negatives"] += n_no_neg
         dropped["items_too_few_interactions"] += n_few_i
         df = (df.join(uc.filter(few_u | no_neg).select("user"), "user", "left_anti")
                 .join(ic.filter(few_i).select("item"), "item", "left_anti").persist())
-        keep.append(df)
+        keep.append(df); df.count()
     stats.update(dropped)
     return df, n_items, given
 
@@ -456,7 +472,7 @@ def negatives(rows:DataFrame, n_items:int, p:PreprocessParams, stream:str, batch
         return sample_negatives(np.unique(u), u, b.item.to_numpy(np.int64), n_items, k, seed, sid)
     with _quiet(): return rows.select("user", "item").mapInPandas(by_whole_users(draw, batch_rows), "user int, item int")
 
-# %% ../nbs/10_spark.ipynb #b540c46e
+# %% ../nbs/10_spark.ipynb #837af194
 def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
     "Item metadata merged onto the item index, as `ncf.preprocess.preprocess_frame` merges it."
     if meta is None: return items
@@ -473,9 +489,8 @@ def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int
     df = data.df
     if p.rating_threshold is not None: df = df.filter(F.col("rating") >= p.rating_threshold)
     if p.events is not None: df = df.filter(F.col("event").isin(list(p.events)))
-    df = deduplicate(df).persist(); keep.append(df)
-    stats["duplicates"] = None  # known after the first round of the filters, which counts the deduplicated rows
-    df, n_items, n_unique = min_count_filter(df, p, stats, keep)
+    stats["duplicates"] = None  # counted by the filters, which count the deduplicated rows first
+    df, n_items, n_unique = min_count_filter(deduplicate(df), p, stats, keep)
     stats["duplicates"] = data.rows - stats["below_rating_threshold"] - stats["other_events"] - n_unique; lap("filtered")
     if n_items == 0: raise DataError(f"no interactions left after filtering ({json.dumps(stats)}); relax the filters")
     users = dense_index(df.select("user").distinct(), "user", keep)
@@ -495,28 +510,30 @@ def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int
     tables["users"] = users.select("user", "user_id")
     return tables, stats
 
-# %% ../nbs/10_spark.ipynb #3e6b1fe5
-def _read_back(where, name:str) -> pd.DataFrame|None:
-    uri = storage.join(where, f"{name}.parquet")
-    if not storage.exists(uri): return None
-    with storage.local_copy(uri) as p: return pd.read_parquet(p)
-
+# %% ../nbs/10_spark.ipynb #73240487
 def write_tables(spark, tables:dict, dest:str, manifest:dict) -> dict:
     "Write the tables (Spark frames, or pandas for small ones) and `manifest.json` to partition `dest`; return the manifest."
-    with storage.staging_dir(dest) as tmp:
-        stage = dest if is_remote(dest) else str(tmp)
-        if is_remote(dest): _delete(spark, dest)
+    remote = is_remote(dest)
+    with (tempfile.TemporaryDirectory(prefix="ncf-partition-") if remote else storage.staging_dir(dest)) as tmp:
+        tmp = Path(tmp); stage = dest if remote else str(tmp)
+        if remote: _delete(spark, dest)
         for name, t in tables.items():
             if isinstance(t, pd.DataFrame): t.to_parquet(tmp/f"{name}.parquet", index=False)
-            else: t.write.mode("overwrite").parquet(storage.join(stage, f"{name}.parquet"))
-        back = {n: _read_back(tmp if isinstance(tables[n], pd.DataFrame) else stage, n) for n in TABLES if n in tables}
-        manifest = {**manifest, "data_version": data_version(back), "counts": counts(back),
+            else: t.write.mode("overwrite").parquet(_join(stage, f"{name}.parquet"))
+        def back(n):
+            local = tmp/f"{n}.parquet"
+            if remote and not isinstance(tables[n], pd.DataFrame): local = _fetch(spark, _join(dest, f"{n}.parquet"), tmp/"back"/f"{n}.parquet")
+            return pd.read_parquet(local)
+        written = {n: back(n) for n in TABLES if n in tables}
+        manifest = {**manifest, "data_version": data_version(written), "counts": counts(written),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "format_version": 1}
         write_json(tmp/MANIFEST, manifest)
-        storage.publish_dir(tmp, dest)
+        if not remote: storage.publish_dir(tmp, dest)
+        else:
+            for n in [f"{n}.parquet" for n, t in tables.items() if isinstance(t, pd.DataFrame)] + [MANIFEST]: _put(spark, tmp/n, _join(dest, n))
     return manifest
 
-# %% ../nbs/10_spark.ipynb #f15f2799
+# %% ../nbs/10_spark.ipynb #606d9ac5
 def _relative(f:str, root) -> str:
     if is_remote(root): return f[len(str(root).rstrip("/")) + 1:] if f.startswith(str(root).rstrip("/") + "/") else f.rsplit("/", 1)[-1]
     return str(Path(f).relative_to(root)) if Path(root).is_dir() else Path(f).name
@@ -529,6 +546,7 @@ def preprocess_spark(src, out, params:PreprocessParams=PreprocessParams(), forma
     "Read `src` with Spark, preprocess, write partition `OUT/dt=...`; return its manifest (with `path` and `seconds`)."
     t0 = time.perf_counter()
     dest = partition_uri(out, run_date, run_id)
+    if is_remote(out): dest = _join(out, Path(dest).name)  # `storage.join` knows s3:// only
     if format not in ("auto", *FORMATS): raise ConfigError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if format == "auto" and is_remote(src): raise ConfigError(f"{src}: pass --format for a remote input (auto-detection looks at local files)")
     fmt = detect_format(src) if format == "auto" else format

@@ -265,6 +265,22 @@ def test_swap_under_concurrent_load(models, recs, tmp_path):
     assert versions[0] == a.version and b.version in versions and versions[-1] == a.version
 
 
+def test_several_workers_serve_but_refuse_swaps(models, recs):
+    proc = launch(models["a"], port=0, workers=2)
+    try:
+        with httpx.Client(base_url=proc.url, timeout=30) as c:
+            rec = recs["a"]
+            for i in range(20):   # spread over both workers
+                r = c.post("/invocations", json={"user": rec.users.ids[i], "item": rec.items.ids[:5]})
+                assert r.status_code == 200 and r.json() == rec.rank(rec.users.ids[i], rec.items.ids[:5])
+            check_error(c.post("/admin/model", json={"model_dir": str(models["b"])}), 409, "--workers 1")
+            assert current_version(proc.url) == rec.version
+    finally:
+        proc.terminate(); proc.wait(timeout=30)
+    time.sleep(0.5)
+    assert current_version(proc.url) is None   # terminate() stops the workers too
+
+
 # -- lifecycle helpers ------------------------------------------------------------------------------
 
 def test_a_model_that_fails_to_load_never_serves(models, tmp_path):

@@ -128,6 +128,28 @@ def test_movielens_text_read_parity(spark, tmp_path, fmt):
     assert got.rows == n and got.format == fmt and got.files == [str(src)]
 
 
+def test_remote_code_path(spark, shop, shop_ref, tmp_path, monkeypatch):
+    """The remote path, as on EMR with s3:// (listing, catalogue, writing in place, read-back, manifest last, all
+    through Hadoop's FileSystem), taken here with file:// URIs."""
+    monkeypatch.setattr(ncf.spark, "is_remote", lambda uri: str(uri).startswith("file://"))
+    src, out = f"file://{shop/'raw'}", f"file://{tmp_path/'out'}"
+    got = preprocess_spark(src, out, format="partitioned", run_date="2026-02-01", spark=spark, partitions=2)
+    assert got["path"] == f"{out}/dt=2026-02-01" and got["source"]["uri"] == src
+    same({**got, "path": tmp_path/"out"/"dt=2026-02-01", "source": {**got["source"], "uri": shop_ref["source"]["uri"]}}, shop_ref)
+    with pytest.raises(ConfigError, match="pass --format"): preprocess_spark(src, out, spark=spark)
+
+
+def test_remote_text_head(spark, tmp_path, monkeypatch):
+    "A remote text file is sniffed from its first lines; errors name the URI, not the local copy."
+    monkeypatch.setattr(ncf.spark, "is_remote", lambda uri: str(uri).startswith("file://"))
+    (tmp_path/"log.csv").write_text("user_id;item_id;timestamp\n" + "1;2;3\n"*50000)
+    src = ncf.spark.text_source(spark, f"file://{tmp_path/'log.csv'}", "csv")
+    assert (src.sep, src.header, src.names, src.error) == (";", True, ["user_id", "item_id", "timestamp"], None)
+    (tmp_path/"bad.csv").write_text("user_id,item_id,timestamp\n1,2,3\n1\t2\t3\n")
+    src = ncf.spark.text_source(spark, f"file://{tmp_path/'bad.csv'}", "csv")
+    assert str(src.error).startswith(f"file://{tmp_path/'bad.csv'}: line 3: mixed separators")
+
+
 # ---- bad input --------------------------------------------------------------------------------------
 
 def messages(path, spark, fmt="auto", cols=Columns(), params=PreprocessParams(), tmp=None):
