@@ -40,24 +40,30 @@ class Interactions:
     def __len__(self): return len(self.df)
     def source(self) -> dict: return {"format": self.format, "files": self.files, "rows": len(self.df)}
 
-# %% ../nbs/03_readers.ipynb #10bbf6f0
+# %% ../nbs/03_readers.ipynb #8cbd3c5b
 def _first_bad(raw:pd.Series, parsed:pd.Series):
     bad = parsed.isna() & raw.notna()
     return None if not bad.any() else int(np.flatnonzero(bad.to_numpy())[0])
+
+def _show(v) -> str: return repr(v) if isinstance(v, str) else str(v)
 
 def _where(path, pos:int, line_of) -> str:
     return f"{path}: line {line_of(pos)}" if line_of else f"{path}: row {pos}"
 
 def to_timestamps(raw:pd.Series, path, line_of=None, allow_dates:bool=False) -> pd.Series:
     "Unix seconds as int64 from numbers (or, with `allow_dates`, ISO-8601 datetimes)."
+    if pd.api.types.is_datetime64_any_dtype(raw):  # a typed datetime column (Parquet): convert, don't reinterpret
+        when = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw
+        raw = ((when - pd.Timestamp(0, tz="UTC"))//pd.Timedelta(seconds=1)).rename(raw.name)
     num = pd.to_numeric(raw, errors="coerce")
+    num = num.where(np.isfinite(num.astype(np.float64)) if len(num) else num)  # inf is not a time
     if allow_dates and num.isna().any() and raw.notna().any():
         rest = raw.where(num.isna())
         when = pd.to_datetime(rest, errors="coerce", utc=True, format="ISO8601")
         num = num.fillna((when - pd.Timestamp(0, tz="UTC"))//pd.Timedelta(seconds=1))
     if (bad := _first_bad(raw, num)) is not None:
-        accepted = "a number (Unix seconds) or an ISO-8601 datetime" if allow_dates else "a number (Unix seconds)"
-        raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': timestamp {raw.iloc[bad]!r} is not {accepted}")
+        accepted = "a finite number (Unix seconds) or an ISO-8601 datetime" if allow_dates else "a finite number (Unix seconds)"
+        raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': timestamp {_show(raw.iloc[bad])} is not {accepted}")
     if num.isna().any():
         raise DataError(f"{_where(path, int(np.flatnonzero(num.isna())[0]), line_of)}: column '{raw.name}' is empty")
     return num.astype(np.int64)
@@ -65,7 +71,7 @@ def to_timestamps(raw:pd.Series, path, line_of=None, allow_dates:bool=False) -> 
 def to_numbers(raw:pd.Series, path, line_of=None, what:str="rating") -> pd.Series:
     num = pd.to_numeric(raw, errors="coerce")
     if (bad := _first_bad(raw, num)) is not None:
-        raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': {what} {raw.iloc[bad]!r} is not a number")
+        raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': {what} {_show(raw.iloc[bad])} is not a number")
     return num.astype(np.float32)
 
 def to_ids(raw:pd.Series, path, line_of=None) -> pd.Series:
@@ -208,7 +214,7 @@ def read_paper(path) -> PaperFiles:
             rows.append((int(m.group(1)), int(m.group(2)), [int(n) for n in negs]))
     return PaperFiles(train, test, pd.DataFrame(rows, columns=["user", "item", "negatives"]))
 
-# %% ../nbs/03_readers.ipynb #469510fb
+# %% ../nbs/03_readers.ipynb #df8b8521
 def partitions(root) -> dict[str, Path]:
     "The `dt=YYYY-MM-DD` partitions under `root`, by date."
     out = {}
@@ -238,7 +244,10 @@ def read_partitioned(root, cols:Columns=Columns(), days:int|None=None, end:str|N
             one = read_parquet_log(f, cols) if f.suffix == ".parquet" else read_csv_log(f, cols)
             frames.append(one.df); files.append(str(f))
     if not frames: raise DataError(f"{root}: the selected partitions hold no data files")
-    return Interactions(pd.concat(frames, ignore_index=True), "partitioned", files, read_item_metadata(root))
+    df = pd.concat(frames, ignore_index=True)
+    for c in ("user", "item"):  # integer ids in one file and strings in another: compare them all as strings
+        if len({f[c].dtype.kind for f in frames}) > 1: df[c] = df[c].astype(str)
+    return Interactions(df, "partitioned", files, read_item_metadata(root))
 
 def read_item_metadata(path, item_col:str="item_id") -> pd.DataFrame|None:
     "Item metadata from a file, or from `items.parquet`/`items.csv`/`items.tsv` in a directory; None if absent."

@@ -245,6 +245,6 @@ def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log
     why = f"exited with status {rc}" if rc is not None else f"did not answer {url}/ping within {timeout:g} s"
     raise NCFError(f"ncf_serve on {model_dir} {why}: " + (" | ".join(tail) or "no output"))
 
-# %% ../nbs/12_serve.ipynb #59a31da4
+# %% ../nbs/12_serve.ipynb #a3ddee54
 #| eval: false
 if __name__ == "__main__": sys.exit(main())

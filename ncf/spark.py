@@ -298,7 +298,7 @@ def parse_parquet(spark, srcs:list[Source]) -> DataFrame:
     fields = {n: (raw[f"`{n}`"], types[n]) for n in srcs[0].cols.mapping()}
     return parsed(raw, srcs[0], fields, dict(_row=F.col("_metadata.row_index"), more_fields=F.lit(False), missing_field=F.lit(False)))
 
-# %% ../nbs/10_spark.ipynb #6fa0630a
+# %% ../nbs/10_spark.ipynb #7e4dc118
 REREAD_BYTES = 1 << 30
 
 def _example(f:str):
@@ -321,7 +321,7 @@ def profile(df:DataFrame, p:PreprocessParams|None=None) -> dict[str, dict]:
 def _spark_message(src:Source, flag:str, file:str, example:dict) -> str:
     c, v, row = src.cols, example["value"], example["row"]
     at = f"{file}: row {row}" if src.kind == "parquet" else f"{file}: line unknown (Spark does not number lines)"
-    accepted = "a number (Unix seconds) or an ISO-8601 datetime" if src.allow_dates else "a number (Unix seconds)"
+    accepted = "a finite number (Unix seconds) or an ISO-8601 datetime" if src.allow_dates else "a finite number (Unix seconds)"
     return at + ": " + {
         "more_fields": f"expected {len(src.names)} fields, saw more (mixed separators?): {v!r}",
         "missing_field": f"expected {len(src.names)} fields separated by {SEPARATORS.get(src.sep, src.sep)}, found fewer (mixed separators?): {v!r}",

@@ -208,7 +208,7 @@ def test_spark_message_without_reread(spark, tmp_path, monkeypatch):
     "Inputs too large (or too remote) to re-read with pandas get Spark's message: same fault, Parquet row, no text line."
     monkeypatch.setattr(ncf.spark, "REREAD_BYTES", 0)
     (tmp_path/"bad.csv").write_text("user_id,item_id,timestamp\n1,2,3\n1,3,soon\n")
-    with pytest.raises(DataError, match=r"bad.csv: line unknown .*column 'timestamp': timestamp 'soon' is not a number"):
+    with pytest.raises(DataError, match=r"bad.csv: line unknown .*column 'timestamp': timestamp 'soon' is not a finite number"):
         preprocess_spark(tmp_path/"bad.csv", tmp_path/"out", spark=spark, run_id="x")
     pd.DataFrame({"user_id": [1, 2, 3], "item_id": ["a", "b", "c"], "timestamp": ["1", "2", "later"]}).to_parquet(tmp_path/"t.parquet")
     with pytest.raises(DataError, match=r"t.parquet: row 2: column 'timestamp': timestamp 'later' is not"):
