@@ -1,0 +1,118 @@
+"""Readers and preprocessing: every format, split invariants (hypothesis), atomic and deterministic output, S3 under moto."""
+import json, os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ncf.core import DataError
+from ncf.dataset import load_splits, read_tables
+from ncf.preprocess import PreprocessParams, preprocess, split_by_time, tie_key
+from ncf.readers import Columns, read_interactions
+
+
+def test_ml100k_defaults(ml100k, tmp_path):
+    m = preprocess(ml100k, tmp_path, run_id="t")
+    c = m["counts"]
+    assert (c["n_users"], c["n_items"], c["test"], c["validation"], c["train"]) == (943, 1682, 943, 943, 98114)
+    s = load_splits(m["path"])
+    for held in (s.validation, s.test):
+        assert held.negatives.shape == (943, 99)
+        assert all(len(set(row)) == 99 for row in held.negatives.tolist())
+        everything = set(zip(s.train_users, s.train_items)) | set(zip(s.validation.users, s.validation.items)) | set(zip(s.test.users, s.test.items))
+        assert not any((u, i) in everything for u, row in zip(held.users, held.negatives) for i in row)
+
+
+def test_paper_format(tmp_path):
+    (tmp_path / "x.train.rating").write_text("0\t0\t5\t10\n0\t1\t4\t20\n0\t2\t4\t25\n1\t1\t3\t30\n1\t2\t3\t31\n1\t3\t3\t32\n")
+    (tmp_path / "x.test.rating").write_text("0\t3\t5\t40\n1\t0\t2\t50\n")
+    negs = {0: [4, 5, 6], 1: [4, 5, 7]}
+    (tmp_path / "x.test.negative").write_text("".join(f"({u},{t})\t" + "\t".join(map(str, negs[u])) + "\n" for u, t in ((0, 3), (1, 0))))
+    m = preprocess(tmp_path / "x.train.rating", tmp_path / "out", PreprocessParams(num_negatives=3), run_id="p")
+    s = load_splits(m["path"])
+    assert s.test.items.tolist() == [3, 0]                      # the paper's test rows, kept exactly
+    assert s.test.negatives.tolist() == [negs[0], negs[1]]      # and its negatives
+    assert s.validation.items.tolist() == [2, 3]                # validation: each user's last training row
+
+
+def test_parquet_and_string_ids(tmp_path):
+    df = pd.DataFrame({"customer": ["a", "a", "b"], "sku": ["X-1", "X-2", "X-1"], "ts": [1, 2, 3], "event": ["view", "cart", "view"]})
+    df.to_parquet(tmp_path / "log.parquet")
+    got = read_interactions(tmp_path / "log.parquet", cols=Columns(user="customer", item="sku", timestamp="ts", event="event"))
+    assert got.df.user.tolist() == ["a", "a", "b"] and got.df.event.tolist() == ["view", "cart", "view"]
+    pd.DataFrame({"user_id": [1]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet: missing column\(s\) \['item_id', 'timestamp'\]"):
+        read_interactions(tmp_path / "bad.parquet")
+
+
+def test_ambiguous_format_is_refused(tmp_path):
+    (tmp_path / "u.data").write_text("1\t2\t3\t4\n"); (tmp_path / "ratings.dat").write_text("1::2::3::4\n")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        read_interactions(tmp_path)
+
+
+@st.composite
+def logs(draw):
+    n = draw(st.integers(1, 60))
+    users = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    items = draw(st.lists(st.integers(0, 9), min_size=n, max_size=n))
+    ts = draw(st.lists(st.integers(0, 4), min_size=n, max_size=n))   # few timestamps: many ties
+    return pd.DataFrame({"user": users, "item": items, "timestamp": ts}).drop_duplicates(["user", "item"], ignore_index=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs(), st.booleans())
+def test_split_invariants(df, validation):
+    out = split_by_time(df, validation)
+    parts = [out["train"], out["test"]] + ([out["validation"]] if validation else [])
+    both = pd.concat(parts)
+    assert len(both) == len(df) and set(map(tuple, both.values)) == set(map(tuple, df.values))   # a partition of the rows
+    assert out["test"].user.is_unique and set(out["test"].user) == set(df.user)                   # one test row per user
+    key = lambda r: (int(r["timestamp"]), int(tie_key(r["user"], r["item"])))
+    for u, rows in df.groupby("user"):
+        t = out["test"][out["test"].user == u].iloc[0]
+        assert all(key(t) >= key(r) for _, r in rows.iterrows())                                  # the last by time, tie-broken
+        if validation and len(rows) > 1:
+            v = out["validation"][out["validation"].user == u].iloc[0]
+            rest = out["train"][out["train"].user == u]
+            assert key(v) <= key(t) and all(key(v) >= key(r) for _, r in rest.iterrows())
+
+
+def test_deterministic_and_atomic(tmp_path, monkeypatch):
+    from ncf.synthetic import SyntheticSpec, write_days
+    write_days(SyntheticSpec(n_users=150, n_items=200), tmp_path / "raw", 20)
+    a = preprocess(tmp_path / "raw", tmp_path / "out", run_date="2026-02-01")
+    b = preprocess(tmp_path / "raw", tmp_path / "again", run_date="2026-02-01")
+    assert a["data_version"] == b["data_version"]
+    ta, tb = read_tables(a["path"]), read_tables(b["path"])
+    assert all(ta[k].equals(tb[k]) for k in ta)
+    # a crash while writing leaves the earlier partition complete and nothing half-written
+    import ncf.preprocess as pp
+    def boom(*args, **kw): raise OSError("disk full")
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
+    with pytest.raises(OSError):
+        preprocess(tmp_path / "raw", tmp_path / "out", PreprocessParams(seed=7), run_date="2026-02-01")
+    monkeypatch.undo()
+    assert json.loads((Path(a["path"]) / "manifest.json").read_text())["data_version"] == a["data_version"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dt=2026-02-01"]
+
+
+def test_s3_round_trip(tmp_path, monkeypatch):
+    moto = pytest.importorskip("moto")
+    import boto3
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    from ncf.synthetic import SyntheticSpec, write_days
+    write_days(SyntheticSpec(n_users=150, n_items=300), tmp_path / "raw", 20)
+    local = preprocess(tmp_path / "raw", tmp_path / "local", run_date="2026-02-01")
+    with moto.mock_aws():
+        s3 = boto3.client("s3"); s3.create_bucket(Bucket="shop")
+        for f in (tmp_path / "raw").rglob("*"):
+            if f.is_file(): s3.upload_file(str(f), "shop", f"raw/{f.relative_to(tmp_path / 'raw').as_posix()}")
+        remote = preprocess("s3://shop/raw", "s3://shop/data", run_date="2026-02-01")
+        assert remote["path"] == "s3://shop/data/dt=2026-02-01" and remote["data_version"] == local["data_version"]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="shop", Prefix="data/")["Contents"]]
+        assert "data/dt=2026-02-01/manifest.json" in keys and len(keys) == 8
+        assert load_splits("s3://shop/data/dt=2026-02-01").data_version == local["data_version"]
