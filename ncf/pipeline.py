@@ -283,7 +283,7 @@ def run_local(params:PipelineParams|None=None, registry=None, log=print) -> RunR
                                         "steps": [asdict(r) for r in run.records]})
     return RunResult(run.run_id, run.dir, run.records, bool(run.state.get("passed")), run.state.get("version"))
 
-# %% ../nbs/16_pipeline.ipynb #db6b837a
+# %% ../nbs/16_pipeline.ipynb #b4e75d30
 def _value(s:str):
     for t in (int, float):
         try: return t(s)
@@ -348,11 +348,8 @@ def main(argv=None) -> int:
     return 0
 
 def _registry(params:PipelineParams, local:bool):
-    if local:
-        from ncf.registry import LocalRegistry
-        return LocalRegistry(Path(params.work_dir)/"registry")
-    from ncf.sagemaker import SageMakerRegistry
-    return SageMakerRegistry(params.endpoint_name, instance_type=params.endpoint_instance_type)
+    from ncf.reports import open_registry
+    return open_registry("local" if local else "sagemaker", params.work_dir, params.endpoint_name, params.endpoint_instance_type)
 
 # %% ../nbs/16_pipeline.ipynb #ce4726b5
 #| eval: false

@@ -136,14 +136,14 @@ def verdict(report:RunReport) -> str:
     v = f" -> registered as v{report.registered['version']} [{report.registered['status']}]" if report.registered else ""
     return ("APPROVED" if g["passed"] else "REJECTED") + ": " + "; ".join(g["reasons"]) + v
 
-# %% ../nbs/20_reports.ipynb #80d531a6
-def open_registry(backend:str="local", work_dir=".demo", endpoint_name:str="ncf"):
+# %% ../nbs/20_reports.ipynb #324911d5
+def open_registry(backend:str="local", work_dir=".demo", endpoint_name:str="ncf", instance_type:str="ml.m5.large"):
     "The model registry of a backend: the local one in `WORK/registry`, or SageMaker's."
     if check_backend(backend) == "local":
         from ncf.registry import LocalRegistry
         return LocalRegistry(Path(work_dir)/"registry")
     from ncf.sagemaker import SageMakerRegistry
-    return SageMakerRegistry(endpoint_name)
+    return SageMakerRegistry(endpoint_name, instance_type=instance_type)
 
 def registry_table(registry, group:str="ncf") -> pd.DataFrame:
     "Every version of a model group, with its test metrics; `production` marks the one that serves."
