@@ -37,13 +37,14 @@ def data_version(tables:dict[str, pd.DataFrame]) -> str:
         if name in tables and tables[name] is not None: h.update(name.encode()); table_digest(tables[name], h)
     return h.hexdigest()
 
-# %% ../nbs/04_dataset.ipynb #8f586d1d
+# %% ../nbs/04_dataset.ipynb #2a2fca45
 @dataclass
 class HeldOut:
     "One held-out row per user: the positive item and its sampled negatives."
     users:np.ndarray      # (n,) int64
     items:np.ndarray      # (n,) int64, the held-out positives
     negatives:np.ndarray  # (n, k) int64
+    times:np.ndarray|None=None  # (n,) int64 timestamps, when the table has them
     def __len__(self): return len(self.users)
     def candidates(self) -> np.ndarray:
         "`(n, 1+k)` items to rank: the positive first, then its negatives."
@@ -61,6 +62,7 @@ class Splits:
     users:pd.DataFrame     # user, user_id
     items:pd.DataFrame     # item, item_id, train_count, metadata...
     manifest:dict
+    train_times:np.ndarray|None=None   # timestamps of the training interactions, when the table has them
     @property
     def data_version(self) -> str: return self.manifest["data_version"]
 
@@ -73,9 +75,10 @@ def held_out(rows:pd.DataFrame, negatives:pd.DataFrame, path) -> HeldOut:
         raise DataError(f"{path}: negatives do not cover exactly the held-out users")
     if counts.nunique() != 1: raise DataError(f"{path}: held-out rows have different numbers of negatives")
     return HeldOut(rows.user.to_numpy(np.int64), rows.item.to_numpy(np.int64),
-                   negs.item.to_numpy(np.int64).reshape(len(rows), int(counts.iloc[0])))
+                   negs.item.to_numpy(np.int64).reshape(len(rows), int(counts.iloc[0])),
+                   rows.timestamp.to_numpy(np.int64) if "timestamp" in rows else None)
 
-# %% ../nbs/04_dataset.ipynb #8871d8bc
+# %% ../nbs/04_dataset.ipynb #0584c84d
 def read_tables(path) -> dict[str, pd.DataFrame]:
     "Every table of a local partition directory, by name (validation tables may be absent)."
     path = Path(path)
@@ -91,4 +94,5 @@ def load_splits(path) -> Splits:
     val = held_out(t["validation"], t["validation_negatives"], path) if "validation" in t else None
     return Splits(t["train"].user.to_numpy(np.int64), t["train"].item.to_numpy(np.int64), val,
                   held_out(t["test"], t["test_negatives"], path), len(t["users"]), len(t["items"]),
-                  t["users"], t["items"], manifest)
+                  t["users"], t["items"], manifest,
+                  t["train"].timestamp.to_numpy(np.int64) if "timestamp" in t["train"] else None)

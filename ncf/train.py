@@ -16,12 +16,13 @@ from .metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_has_amx', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
-           'popularity_baseline', 'evaluate_full', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model',
-           'make_optimizer', 'TrainResult', 'train_epoch', 'refit_with_validation', 'train', 'final_metrics',
-           'save_model', 'parser', 'resolve_data', 'load_channels', 'main']
+__all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
+           'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint',
+           'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights',
+           'refit_with_validation', 'train', 'final_metrics', 'save_model', 'parser', 'resolve_data', 'load_channels',
+           'main']
 
-# %% ../nbs/09_train.ipynb #f3566d64
+# %% ../nbs/09_train.ipynb #5967c71b
 @dataclass(frozen=True)
 class TrainConfig:
     "Training hyperparameters and run options. Validated on construction."
@@ -37,7 +38,7 @@ class TrainConfig:
     weight_decay:float=0.0
     lr_scaling:str="none"        # none | sqrt | linear: scale lr by (batch_size/256)^p
     sparse:bool=False            # sparse embedding gradients (SparseAdam on embeddings): for large catalogues
-    precision:str="auto"         # auto (bf16 on AMX CPUs and GPUs) | bf16 | fp32
+    precision:str="auto"         # auto (bf16 on GPUs, AMX CPUs, and AVX-512 BF16 CPUs at batch_size >= 1024) | bf16 | fp32
     patience:int=0               # early stopping: stop after this many epochs without a better validation HR (0: off)
     seed:int=42
     device:str="auto"            # auto | cpu | cuda
@@ -47,6 +48,8 @@ class TrainConfig:
     alpha:float=0.5              # weight of GMF in the pre-trained NeuMF output layer
     full_ranking:bool=True       # also score the selected model by full ranking on the test set
     refit:bool=True              # after selection, retrain on train + validation for the selected epochs
+    recency_window:int=10        # each user's this many latest training interactions ...
+    recency_weight:float=8.0     # ... weigh this much in the loss (1: every positive weighs the same)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -66,6 +69,8 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         need(self.patience >= 0 and self.threads >= 0, "patience and threads must be >= 0")
         need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        need(isinstance(self.recency_window, int) and self.recency_window >= 0, f"recency_window must be >= 0, got {self.recency_window}")
+        need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")
         need((self.gmf_pretrain is None) == (self.mlp_pretrain is None), "NeuMF pre-training needs both gmf_pretrain and mlp_pretrain")
         need(self.gmf_pretrain is None or self.model == "NeuMF", "gmf_pretrain/mlp_pretrain apply to --model NeuMF only")
         need(not (self.sparse and self.weight_decay), "sparse embeddings do not support weight_decay")
@@ -75,11 +80,12 @@ class TrainConfig:
         p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
         return self.lr*(self.batch_size/256)**p
 
-# %% ../nbs/09_train.ipynb #1f6d9237
-def cpu_has_amx() -> bool:
-    "Whether this CPU has AMX bf16 tiles (where CPU bf16 autocast pays off)."
-    try: return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError: return False
+# %% ../nbs/09_train.ipynb #45da81dd
+def cpu_bf16() -> str|None:
+    "How this CPU computes in bf16 natively: `amx` (AMX tiles), `avx512` (AVX-512 BF16 dot products), or None."
+    try: flags = Path("/proc/cpuinfo").read_text()
+    except OSError: return None
+    return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else None
 
 def resolve_device(cfg:TrainConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available(): raise ConfigError("device cuda requested but no CUDA device is available")
@@ -88,10 +94,11 @@ def resolve_device(cfg:TrainConfig) -> torch.device:
 def autocast_dtype(cfg:TrainConfig, device:torch.device):
     "bfloat16 for autocast, or None for fp32."
     if cfg.precision == "fp32": return None
-    if cfg.precision == "bf16" or device.type == "cuda" or cpu_has_amx(): return torch.bfloat16
-    return None
+    if cfg.precision == "bf16" or device.type == "cuda": return torch.bfloat16
+    native = cpu_bf16()
+    return torch.bfloat16 if native == "amx" or (native == "avx512" and cfg.batch_size >= 1024) else None
 
-# %% ../nbs/09_train.ipynb #a8765bc4
+# %% ../nbs/09_train.ipynb #57d37d1a
 class NegativeSampler:
     "Draws `num_ng` negatives per training positive, never one of that user's training positives."
     def __init__(self, users:torch.Tensor, items:torch.Tensor, n_items:int):
@@ -116,7 +123,7 @@ class NegativeSampler:
             bad[idx] = self.is_positive(u[idx], items[idx])
         return u, items
 
-# %% ../nbs/09_train.ipynb #2521e325
+# %% ../nbs/09_train.ipynb #9a4623e7
 @torch.no_grad()
 def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk:int=8192) -> dict:
     "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol)."
@@ -157,7 +164,22 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
         for f in out: out[f] += m[f]*len(u)
     return {f: v/len(users) for f, v in out.items()} | {"k": k}
 
-# %% ../nbs/09_train.ipynb #fe285c3f
+# %% ../nbs/09_train.ipynb #065aadef
+def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, window:int, weight:float) -> np.ndarray|None:
+    "Loss weight of each training positive: `weight` for each user's `window` latest interactions, 1 for the rest; None when off."
+    if weight == 1 or window == 0: return None
+    if times is None: raise DataError("recency weighting needs the training timestamps, and this data set has none; pass --recency_weight 1")
+    from ncf.preprocess import tie_key
+    users = np.asarray(users); order = np.lexsort((tie_key(users, np.asarray(items)), np.asarray(times), users))
+    u = users[order]
+    start = np.r_[0, np.flatnonzero(np.diff(u)) + 1]                       # each user's first row, in time order
+    count = np.diff(np.r_[start, len(u)])
+    from_end = np.repeat(start + count, count) - 1 - np.arange(len(u))     # 0: the user's latest interaction
+    w = np.ones(len(u), dtype=np.float32)
+    w[order] = np.where(from_end < window, weight, 1.0)
+    return w
+
+# %% ../nbs/09_train.ipynb #40f8c076
 CHECKPOINT = "last.pt"
 
 def fingerprint(cfg:TrainConfig, data_version:str) -> str:
@@ -177,7 +199,7 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fp else None
 
-# %% ../nbs/09_train.ipynb #dc825e21
+# %% ../nbs/09_train.ipynb #f1a2f6df
 def build_model(cfg:TrainConfig, n_users:int, n_items:int) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP model directories."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
@@ -191,12 +213,12 @@ def build_model(cfg:TrainConfig, n_users:int, n_items:int) -> NCF:
     return neumf_from_pretrained(gmf, mlp, cfg.alpha, cfg.dropout, sparse=cfg.sparse)
 
 def make_optimizer(model:NCF, cfg:TrainConfig):
-    "Adam; with sparse embeddings, SparseAdam on the embeddings and Adam on the rest."
+    "Adam (the fused kernel); with sparse embeddings, SparseAdam on the embeddings and Adam on the rest."
     lr = cfg.effective_lr
-    if not cfg.sparse: return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)]
+    if not cfg.sparse: return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)]
     emb = [p for n, p in model.named_parameters() if n.startswith("embed_")]
     dense = [p for n, p in model.named_parameters() if not n.startswith("embed_")]
-    return [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr)]
+    return [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
 
 @dataclass
 class TrainResult:
@@ -208,44 +230,51 @@ class TrainResult:
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-# %% ../nbs/09_train.ipynb #828157bd
+# %% ../nbs/09_train.ipynb #dd154e3e
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
-                cfg:TrainConfig, gen:torch.Generator, dtype) -> tuple[float, int, float]:
-    "Train one epoch; return the mean loss, the number of samples and the seconds it took."
+                cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None) -> tuple[float, int, float]:
+    "Train one epoch (positives weighted by `pos_weight` when given); return the mean loss, the number of samples and the seconds it took."
     model.train(); t0 = time.perf_counter(); device = tu.device
     nu, ni = sampler.sample(tu, cfg.num_ng, gen)
     users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
     labels = torch.cat([torch.ones(len(tu), device=device), torch.zeros(len(nu), device=device)])
+    weights = None if pos_weight is None else torch.cat([pos_weight, torch.ones(len(nu), device=device)])
     perm = torch.randperm(len(users), generator=gen, device=device)
-    loss_fn, total = nn.BCEWithLogitsLoss(), torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
     for lo in range(0, len(perm), cfg.batch_size):
         idx = perm[lo:lo+cfg.batch_size]
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(users[idx], items[idx])
-        loss = loss_fn(logits.float(), labels[idx])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels[idx], None if weights is None else weights[idx])
         for o in opts: o.zero_grad(set_to_none=True)
         loss.backward()
         for o in opts: o.step()
         total += loss.detach()*len(idx)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
-# %% ../nbs/09_train.ipynb #071c9c86
+# %% ../nbs/09_train.ipynb #408eb246
+def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tensor|None:
+    w = recency_weights(users, items, times, cfg.recency_window, cfg.recency_weight)
+    return None if w is None else torch.as_tensor(w, device=device)
+
 def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print):
     "Train a fresh model on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
     users = np.concatenate([splits.train_users, splits.validation.users])
     items = np.concatenate([splits.train_items, splits.validation.items])
+    times = None if splits.train_times is None or splits.validation.times is None else np.concatenate([splits.train_times, splits.validation.times])
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     model = build_model(cfg, splits.n_users, splits.n_items).to(device)
     opts = make_optimizer(model, cfg)
     tu, ti = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
+    pw = positive_weights(users, items, times, cfg, device)
     for epoch in range(1, epochs + 1):
-        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype); seconds += s
+        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw); seconds += s
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
 
-# %% ../nbs/09_train.ipynb #84e4ba67
+# %% ../nbs/09_train.ipynb #0ee7d213
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print) -> TrainResult:
     "Train on `splits`; select the epoch on validation; score the selected model on test."
     if cfg.threads: torch.set_num_threads(cfg.threads)
@@ -257,6 +286,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     opts = make_optimizer(model, cfg)
     tu = torch.as_tensor(splits.train_users, device=device); ti = torch.as_tensor(splits.train_items, device=device)
     sampler = NegativeSampler(tu, ti, splits.n_items)
+    pw = positive_weights(splits.train_users, splits.train_items, splits.train_times, cfg, device)
     select_on = splits.validation
     fp = fingerprint(cfg, splits.data_version)
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
@@ -273,7 +303,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
         best, best_state = {"epoch": 0, **evaluate_sampled(model, select_on, cfg.top_k, device)}, copy.deepcopy(model.state_dict())
     stale = 0 if best is None else max(0, start - best["epoch"])
     for epoch in range(start + 1, cfg.epochs + 1):
-        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype)
+        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw)
         row = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 4), "samples_per_s": round(n/seconds)}
         if select_on is not None:
             row["validation"] = evaluate_sampled(model, select_on, cfg.top_k, device)
@@ -316,14 +346,14 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
     if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
     return m
 
-# %% ../nbs/09_train.ipynb #e430f0b1
+# %% ../nbs/09_train.ipynb #d9d9c2de
 def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
     "Write the trained model with everything serving needs (see `ncf.modeldir`); return the manifest."
     seen = pd.DataFrame({"user": result.pairs[0], "item": result.pairs[1]})
     return write_model_dir(model_dir, result.model.cpu(), splits.users, splits.items, seen, result.metrics,
                            asdict(result.config), splits.data_version)
 
-# %% ../nbs/09_train.ipynb #55572f3d
+# %% ../nbs/09_train.ipynb #e4f6c8b3
 def _bool(s) -> bool:
     if isinstance(s, bool): return s
     if str(s).lower() in ("1", "true", "yes", "y"): return True
@@ -394,6 +424,6 @@ def main(argv=None) -> int:
     print(f"model {manifest['model_version']} written to {args.model_dir}")
     return 0
 
-# %% ../nbs/09_train.ipynb #59a31da4
+# %% ../nbs/09_train.ipynb #1ba1988b
 #| eval: false
 if __name__ == "__main__": sys.exit(main())
