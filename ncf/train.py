@@ -164,9 +164,9 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
         for f in out: out[f] += m[f]*len(u)
     return {f: v/len(users) for f, v in out.items()} | {"k": k}
 
-# %% ../nbs/09_train.ipynb #065aadef
+# %% ../nbs/09_train.ipynb #068a7bbe
 def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, window:int, weight:float) -> np.ndarray|None:
-    "Loss weight of each training positive: `weight` for each user's `window` latest interactions, 1 for the rest; None when off."
+    "Loss weight of each training positive: each user's `window` latest interactions weigh `weight` times the rest, and each user's weights average 1; None when off."
     if weight == 1 or window == 0: return None
     if times is None: raise DataError("recency weighting needs the training timestamps, and this data set has none; pass --recency_weight 1")
     from ncf.preprocess import tie_key
@@ -175,9 +175,8 @@ def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, w
     start = np.r_[0, np.flatnonzero(np.diff(u)) + 1]                       # each user's first row, in time order
     count = np.diff(np.r_[start, len(u)])
     from_end = np.repeat(start + count, count) - 1 - np.arange(len(u))     # 0: the user's latest interaction
-    w = np.ones(len(u), dtype=np.float32)
-    w[order] = np.where(from_end < window, weight, 1.0)
-    return w
+    w = np.empty(len(u)); w[order] = np.where(from_end < window, weight, 1.0)
+    return (w/(np.bincount(users, weights=w)/np.bincount(users))[users]).astype(np.float32)
 
 # %% ../nbs/09_train.ipynb #40f8c076
 CHECKPOINT = "last.pt"

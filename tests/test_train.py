@@ -13,6 +13,8 @@ from ncf.modeldir import load_model_dir, read_metrics
 from ncf.train import NegativeSampler, TrainConfig, train
 
 FAST = ["--batch_size", "512", "--factor_num", "8", "--num_layers", "2", "--full_ranking", "false", "--precision", "fp32"]
+# the recommended fast path: large batches (split first layer), bf16 autocast, SplitMix64 dropout masks
+LARGE_BF16 = ["--batch_size", "4096", "--lr_scaling", "sqrt", "--precision", "bf16", "--full_ranking", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,9 @@ def kill_after_epoch(cmd, epoch: int):
     return p.returncode
 
 
-def test_killed_run_resumes_bitwise(data, tmp_path):
-    common = ["--data", data, "--epochs", "4", "--seed", "3", *FAST]
+@pytest.mark.parametrize("config", [FAST, LARGE_BF16], ids=["fp32", "large-batch-bf16"])
+def test_killed_run_resumes_bitwise(data, tmp_path, config):
+    common = ["--data", data, "--epochs", "4", "--seed", "3", *config]
     assert run_train(*common, "--model-dir", tmp_path / "straight", "--checkpoint-dir", tmp_path / "ck1").returncode == 0
     assert kill_after_epoch([*common, "--model-dir", tmp_path / "resumed", "--checkpoint-dir", tmp_path / "ck2"], 2) == -signal.SIGKILL
     assert (tmp_path / "ck2" / "last.pt").exists() and not (tmp_path / "resumed").exists()
@@ -128,3 +131,13 @@ def test_sampler_never_emits_a_training_positive():
     nu, ni = s.sample(u, 8, torch.Generator().manual_seed(1))
     positives = set(zip(u.tolist(), i.tolist()))
     assert len(nu) == 8 * len(u) and not any(p in positives for p in zip(nu.tolist(), ni.tolist()))
+
+
+def test_recency_weighting_is_recorded_and_can_be_turned_off(data, tmp_path):
+    for name, extra in (("weighted", []), ("plain", ["--recency_weight", "1"])):
+        r = run_train("--data", data, "--model-dir", tmp_path / name, "--epochs", "1", "--refit", "false", *FAST, *extra)
+        assert r.returncode == 0, r.stderr
+    cfg = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("weighted", "plain")}
+    assert cfg["weighted"]["train"]["recency_weight"] == TrainConfig().recency_weight > 1 and cfg["plain"]["train"]["recency_weight"] == 1
+    loss = {n: read_metrics(tmp_path / n)["history"][0]["loss"] for n in cfg}
+    assert loss["weighted"] != loss["plain"]   # the weights reach the loss
