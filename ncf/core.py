@@ -8,8 +8,8 @@ import hashlib, json, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['NCFError', 'ConfigError', 'DataError', 'ModelError', 'RequestError', 'sha256_file', 'write_atomic', 'write_json',
-           'read_json', 'small']
+__all__ = ['SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RequestError',
+           'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
 
 # %% ../nbs/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -39,7 +39,11 @@ def sha256_file(path, # file to hash
         while block := f.read(chunk): h.update(block)
     return h.hexdigest()
 
-# %% ../nbs/00_core.ipynb #26ba4595
+# %% ../nbs/00_core.ipynb #33b219de
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15   # the sequence's increment
+SPLITMIX64_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)   # the finaliser's two multipliers
+
+# %% ../nbs/00_core.ipynb #8af40e90
 def write_atomic(path, # destination file
                  data:bytes|str):
     "Write `data` to `path` so that readers see either the old file or the whole new one."
@@ -61,7 +65,7 @@ def read_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text())
 
-# %% ../nbs/00_core.ipynb #157848ad
+# %% ../nbs/00_core.ipynb #28a01288
 def small() -> bool:
     "True when `NCF_SMALL` is set (as `make test` does): notebooks pick their small-data settings."
     return os.environ.get("NCF_SMALL", "") not in ("", "0", "false", "False")

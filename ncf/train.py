@@ -229,7 +229,7 @@ class TrainResult:
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-# %% ../nbs/09_train.ipynb #74872efa
+# %% ../nbs/09_train.ipynb #545cf29d
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
                 cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None) -> tuple[float, int, float]:
     "Train one epoch (positives weighted by `pos_weight` when given); return the mean loss, the number of samples and the seconds it took."
@@ -237,20 +237,20 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
     nu, ni = sampler.sample(tu, cfg.num_ng, gen)
     users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
     labels = torch.cat([torch.ones(len(tu), device=device), torch.zeros(len(nu), device=device)])
-    weights = None if pos_weight is None else torch.cat([pos_weight, torch.ones(len(nu), device=device)])
     perm = torch.randperm(len(users), generator=gen, device=device)   # one shuffle; batches are then contiguous slices
     users, items, labels = users[perm], items[perm], labels[perm]
-    weights = None if weights is None else weights[perm]
+    weights = None if pos_weight is None else torch.cat([pos_weight, torch.ones(len(nu), device=device)])[perm]
     total = torch.zeros((), device=device)
     for lo in range(0, len(perm), cfg.batch_size):
         idx = slice(lo, lo + cfg.batch_size)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(users[idx], items[idx])
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels[idx], None if weights is None else weights[idx])
+        batch_labels = labels[idx]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch_labels, None if weights is None else weights[idx])
         for o in opts: o.zero_grad(set_to_none=True)
         loss.backward()
         for o in opts: o.step()
-        total += loss.detach()*len(labels[idx])
+        total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
 # %% ../nbs/09_train.ipynb #408eb246

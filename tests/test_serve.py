@@ -379,24 +379,23 @@ def assert_clean_answer(r, version):
     if r.status_code >= 400: assert doc["status"] == r.status_code and doc["error"]
 
 
+def fuzz(client, rec, examples: int):
+    "Send `examples` generated requests through `client`; every answer must be clean."
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(request_strategy(rec))
+    def run(req):
+        method, path, body, ctype = req
+        assert_clean_answer(client.request(method, path, content=body, headers={"content-type": ctype} if ctype else {}), rec.version)
+    run()
+
+
 def test_fuzz_in_process(recs):
     rec = recs["a"]
     with TestClient(make_app(rec), client=("203.0.113.9", 1)) as client:   # not loopback: admin answers 403
-        @settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(request_strategy(rec))
-        def run(req):
-            method, path, body, ctype = req
-            assert_clean_answer(client.request(method, path, content=body, headers={"content-type": ctype} if ctype else {}), rec.version)
-        run()
+        fuzz(client, rec, 3000)
 
 
 def test_fuzz_real_server(http, recs):
     rec = recs["a"]
-
-    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(request_strategy(rec))
-    def run(req):
-        method, path, body, ctype = req
-        assert_clean_answer(http.request(method, path, content=body, headers={"content-type": ctype} if ctype else {}), rec.version)
-    run()
+    fuzz(http, rec, 600)
     assert http.get("/ping").status_code == 200
