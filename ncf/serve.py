@@ -126,7 +126,7 @@ async def admin_model(request, rec):
     _log.info("model swap: %s -> %s (%s)", old.version, new.version, doc["model_dir"])
     return json_response({**new.info(), "previous_version": old.version}, new.version)
 
-# %% ../nbs/12_serve.ipynb #5c2e2b7e
+# %% ../nbs/12_serve.ipynb #506c5308
 def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Starlette:
     "The ASGI application serving `rec` (`swappable`: whether `POST /admin/model` may load another model)."
     async def http_error(request, exc):  # unknown route (404) or method (405)
@@ -138,6 +138,7 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Sta
         Route("/recommendations", endpoint(recommendations_post), methods=["POST"]),
         Route("/admin/model", endpoint(admin_model), methods=["GET", "POST"])],
         exception_handlers={HTTPException: http_error})
+    app.router.redirect_slashes = False   # `/recommendations/` (an empty user) is a JSON 404, not a bare redirect
     app.state.slot, app.state.max_body, app.state.swappable = ModelSlot(rec), max_body, swappable
     return app
 

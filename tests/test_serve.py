@@ -398,4 +398,12 @@ def test_fuzz_in_process(recs):
 def test_fuzz_real_server(http, recs):
     rec = recs["a"]
     fuzz(http, rec, 600)
+
+
+@pytest.mark.parametrize("path", ["/recommendations/", "/recommendations/%2F", "/recommendations//"])
+def test_empty_or_slash_user_is_a_json_404(http, recs, path):
+    # found by the fuzzer: the router used to answer these with a bare 307 redirect, without JSON or X-Model-Version
+    r = http.get(path)
+    assert r.status_code == 404 and r.json()["status"] == 404
+    assert r.headers["x-model-version"] == recs["a"].version
     assert http.get("/ping").status_code == 200
