@@ -11,11 +11,20 @@ from torch.nn import functional as F
 from .core import ConfigError, SPLITMIX64_GAMMA, SPLITMIX64_MIX
 
 # %% auto #0
-__all__ = ['MODELS', 'SPLIT_FIRST_LAYER_FROM', 'ModelConfig', 'random_words', 'Dropout', 'lookup', 'NCF', 'item_tables',
-           'score_matrix', 'neumf_from_pretrained']
+__all__ = ['MODELS', 'DROPOUT_STEPS', 'SPLIT_FIRST_LAYER_FROM', 'dropout_steps', 'ModelConfig', 'random_words', 'Dropout',
+           'lookup', 'NCF', 'item_tables', 'score_matrix', 'neumf_from_pretrained']
 
-# %% ../nbs/06_model.ipynb #fc9bcce8
+# %% ../nbs/06_model.ipynb #7c61c0fe
 MODELS = ("GMF", "MLP", "NeuMF")
+DROPOUT_STEPS = 256   # dropout rates are multiples of 1/256 (see `Dropout`)
+
+def dropout_steps(p:float) -> int:
+    "How many of `DROPOUT_STEPS` mask values drop an element at dropout rate `p`; a `ConfigError` if `p` is out of range."
+    if not 0 <= p < 1: raise ConfigError(f"dropout must be in [0, 1), got {p}")
+    k = round(p*DROPOUT_STEPS)
+    if p > 0 and not 0 < k < DROPOUT_STEPS:
+        raise ConfigError(f"dropout is applied in steps of 1/{DROPOUT_STEPS}: {p} would become {k/DROPOUT_STEPS}; use 0 or a value in [{1/DROPOUT_STEPS:.4f}, {1 - 1/DROPOUT_STEPS:.4f}]")
+    return k
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -32,11 +41,11 @@ class ModelConfig:
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
         if self.num_layers > 8: raise ConfigError(f"num_layers must be <= 8, got {self.num_layers}")
-        if not 0 <= self.dropout < 1: raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        dropout_steps(self.dropout)
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
-# %% ../nbs/06_model.ipynb #5bdada97
+# %% ../nbs/06_model.ipynb #7d1f950f
 def _int64(c:int) -> int: return c - (1 << 64) if c >= 1 << 63 else c
 _GOLDEN, _MIX1, _MIX2 = _int64(SPLITMIX64_GAMMA), _int64(SPLITMIX64_MIX[0]), _int64(SPLITMIX64_MIX[1])
 
@@ -50,38 +59,49 @@ def random_words(n:int, device=None) -> torch.Tensor:
     return x
 
 class Dropout(nn.Module):
-    "Inverted dropout whose mask comes from 16-bit lanes of SplitMix64 words."
+    "Inverted dropout whose mask comes from 8-bit lanes of SplitMix64 words; `p` is rounded to a multiple of 1/256."
     def __init__(self, p:float=0.5):
         super().__init__()
-        if not 0 <= p < 1: raise ConfigError(f"dropout must be in [0, 1), got {p}")
-        self.p = p
-        self.threshold = round(p*65536) - 32768   # an int16 lane below this drops its element
-    def forward(self, x:torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0: return x
+        self.p, self.dropped = p, dropout_steps(p)
+        self.threshold = self.dropped - DROPOUT_STEPS//2      # an int8 lane below this drops its element
+        self.scale = DROPOUT_STEPS/(DROPOUT_STEPS - self.dropped)
+    @property
+    def active(self) -> bool: return self.training and self.dropped > 0
+    def unscaled(self, x:torch.Tensor) -> torch.Tensor:
+        "`x` with the dropped elements zeroed but the rest not yet scaled: for a caller that folds `scale` into the next layer."
+        if not self.active: return x
         if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x*self._keep(x)
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        if not self.active: return x
+        if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x*self._keep(x).mul_(self.scale)
+    def _keep(self, x:torch.Tensor) -> torch.Tensor:   # 1 where an element is kept, 0 where dropped, in x's dtype
         n = x.numel()
-        keep = random_words((n + 3)//4, x.device).view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x*keep.view(torch.uint8).to(x.dtype).mul_(1/(1 - self.p))   # via uint8: bool->bf16 is 8x slower
-    def extra_repr(self): return f"p={self.p}"
+        keep = random_words((n + 7)//8, x.device).view(torch.int8)[:n].view(x.shape) >= self.threshold
+        return keep.view(torch.uint8).to(x.dtype)   # via uint8: bool -> bf16 is 8x slower
+    def extra_repr(self): return f"p={self.p} (applied as {self.dropped}/{DROPOUT_STEPS})"
 
-# %% ../nbs/06_model.ipynb #a6b25f23
+# %% ../nbs/06_model.ipynb #915d200e
 class _IndexAddLookup(torch.autograd.Function):
-    "`weight[idx]` whose backward is one `index_add_` into a zero table."
+    "`weight.to(dtype)[idx]` whose backward is one `index_add_` into a zero table of the weight's dtype."
     @staticmethod
-    def forward(ctx, weight, idx):
+    def forward(ctx, weight, idx, dtype):
         ctx.save_for_backward(idx); ctx.table = (weight.shape, weight.dtype)
-        return weight.index_select(0, idx)
+        return weight.to(dtype).index_select(0, idx)
     @staticmethod
     def backward(ctx, grad):
         idx, = ctx.saved_tensors; shape, dtype = ctx.table
-        return torch.zeros(shape, dtype=dtype, device=grad.device).index_add_(0, idx, grad.to(dtype).contiguous()), None
+        return torch.zeros(shape, dtype=dtype, device=grad.device).index_add_(0, idx, grad.to(dtype).contiguous()), None, None
 
 def lookup(table:nn.Embedding, idx:torch.Tensor) -> torch.Tensor:
-    "Rows `idx` of `table`, with the faster dense backward on CPU."
-    if table.sparse or table.weight.is_cuda or not (torch.is_grad_enabled() and table.weight.requires_grad): return table(idx)
-    return _IndexAddLookup.apply(table.weight, idx)
+    "Rows `idx` of `table`, with the faster dense backward on CPU; gathered in the autocast dtype when the batch outnumbers the table."
+    weight = table.weight
+    if table.sparse or weight.is_cuda or not (torch.is_grad_enabled() and weight.requires_grad): return table(idx)
+    cast = torch.is_autocast_enabled("cpu") and len(idx) >= len(weight)
+    return _IndexAddLookup.apply(weight, idx, torch.get_autocast_dtype("cpu") if cast else weight.dtype)
 
-# %% ../nbs/06_model.ipynb #0fc86102
+# %% ../nbs/06_model.ipynb #9c1ecf83
 SPLIT_FIRST_LAYER_FROM = 2048   # batch size from which `NCF.tower` splits the first layer (measured: below it, two products cost more than the copy)
 
 class NCF(nn.Module):
@@ -120,16 +140,21 @@ class NCF(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
     def tower(self, user_vecs:torch.Tensor, item_vecs:torch.Tensor) -> torch.Tensor:
-        "The MLP tower on `[user_vecs; item_vecs]`; on large batches the first layer is applied to each half (no concatenated copy)."
-        if len(user_vecs) < SPLIT_FIRST_LAYER_FROM: return self.MLP_layers(torch.cat([user_vecs, item_vecs], -1))
-        drop, first, relu = self.MLP_layers[:3]; w = self.cfg.mlp_width
-        x = F.linear(drop(user_vecs), first.weight[:, :w]) + F.linear(drop(item_vecs), first.weight[:, w:], first.bias)
-        return self.MLP_layers[3:](relu(x))
+        "The MLP tower on `[user_vecs; item_vecs]`: dropout scales folded into the next weights; on large batches the first layer is applied to each half."
+        parts = [user_vecs, item_vecs] if len(user_vecs) >= SPLIT_FIRST_LAYER_FROM else [torch.cat([user_vecs, item_vecs], -1)]
+        layers, w = self.MLP_layers, self.cfg.mlp_width
+        for i in range(0, len(layers), 3):
+            drop, linear, relu = layers[i:i + 3]
+            weight = linear.weight*drop.scale if drop.active else linear.weight
+            if len(parts) == 2: x = F.linear(drop.unscaled(parts[0]), weight[:, :w]) + F.linear(drop.unscaled(parts[1]), weight[:, w:], linear.bias)
+            else: x = F.linear(drop.unscaled(parts[0]), weight, linear.bias)
+            parts = [relu(x)]
+        return parts[0]
 
     def forward(self, users:torch.Tensor, items:torch.Tensor) -> torch.Tensor:
         return self.predict_layer(self.features(users, items)).squeeze(-1)
 
-# %% ../nbs/06_model.ipynb #8e810fe7
+# %% ../nbs/06_model.ipynb #5174021c
 @torch.no_grad()
 def item_tables(model:NCF) -> dict:
     "What does not depend on the user: item GMF embeddings and the item half of the first MLP layer."
@@ -156,7 +181,7 @@ def score_matrix(model:NCF, users:torch.Tensor, items:torch.Tensor|None=None, ta
     x = parts[0] if len(parts) == 1 else torch.cat([parts[0].expand(*parts[1].shape[:2], -1), parts[1]], -1)
     return model.predict_layer(x).squeeze(-1)
 
-# %% ../nbs/06_model.ipynb #c0d3f28a
+# %% ../nbs/06_model.ipynb #7a8b8726
 def neumf_from_pretrained(gmf:NCF, mlp:NCF, alpha:float=0.5, dropout:float|None=None, sparse:bool=False) -> NCF:
     "A NeuMF initialised from trained GMF and MLP models with the alpha-weighted output layer."
     g, m = gmf.cfg, mlp.cfg
