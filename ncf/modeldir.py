@@ -14,7 +14,8 @@ from . import storage
 
 # %% auto #0
 __all__ = ['WEIGHTS', 'CONFIG', 'USERS', 'ITEMS', 'SEEN', 'METRICS', 'MANIFEST', 'FILES', 'METRICS_SCHEMA', 'model_version',
-           'validate_metrics', 'write_model_dir', 'ModelDir', 'verify_model_dir', 'load_model_dir', 'read_metrics']
+           'validate_metrics', 'write_model_dir', 'ModelDir', 'verify_model_dir', 'load_model_dir', 'read_metrics',
+           'random_model_dir']
 
 # %% ../nbs/08_modeldir.ipynb #cbf9a6c3
 WEIGHTS, CONFIG, USERS, ITEMS, SEEN, METRICS, MANIFEST = (
@@ -106,3 +107,17 @@ def read_metrics(path) -> dict:
     "The validated `metrics.json` of a model directory (or the file itself)."
     p = Path(path); p = p/METRICS if p.is_dir() else p
     return validate_metrics(read_json(p), p)
+
+# %% ../nbs/08_modeldir.ipynb #04da5dfc
+def random_model_dir(dest, n_users:int=5, n_items:int=8, *, seed:int=0, num_layers:int=2, user_ids=None, item_ids=None,
+                     metadata:dict|None=None, seen=((0, 1), (0, 2), (1, 3)), metrics:dict|None=None, data_version:str="v0") -> dict:
+    "A complete model directory with random weights (ids `C0…`, `SKU-0…` unless given), for examples and tests; its manifest."
+    with torch.random.fork_rng():
+        torch.manual_seed(seed); model = NCF(ModelConfig(n_users, n_items, factor_num=4, num_layers=num_layers)).eval()
+    users = pd.DataFrame({"user": np.arange(n_users, dtype=np.int32), "user_id": user_ids if user_ids is not None else [f"C{u}" for u in range(n_users)]})
+    items = pd.DataFrame({"item": np.arange(n_items, dtype=np.int32), "item_id": item_ids if item_ids is not None else [f"SKU-{i}" for i in range(n_items)],
+                          "train_count": np.arange(n_items, dtype=np.int64)[::-1].copy(), **(metadata or {})})
+    seen = pd.DataFrame(list(seen), columns=["user", "item"])
+    metrics = metrics or {"schema": METRICS_SCHEMA, "k": 10, "best_epoch": 0, "history": [],
+                          "validation": {"hr": 0.0, "ndcg": 0.0, "k": 10}, "test": {"hr": 0.0, "ndcg": 0.0, "k": 10}}
+    return write_model_dir(dest, model, users, items, seen, metrics, {}, data_version)

@@ -261,14 +261,9 @@ def test_promote_and_roll_back_with_one_command(aws):
 
 
 def tiny_model_dir(dest: Path) -> Path:
-    import numpy as np, pandas as pd, torch
-    from ncf.model import NCF, ModelConfig
-    from ncf.modeldir import write_model_dir, METRICS_SCHEMA
-    torch.manual_seed(0)
-    users = pd.DataFrame({"user": np.arange(3, dtype=np.int32), "user_id": ["a", "b", "c"]})
-    items = pd.DataFrame({"item": np.arange(4, dtype=np.int32), "item_id": ["w", "x", "y", "z"], "train_count": [3, 2, 1, 0]})
+    from ncf.modeldir import random_model_dir, METRICS_SCHEMA
     m = {"schema": METRICS_SCHEMA, "k": 10, "best_epoch": 1, "history": [], "validation": {"hr": .5, "ndcg": .3}, "test": {"hr": .6, "ndcg": .4, "k": 10}}
-    write_model_dir(dest, NCF(ModelConfig(3, 4, factor_num=4, num_layers=1)), users, items, pd.DataFrame({"user": [0], "item": [1]}), m, {}, "data-v1")
+    random_model_dir(dest, 3, 4, num_layers=1, user_ids=["a", "b", "c"], item_ids=["w", "x", "y", "z"], seen=[(0, 1)], metrics=m, data_version="data-v1")
     return dest
 
 
