@@ -168,12 +168,7 @@ def accuracy(data, a):
     for seed in range(a.seeds):
         rows["NeuMF, no recency weight"].append(run("ours", data, a.epochs, seed, [*a.extra, "--recency_weight", "1"])["test"])
         rows["NeuMF"].append(run("ours", data, a.epochs, seed, a.extra)["test"])
-        if a.pretrain:
-            d = Path(tempfile.mkdtemp())
-            for m in ("GMF", "MLP"):
-                subprocess.run([sys.executable, "-m", "ncf.train", "--data", str(data), "--model-dir", str(d / m), "--model", m,
-                                "--seed", str(seed), "--epochs", str(a.epochs), "--full_ranking", "false", *a.extra], check=True, capture_output=True)
-            rows["NeuMF + pre-training"].append(run("ours", data, a.epochs, seed, [*a.extra, "--gmf_pretrain", str(d / "GMF"), "--mlp_pretrain", str(d / "MLP")])["test"])
+        if a.pretrain: rows["NeuMF + pre-training"].append(run("ours", data, a.epochs, seed, [*a.extra, "--pretrain"])["test"])
         print(f"seed {seed}: " + "; ".join(f"{k} HR {v[-1]['hr']:.4f} NDCG {v[-1]['ndcg']:.4f}" for k, v in rows.items() if v), flush=True)
     for k, v in rows.items():
         if v:

@@ -19,10 +19,10 @@ from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 __all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
            'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint',
            'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights',
-           'refit_with_validation', 'train', 'final_metrics', 'save_model', 'parser', 'resolve_data', 'load_channels',
-           'main']
+           'refit_with_validation', 'train', 'pretrain', 'final_metrics', 'save_model', 'parser', 'resolve_data',
+           'load_channels', 'main']
 
-# %% ../nbs/09_train.ipynb #eb2fe658
+# %% ../nbs/09_train.ipynb #8ef08313
 @dataclass(frozen=True)
 class TrainConfig:
     "Training hyperparameters and run options. Validated on construction."
@@ -43,7 +43,8 @@ class TrainConfig:
     seed:int=42
     device:str="auto"            # auto | cpu | cuda
     threads:int=0                # torch CPU threads (0: torch's default)
-    gmf_pretrain:str|None=None   # NeuMF pre-training: a trained GMF model directory
+    pretrain:bool=False          # NeuMF: pre-train a GMF and an MLP with these hyperparameters first (the paper's recipe)
+    gmf_pretrain:str|None=None   # NeuMF pre-training from directories instead: a trained GMF model directory
     mlp_pretrain:str|None=None   # ... and a trained MLP model directory
     alpha:float=0.5              # weight of GMF in the pre-trained NeuMF output layer
     full_ranking:bool=True       # also score the selected model by full ranking on the test set
@@ -73,6 +74,8 @@ class TrainConfig:
         need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")
         need((self.gmf_pretrain is None) == (self.mlp_pretrain is None), "NeuMF pre-training needs both gmf_pretrain and mlp_pretrain")
         need(self.gmf_pretrain is None or self.model == "NeuMF", "gmf_pretrain/mlp_pretrain apply to --model NeuMF only")
+        need(not self.pretrain or self.model == "NeuMF", "pretrain applies to --model NeuMF only")
+        need(not (self.pretrain and self.gmf_pretrain), "pretrain trains its own GMF and MLP: do not also pass gmf_pretrain/mlp_pretrain")
         need(not (self.sparse and self.weight_decay), "sparse embeddings do not support weight_decay")
 
     @property
@@ -198,12 +201,12 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fp else None
 
-# %% ../nbs/09_train.ipynb #f1a2f6df
-def build_model(cfg:TrainConfig, n_users:int, n_items:int) -> NCF:
-    "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP model directories."
+# %% ../nbs/09_train.ipynb #5a6a03df
+def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None=None) -> NCF:
+    "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP models (`pretrained`, or model directories)."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
-    if cfg.gmf_pretrain is None: return NCF(mc, sparse=cfg.sparse)
-    gmf, mlp = load_model_dir(cfg.gmf_pretrain).model, load_model_dir(cfg.mlp_pretrain).model
+    if pretrained is None and cfg.gmf_pretrain is None: return NCF(mc, sparse=cfg.sparse)
+    gmf, mlp = pretrained or (load_model_dir(cfg.gmf_pretrain).model, load_model_dir(cfg.mlp_pretrain).model)
     for name, m in (("gmf_pretrain", gmf), ("mlp_pretrain", mlp)):
         if (m.cfg.n_users, m.cfg.n_items) != (n_users, n_items):
             raise ModelError(f"{name}: model has {m.cfg.n_users} users / {m.cfg.n_items} items, the data has {n_users} / {n_items}")
@@ -225,6 +228,7 @@ class TrainResult:
     metrics:dict
     config:TrainConfig
     pairs:tuple        # (users, items) the final model learned from: its "seen" items
+    selected:NCF|None=None   # the validation-selected model, trained on the training interactions only (before the refit)
 
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
@@ -253,19 +257,19 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
-# %% ../nbs/09_train.ipynb #408eb246
+# %% ../nbs/09_train.ipynb #adea4ca4
 def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tensor|None:
     w = recency_weights(users, items, times, cfg.recency_window, cfg.recency_weight)
     return None if w is None else torch.as_tensor(w, device=device)
 
-def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print):
-    "Train a fresh model on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
+def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None):
+    "Train a fresh model (from `pretrained` GMF and MLP if given) on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
     users = np.concatenate([splits.train_users, splits.validation.users])
     items = np.concatenate([splits.train_items, splits.validation.items])
     times = None if splits.train_times is None or splits.validation.times is None else np.concatenate([splits.train_times, splits.validation.times])
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    model = build_model(cfg, splits.n_users, splits.n_items).to(device)
+    model = build_model(cfg, splits.n_users, splits.n_items, pretrained).to(device)
     opts = make_optimizer(model, cfg)
     tu, ti = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
@@ -275,15 +279,16 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
 
-# %% ../nbs/09_train.ipynb #0ee7d213
-def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print) -> TrainResult:
+# %% ../nbs/09_train.ipynb #d540e0c4
+def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
     "Train on `splits`; select the epoch on validation; score the selected model on test."
     if cfg.threads: torch.set_num_threads(cfg.threads)
+    pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
     device, dtype = resolve_device(cfg), None
     dtype = autocast_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(cfg, splits.n_users, splits.n_items).to(device)
+    model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
     opts = make_optimizer(model, cfg)
     tu = torch.as_tensor(splits.train_users, device=device); ti = torch.as_tensor(splits.train_items, device=device)
     sampler = NegativeSampler(tu, ti, splits.n_items)
@@ -313,8 +318,8 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
             else: stale += 1
         history.append(row)
         v = row.get("validation", {"hr": float("nan"), "ndcg": float("nan")})
-        log(f"epoch {epoch}/{cfg.epochs}: HR={v['hr']:.4f}; NDCG={v['ndcg']:.4f}; Loss={row['loss']:.4f}; "
-            f"{seconds:.2f} s, {row['samples_per_s']:,} samples/s")
+        log(f"epoch {epoch}/{cfg.epochs}: " + (f"HR={v['hr']:.4f}; NDCG={v['ndcg']:.4f}; Loss={row['loss']:.4f}; " if metric_lines else
+            f"validation HR {v['hr']:.4f}, NDCG {v['ndcg']:.4f}, loss {row['loss']:.4f}; ") + f"{seconds:.2f} s, {row['samples_per_s']:,} samples/s")
         if ckpt_path:
             save_checkpoint(ckpt_path, {"fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
                                         "optimizers": [o.state_dict() for o in opts], "rng_torch": torch.get_rng_state(),
@@ -324,13 +329,22 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: validation HR has not improved for {stale} epochs (best: epoch {best['epoch']})"); break
     if best_state is not None: model.load_state_dict(best_state)
-    pairs = (splits.train_users, splits.train_items)
-    refit = None
+    selected, pairs, refit = model.eval(), (splits.train_users, splits.train_items), None
     if cfg.refit and best and best["epoch"] > 0:
-        model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log)
+        model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
     if refit: metrics["refit"] = refit
-    return TrainResult(model.eval(), metrics, cfg, pairs)
+    if pre: metrics["pretrain"] = {k: {f: r.metrics[f] for f in ("best_epoch", "validation", "test", "train_seconds")} for k, r in pre.items()}
+    return TrainResult(model.eval(), metrics, cfg, pairs, selected)
+
+def pretrain(splits:Splits, cfg:TrainConfig, checkpoint_dir=None, log=print) -> dict:
+    "A GMF and an MLP trained with `cfg`'s hyperparameters (each selected on validation, then refit): NeuMF's initialisation."
+    out = {}
+    for kind in ("GMF", "MLP"):
+        sub = dataclasses.replace(cfg, model=kind, pretrain=False, full_ranking=False)
+        out[kind] = train(splits, sub, Path(checkpoint_dir)/f"pretrain-{kind}" if checkpoint_dir else None,
+                          lambda msg, kind=kind: log(f"{kind} pre-training: {msg}"), metric_lines=False)
+    return out
 
 def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None, pairs=None) -> dict:
     "The `metrics.json` document of the selected model."

@@ -88,12 +88,42 @@ def test_neumf_pretraining(data, tmp_path):
     assert neu.model.embed_user_GMF.weight.shape == gmf.model.embed_user_GMF.weight.shape
 
 
+def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_path, monkeypatch):
+    import ncf.train as T
+    calls, pre = [], {}
+    build, pretrain = T.build_model, T.pretrain
+    def spy_build(cfg, n_users, n_items, pretrained=None):
+        calls.append((cfg.model, pretrained)); return build(cfg, n_users, n_items, pretrained)
+    def spy_pretrain(*a, **kw):
+        pre.update(pretrain(*a, **kw)); return pre
+    monkeypatch.setattr(T, "build_model", spy_build); monkeypatch.setattr(T, "pretrain", spy_pretrain)
+    cfg = TrainConfig(epochs=2, batch_size=512, factor_num=8, num_layers=2, full_ranking=False, pretrain=True)
+    lines = []
+    r = train(load_splits(data), cfg, checkpoint_dir=tmp_path / "ck", log=lines.append)
+    assert set(r.metrics["pretrain"]) == {"GMF", "MLP"} and "refit" in r.metrics
+    assert all(p.metrics.get("refit") and p.selected is not p.model for p in pre.values())   # both were refit
+    # NeuMF's epochs are chosen starting from GMF/MLP trained on the training interactions only...
+    neumf = [p for model, p in calls if model == "NeuMF"]
+    assert len(neumf) == 2 and neumf[0][0] is pre["GMF"].selected and neumf[0][1] is pre["MLP"].selected
+    # ...and only its refit on train + validation starts from their refits
+    assert neumf[1][0] is pre["GMF"].model and neumf[1][1] is pre["MLP"].model
+    assert (tmp_path / "ck" / "pretrain-GMF" / "last.pt").exists() and (tmp_path / "ck" / "pretrain-MLP" / "last.pt").exists()
+    # SageMaker's metric regexes see NeuMF's epochs only
+    assert sum("HR=" in l for l in lines) == 2 and any(l.startswith("GMF pre-training: epoch 1/2") for l in lines)
+    # a second run with the same checkpoints resumes everything and ends with the same model
+    again = train(load_splits(data), cfg, checkpoint_dir=tmp_path / "ck", log=lambda *a: None)
+    assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), again.model.state_dict().values()))
+    assert again.metrics["test"] == r.metrics["test"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lr", "-0.1"], "lr must be > 0"),
     (["--num_layers", "0"], "num_layers must be in 1..8"),
     (["--factor_num", "0"], "factor_num must be >= 1"),
     (["--model", "SVD"], "model must be one of"),
     (["--gmf_pretrain", "/nonexistent"], "needs both gmf_pretrain and mlp_pretrain"),
+    (["--pretrain", "--model", "GMF"], "pretrain applies to --model NeuMF only"),
+    (["--dropout", "0.001"], "dropout is applied in steps of 1/256"),
 ])
 def test_bad_hyperparameters_fail_before_training(data, tmp_path, args, message):
     r = run_train("--data", data, "--model-dir", tmp_path / "m", *args)
