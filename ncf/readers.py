@@ -97,7 +97,7 @@ def canonical(df:pd.DataFrame, cols:Columns, path, line_of=None, allow_dates:boo
     if cols.event: out["event"] = df[cols.event].astype(str).to_numpy()
     return out
 
-# %% ../nbs/03_readers.ipynb #2189d9f3
+# %% ../nbs/03_readers.ipynb #f682e477
 SEPARATORS = {"::": "'::'", "\t": "tab", ",": "','", ";": "';'", "|": "'|'"}
 
 def _sep_counts(line:str) -> dict:
@@ -137,7 +137,8 @@ def read_text(path, sep:str, names:list[str]|None=None, header:bool=False, dtype
     except pd.errors.EmptyDataError: raise DataError(f"{path}: file is empty (no interactions)") from None
     except pd.errors.ParserError as e:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
-        detail = f"line {m.group(2)}: expected {m.group(1)} fields, saw {m.group(3)} (mixed separators?)" if m else str(e).strip()
+        n = (lambda k: (int(k) + 1)//2) if sep == "::" else int   # '::' was read as ':', so a::b is three fields
+        detail = f"line {m.group(2)}: expected {n(m.group(1))} fields, saw {n(m.group(3))} (mixed separators?)" if m else str(e).strip()
         raise DataError(f"{path}: {detail}") from None
     if sep == "::":  # a::b::c -> a, '', b, '', c: keep every other field
         df = df.iloc[:, ::2]
