@@ -142,16 +142,14 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Sta
     app.state.slot, app.state.max_body, app.state.swappable = ModelSlot(rec), max_body, swappable
     return app
 
-# %% ../nbs/12_serve.ipynb #9d2f5919
+# %% ../nbs/12_serve.ipynb #e63d63d6
 _WORKER_ENV = "NCF_SERVE_WORKER"
 
 def _one_thread():
     import torch
     torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(1)
-    except ImportError: pass
+    from threadpoolctl import threadpool_limits   # numpy's BLAS pool, which torch's setting does not reach
+    threadpool_limits(1)
 
 def worker_app() -> Starlette:
     "The app of one of several worker processes (`uvicorn --factory`), configured by the parent through the environment."
