@@ -14,7 +14,7 @@ from .core import ConfigError, SPLITMIX64_GAMMA, SPLITMIX64_MIX
 __all__ = ['MODELS', 'DROPOUT_STEPS', 'SPLIT_FIRST_LAYER_FROM', 'dropout_steps', 'ModelConfig', 'random_words', 'Dropout',
            'lookup', 'NCF', 'item_tables', 'score_matrix', 'neumf_from_pretrained']
 
-# %% ../nbs/06_model.ipynb #7c61c0fe
+# %% ../nbs/06_model.ipynb #876ebbc0
 MODELS = ("GMF", "MLP", "NeuMF")
 DROPOUT_STEPS = 256   # dropout rates are multiples of 1/256 (see `Dropout`)
 
@@ -41,11 +41,11 @@ class ModelConfig:
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
         if self.num_layers > 8: raise ConfigError(f"num_layers must be <= 8, got {self.num_layers}")
-        dropout_steps(self.dropout)
+        if not 0 <= self.dropout < 1: raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
-# %% ../nbs/06_model.ipynb #7d1f950f
+# %% ../nbs/06_model.ipynb #28198e9e
 def _int64(c:int) -> int: return c - (1 << 64) if c >= 1 << 63 else c
 _GOLDEN, _MIX1, _MIX2 = _int64(SPLITMIX64_GAMMA), _int64(SPLITMIX64_MIX[0]), _int64(SPLITMIX64_MIX[1])
 
@@ -62,11 +62,12 @@ class Dropout(nn.Module):
     "Inverted dropout whose mask comes from 8-bit lanes of SplitMix64 words; `p` is rounded to a multiple of 1/256."
     def __init__(self, p:float=0.5):
         super().__init__()
-        self.p, self.dropped = p, dropout_steps(p)
-        self.threshold = self.dropped - DROPOUT_STEPS//2      # an int8 lane below this drops its element
-        self.scale = DROPOUT_STEPS/(DROPOUT_STEPS - self.dropped)
+        if not 0 <= p < 1: raise ConfigError(f"dropout must be in [0, 1), got {p}")
+        self.p = p   # checked against the 1/256 steps when training starts, so that any saved model still loads for serving
     @property
-    def active(self) -> bool: return self.training and self.dropped > 0
+    def active(self) -> bool: return self.training and self.p > 0
+    @property
+    def scale(self) -> float: return DROPOUT_STEPS/(DROPOUT_STEPS - dropout_steps(self.p))
     def unscaled(self, x:torch.Tensor) -> torch.Tensor:
         "`x` with the dropped elements zeroed but the rest not yet scaled: for a caller that folds `scale` into the next layer."
         if not self.active: return x
@@ -78,9 +79,10 @@ class Dropout(nn.Module):
         return x*self._keep(x).mul_(self.scale)
     def _keep(self, x:torch.Tensor) -> torch.Tensor:   # 1 where an element is kept, 0 where dropped, in x's dtype
         n = x.numel()
-        keep = random_words((n + 7)//8, x.device).view(torch.int8)[:n].view(x.shape) >= self.threshold
+        threshold = dropout_steps(self.p) - DROPOUT_STEPS//2   # an int8 lane below this drops its element
+        keep = random_words((n + 7)//8, x.device).view(torch.int8)[:n].view(x.shape) >= threshold
         return keep.view(torch.uint8).to(x.dtype)   # via uint8: bool -> bf16 is 8x slower
-    def extra_repr(self): return f"p={self.p} (applied as {self.dropped}/{DROPOUT_STEPS})"
+    def extra_repr(self): return f"p={self.p}"
 
 # %% ../nbs/06_model.ipynb #915d200e
 class _IndexAddLookup(torch.autograd.Function):
