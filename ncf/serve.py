@@ -82,7 +82,7 @@ async def invocations(request, rec):
     out = output_fn(predict_fn(input_fn(body, request.headers.get("content-type")), rec), request.headers.get("accept"))
     return Response(out, 200, {"X-Model-Version": rec.version}, "application/json")
 
-# %% ../nbs/12_serve.ipynb #fe62ca14
+# %% ../nbs/12_serve.ipynb #8db9ebed
 QUERY_PARAMS = {"k": "k", "category": "categories", "exclude": "exclude", "items": "items"}
 
 def query_args(user_id:str, params) -> dict:
@@ -101,7 +101,9 @@ def query_args(user_id:str, params) -> dict:
     return kw
 
 async def recommendations_get(request, rec):
-    r = rec.recommend(**query_args(request.path_params["user_id"], request.query_params))
+    user = request.path_params["user_id"]
+    if not user: raise RequestError("no user id: GET /recommendations/{user_id}", 404)
+    r = rec.recommend(**query_args(user, request.query_params))
     return json_response({**r, "model_version": rec.version}, rec.version)
 
 async def recommendations_post(request, rec):
@@ -126,7 +128,7 @@ async def admin_model(request, rec):
     _log.info("model swap: %s -> %s (%s)", old.version, new.version, doc["model_dir"])
     return json_response({**new.info(), "previous_version": old.version}, new.version)
 
-# %% ../nbs/12_serve.ipynb #506c5308
+# %% ../nbs/12_serve.ipynb #198bc280
 def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Starlette:
     "The ASGI application serving `rec` (`swappable`: whether `POST /admin/model` may load another model)."
     async def http_error(request, exc):  # unknown route (404) or method (405)
@@ -134,7 +136,7 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Sta
     app = Starlette(routes=[
         Route("/ping", endpoint(ping), methods=["GET"]),
         Route("/invocations", endpoint(invocations), methods=["POST"]),
-        Route("/recommendations/{user_id}", endpoint(recommendations_get), methods=["GET"]),
+        Route("/recommendations/{user_id:path}", endpoint(recommendations_get), methods=["GET"]),   # ids may contain '/' 
         Route("/recommendations", endpoint(recommendations_post), methods=["POST"]),
         Route("/admin/model", endpoint(admin_model), methods=["GET", "POST"])],
         exception_handlers={HTTPException: http_error})
@@ -142,7 +144,7 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Sta
     app.state.slot, app.state.max_body, app.state.swappable = ModelSlot(rec), max_body, swappable
     return app
 
-# %% ../nbs/12_serve.ipynb #e63d63d6
+# %% ../nbs/12_serve.ipynb #a5d37e7d
 _WORKER_ENV = "NCF_SERVE_WORKER"
 
 def _one_thread():
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     else: uvicorn.run(make_app(rec, args.max_body), **run)
     return 0
 
-# %% ../nbs/12_serve.ipynb #b8c52553
+# %% ../nbs/12_serve.ipynb #4e36e828
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def _http(method:str, url:str, body:dict|None=None, timeout:float=5.0) -> tuple[int, dict, bytes]:
@@ -244,6 +246,6 @@ def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log
     why = f"exited with status {rc}" if rc is not None else f"did not answer {url}/ping within {timeout:g} s"
     raise NCFError(f"ncf_serve on {model_dir} {why}: " + (" | ".join(tail) or "no output"))
 
-# %% ../nbs/12_serve.ipynb #a3ddee54
+# %% ../nbs/12_serve.ipynb #3556082e
 #| eval: false
 if __name__ == "__main__": sys.exit(main())
