@@ -10,9 +10,13 @@ fp32. Each configuration runs in its own process so that peak memory is its own.
     .venv/bin/python bench/bench_train.py                      # ML-100K if ../shared has it, else synthetic
     .venv/bin/python bench/bench_train.py --seeds 5 --pretrain # accuracy over 5 seeds: defaults, defaults without
                                                                # recency weighting, and with GMF/MLP pre-training
+    .venv/bin/python bench/bench_train.py --synthetic 1000000 --no-baseline --epochs 3 -- --device cuda
+                                                               # a GPU: the built-in shop at 1M interactions,
+                                                               # defaults and the fast configuration
 
 Prints samples/s, seconds per epoch, time to reach the baseline's best validation HR, test HR@10 /
-NDCG@10 at the validation-selected epoch, and peak RSS.
+NDCG@10 at the validation-selected epoch, and peak RSS; then the seconds one evaluation of every test
+user takes, by the paper protocol and by full ranking.
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -23,9 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "u.data"
 
 
-def prepare(work: Path) -> Path:
+def prepare(work: Path, synthetic_rows: int = 0) -> Path:
     from ncf.preprocess import preprocess
-    if ML100K.exists(): src = ML100K
+    if synthetic_rows:
+        from ncf.synthetic import SyntheticSpec, write_days
+        src = work / "raw"; write_days(SyntheticSpec.for_rows(synthetic_rows), src, 30)
+    elif ML100K.exists(): src = ML100K
     else:
         from ncf.synthetic import SyntheticSpec, write_days
         src = work / "raw"; write_days(SyntheticSpec(), src, 30)
@@ -144,22 +151,42 @@ def main():
     p.add_argument("--child"); p.add_argument("--data"); p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
     p.add_argument("--pretrain", action="store_true"); p.add_argument("--fast", default="--batch_size 8192 --lr_scaling sqrt")
-    p.add_argument("extra", nargs="*")
+    p.add_argument("--synthetic", type=int, default=0, metavar="ROWS", help="the built-in shop with about ROWS interactions instead of ML-100K")
+    p.add_argument("--no-baseline", action="store_true", help="skip the per-sample baseline (for large data or a GPU)")
+    p.add_argument("extra", nargs="*", help="ncf_train flags for the project's runs, after --")
     a = p.parse_args()
     if a.child: return child(a.child, a.data, a.epochs, a.seed, a.extra)
     work = Path(tempfile.mkdtemp(prefix="ncf-bench-"))
-    data = prepare(work)
-    print(f"data: {data} ({'ML-100K' if ML100K.exists() else 'synthetic'}), {a.epochs} epochs, torch threads {os.cpu_count()}")
+    data = prepare(work, a.synthetic)
+    import pandas as pd
+    n = len(pd.read_parquet(data / "train.parquet", columns=["user"]))
+    print(f"data: {data} ({f'synthetic, {a.synthetic:,} rows asked' if a.synthetic else 'ML-100K' if ML100K.exists() else 'synthetic'}), "
+          f"{n:,} training interactions, {a.epochs} epochs, {os.cpu_count()} CPUs")
     if a.seeds: return accuracy(data, a)
-    base = run("baseline", data, a.epochs, a.seed)
-    target = max(x["validation"]["hr"] for x in base["history"])
-    print(f"baseline's best validation HR@10: {target:.4f}")
+    base = None if a.no_baseline else run("baseline", data, a.epochs, a.seed)
+    target = max(x["validation"]["hr"] for x in base["history"]) if base else None
+    if base: print(f"baseline's best validation HR@10: {target:.4f}")
     print(f"{'configuration':<28} {'samples/s':>12} {'s/epoch':>9} {'to target':>10} {'test HR':>8} {'NDCG':>8} {'peak MB':>9}")
-    b_sps, b_reach = summarise("per-sample baseline", base, target)
-    for name, extra in (("ncf defaults", []), (f"ncf fast ({a.fast})", a.fast.split())):
+    if base: b_sps, b_reach = summarise("per-sample baseline", base, target)
+    for name, extra in (("ncf defaults", a.extra), (f"ncf fast ({a.fast})", [*a.extra, *a.fast.split()])):
         r = run("ours", data, a.epochs, a.seed, extra)
         sps, reach = summarise(name, r, target)
-        print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
+        if base: print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
+    evaluation_speed(data)
+
+
+def evaluation_speed(data: Path, repeats: int = 5):
+    "Seconds per evaluation of a NeuMF on every test user: the paper protocol and full ranking (the weights do not matter)."
+    import torch
+    from ncf.dataset import load_splits
+    from ncf.train import TrainConfig, build_model, evaluate_full, evaluate_sampled
+    s = load_splits(data)
+    model = build_model(TrainConfig(), s.n_users, s.n_items)
+    for name, fn in (("paper protocol (99 sampled negatives)", lambda: evaluate_sampled(model, s.test, 10, "cpu")),
+                     ("full ranking (all items but the user's training items)", lambda: evaluate_full(model, s.test, s.train_users, s.train_items, 10, "cpu"))):
+        fn(); t = time.perf_counter()
+        for _ in range(repeats): fn()
+        print(f"evaluation, {name}, {len(s.test.users):,} users x {s.n_items:,} items: {(time.perf_counter() - t) / repeats:.3f} s")
 
 
 def accuracy(data, a):

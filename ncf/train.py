@@ -126,14 +126,14 @@ class NegativeSampler:
             bad[idx] = self.is_positive(u[idx], items[idx])
         return u, items
 
-# %% ../nbs/09_train.ipynb #9a4623e7
+# %% ../nbs/09_train.ipynb #6bb94416
 @torch.no_grad()
-def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk:int=8192) -> dict:
-    "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol)."
+def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=65536) -> dict:
+    "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol); about `chunk_pairs` pairs at a time."
     model.eval()
     cands = torch.as_tensor(held.candidates(), device=device)
     users = torch.as_tensor(held.users, device=device)
-    ranks = []
+    ranks, chunk = [], max(1, chunk_pairs//cands.shape[1])   # bounded memory: 11k users x 100 candidates at once took 2 GB
     for lo in range(0, len(users), chunk):
         c = cands[lo:lo+chunk]
         u = users[lo:lo+chunk, None].expand_as(c)
