@@ -45,7 +45,7 @@ class ModelConfig:
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
-# %% ../nbs/06_model.ipynb #28198e9e
+# %% ../nbs/06_model.ipynb #86edfc7d
 def _int64(c:int) -> int: return c - (1 << 64) if c >= 1 << 63 else c
 _GOLDEN, _MIX1, _MIX2 = _int64(SPLITMIX64_GAMMA), _int64(SPLITMIX64_MIX[0]), _int64(SPLITMIX64_MIX[1])
 
@@ -80,8 +80,8 @@ class Dropout(nn.Module):
     def _keep(self, x:torch.Tensor) -> torch.Tensor:   # 1 where an element is kept, 0 where dropped, in x's dtype
         n = x.numel()
         threshold = dropout_steps(self.p) - DROPOUT_STEPS//2   # an int8 lane below this drops its element
-        keep = random_words((n + 7)//8, x.device).view(torch.int8)[:n].view(x.shape) >= threshold
-        return keep.view(torch.uint8).to(x.dtype)   # via uint8: bool -> bf16 is 8x slower
+        lanes = random_words((n + 7)//8, x.device).view(torch.int8)[:n].view(x.shape)
+        return torch.ge(lanes, threshold, out=torch.empty_like(x))   # compare and convert in one pass (3x cheaper than via bool)
     def extra_repr(self): return f"p={self.p}"
 
 # %% ../nbs/06_model.ipynb #915d200e
