@@ -16,11 +16,11 @@ from .metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'autocast_dtype', 'NegativeSampler', 'evaluate_sampled',
-           'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint',
-           'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights',
-           'refit_with_validation', 'train', 'pretrain', 'final_metrics', 'save_model', 'parser', 'resolve_data',
-           'load_channels', 'main']
+__all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'autocast_dtype', 'keep_freed_memory', 'NegativeSampler',
+           'evaluate_sampled', 'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint',
+           'save_checkpoint', 'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch',
+           'positive_weights', 'refit_with_validation', 'train', 'pretrain', 'final_metrics', 'save_model', 'parser',
+           'resolve_data', 'load_channels', 'main']
 
 # %% ../nbs/09_train.ipynb #8ef08313
 @dataclass(frozen=True)
@@ -101,7 +101,18 @@ def autocast_dtype(cfg:TrainConfig, device:torch.device):
     native = cpu_bf16()
     return torch.bfloat16 if native == "amx" or (native == "avx512" and cfg.batch_size >= 1024) else None
 
-# %% ../nbs/09_train.ipynb #57d37d1a
+# %% ../nbs/09_train.ipynb #ada69bb5
+def keep_freed_memory() -> bool:
+    "Tell glibc's malloc to serve blocks up to 32 MB from the heap and not to trim it (fewer page faults per step); False where that is not glibc."
+    import ctypes, ctypes.util
+    if not sys.platform.startswith("linux"): return False
+    try: libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError: return False
+    mallopt = getattr(libc, "mallopt", None)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+# %% ../nbs/09_train.ipynb #791524f3
 class NegativeSampler:
     "Draws `num_ng` negatives per training positive, never one of that user's training positives."
     def __init__(self, users:torch.Tensor, items:torch.Tensor, n_items:int):
@@ -126,7 +137,7 @@ class NegativeSampler:
             bad[idx] = self.is_positive(u[idx], items[idx])
         return u, items
 
-# %% ../nbs/09_train.ipynb #6bb94416
+# %% ../nbs/09_train.ipynb #c77bc051
 @torch.no_grad()
 def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=65536) -> dict:
     "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol); about `chunk_pairs` pairs at a time."
@@ -167,7 +178,7 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
         for f in out: out[f] += m[f]*len(u)
     return {f: v/len(users) for f, v in out.items()} | {"k": k}
 
-# %% ../nbs/09_train.ipynb #068a7bbe
+# %% ../nbs/09_train.ipynb #413a637f
 def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, window:int, weight:float) -> np.ndarray|None:
     "Loss weight of each training positive: each user's `window` latest interactions weigh `weight` times the rest, and each user's weights average 1; None when off."
     if weight == 1 or window == 0: return None
@@ -181,7 +192,7 @@ def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, w
     w = np.empty(len(u)); w[order] = np.where(from_end < window, weight, 1.0)
     return (w/(np.bincount(users, weights=w)/np.bincount(users))[users]).astype(np.float32)
 
-# %% ../nbs/09_train.ipynb #40f8c076
+# %% ../nbs/09_train.ipynb #79c30ed4
 CHECKPOINT = "last.pt"
 
 def fingerprint(cfg:TrainConfig, data_version:str) -> str:
@@ -201,7 +212,7 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state if state.get("fingerprint") == fp else None
 
-# %% ../nbs/09_train.ipynb #5a6a03df
+# %% ../nbs/09_train.ipynb #722e941d
 def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None=None) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP models (`pretrained`, or model directories)."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
@@ -233,7 +244,7 @@ class TrainResult:
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-# %% ../nbs/09_train.ipynb #545cf29d
+# %% ../nbs/09_train.ipynb #721673e7
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
                 cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None) -> tuple[float, int, float]:
     "Train one epoch (positives weighted by `pos_weight` when given); return the mean loss, the number of samples and the seconds it took."
@@ -257,7 +268,7 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
-# %% ../nbs/09_train.ipynb #adea4ca4
+# %% ../nbs/09_train.ipynb #7bec8c16
 def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tensor|None:
     w = recency_weights(users, items, times, cfg.recency_window, cfg.recency_weight)
     return None if w is None else torch.as_tensor(w, device=device)
@@ -279,10 +290,11 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
 
-# %% ../nbs/09_train.ipynb #d540e0c4
+# %% ../nbs/09_train.ipynb #472989cf
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
     "Train on `splits`; select the epoch on validation; score the selected model on test."
     if cfg.threads: torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
     device, dtype = resolve_device(cfg), None
     dtype = autocast_dtype(cfg, device)
@@ -361,14 +373,14 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
     if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
     return m
 
-# %% ../nbs/09_train.ipynb #d9d9c2de
+# %% ../nbs/09_train.ipynb #08aa07c7
 def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
     "Write the trained model with everything serving needs (see `ncf.modeldir`); return the manifest."
     seen = pd.DataFrame({"user": result.pairs[0], "item": result.pairs[1]})
     return write_model_dir(model_dir, result.model.cpu(), splits.users, splits.items, seen, result.metrics,
                            asdict(result.config), splits.data_version)
 
-# %% ../nbs/09_train.ipynb #e4f6c8b3
+# %% ../nbs/09_train.ipynb #d41b4b59
 def _bool(s) -> bool:
     if isinstance(s, bool): return s
     if str(s).lower() in ("1", "true", "yes", "y"): return True
@@ -439,6 +451,6 @@ def main(argv=None) -> int:
     print(f"model {manifest['model_version']} written to {args.model_dir}")
     return 0
 
-# %% ../nbs/09_train.ipynb #1ba1988b
+# %% ../nbs/09_train.ipynb #5aff89cd
 #| eval: false
 if __name__ == "__main__": sys.exit(main())
