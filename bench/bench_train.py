@@ -150,7 +150,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--child"); p.add_argument("--data"); p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
-    p.add_argument("--pretrain", action="store_true"); p.add_argument("--fast", default="--batch_size 8192 --lr_scaling sqrt")
+    p.add_argument("--pretrain", action="store_true"); p.add_argument("--fast", default="--batch_size 16384 --lr_scaling sqrt")
     p.add_argument("--synthetic", type=int, default=0, metavar="ROWS", help="the built-in shop with about ROWS interactions instead of ML-100K")
     p.add_argument("--no-baseline", action="store_true", help="skip the per-sample baseline (for large data or a GPU)")
     p.add_argument("extra", nargs="*", help="ncf_train flags for the project's runs, after --")
