@@ -177,7 +177,6 @@ def main():
 
 def evaluation_speed(data: Path, repeats: int = 5):
     "Seconds per evaluation of a NeuMF on every test user: the paper protocol and full ranking (the weights do not matter)."
-    import torch
     from ncf.dataset import load_splits
     from ncf.train import TrainConfig, build_model, evaluate_full, evaluate_sampled
     s = load_splits(data)

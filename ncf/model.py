@@ -45,7 +45,7 @@ class ModelConfig:
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
-# %% ../nbs/06_model.ipynb #86edfc7d
+# %% ../nbs/06_model.ipynb #4feb923a
 def _int64(c:int) -> int: return c - (1 << 64) if c >= 1 << 63 else c
 _GOLDEN, _MIX1, _MIX2 = _int64(SPLITMIX64_GAMMA), _int64(SPLITMIX64_MIX[0]), _int64(SPLITMIX64_MIX[1])
 
@@ -57,6 +57,9 @@ def random_words(n:int, device=None) -> torch.Tensor:
         x ^= (x >> shift) & ((1 << (64 - shift)) - 1)   # logical shift (>> on int64 is arithmetic)
         if mul is not None: x *= mul
     return x
+
+def _in_autocast_dtype(x:torch.Tensor) -> torch.Tensor:   # under autocast the mask is built and applied in its dtype
+    return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
 
 class Dropout(nn.Module):
     "Inverted dropout whose mask comes from 8-bit lanes of SplitMix64 words; `p` is rounded to a multiple of 1/256."
@@ -71,11 +74,11 @@ class Dropout(nn.Module):
     def unscaled(self, x:torch.Tensor) -> torch.Tensor:
         "`x` with the dropped elements zeroed but the rest not yet scaled: for a caller that folds `scale` into the next layer."
         if not self.active: return x
-        if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _in_autocast_dtype(x)
         return x*self._keep(x)
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         if not self.active: return x
-        if torch.is_autocast_enabled(x.device.type): x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _in_autocast_dtype(x)
         return x*self._keep(x).mul_(self.scale)
     def _keep(self, x:torch.Tensor) -> torch.Tensor:   # 1 where an element is kept, 0 where dropped, in x's dtype
         n = x.numel()
