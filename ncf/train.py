@@ -16,11 +16,12 @@ from .metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 
 # %% auto #0
-__all__ = ['CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'autocast_dtype', 'keep_freed_memory', 'NegativeSampler',
-           'evaluate_sampled', 'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint',
-           'save_checkpoint', 'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch',
-           'positive_weights', 'refit_with_validation', 'train', 'pretrain', 'final_metrics', 'save_model', 'parser',
-           'resolve_data', 'load_channels', 'main']
+__all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'precision_choice',
+           'autocast_dtype', 'keep_freed_memory', 'NegativeSampler', 'sampled_ranks', 'evaluate_sampled',
+           'popularity_baseline', 'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint',
+           'load_checkpoint', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights',
+           'refit_with_validation', 'train', 'pretrain', 'final_metrics', 'save_model', 'parser', 'resolve_data',
+           'load_channels', 'main']
 
 # %% ../nbs/09_train.ipynb #8ef08313
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class TrainConfig:
     weight_decay:float=0.0
     lr_scaling:str="none"        # none | sqrt | linear: scale lr by (batch_size/256)^p
     sparse:bool=False            # sparse embedding gradients (SparseAdam on embeddings): for large catalogues
-    precision:str="auto"         # auto (bf16 on GPUs, AMX CPUs, and AVX-512 BF16 CPUs at batch_size >= 1024) | bf16 | fp32
+    precision:str="auto"         # auto (bf16 where measured faster: large NeuMF/MLP batches on bf16 CPUs) | bf16 | fp32
     patience:int=0               # early stopping: stop after this many epochs without a better validation HR (0: off)
     seed:int=42
     device:str="auto"            # auto | cpu | cuda
@@ -84,8 +85,13 @@ class TrainConfig:
         return self.lr*(self.batch_size/256)**p
 
 # %% ../nbs/09_train.ipynb #45da81dd
+CPU_BF16_ENV = "NCF_CPU_BF16"   # amx | avx512 | none: run as that CPU kind would (tests, reproductions)
+
 def cpu_bf16() -> str|None:
-    "How this CPU computes in bf16 natively: `amx` (AMX tiles), `avx512` (AVX-512 BF16 dot products), or None."
+    "How this CPU computes in bf16 natively: `amx` (AMX tiles), `avx512` (AVX-512 BF16 dot products), or None; `NCF_CPU_BF16` overrides."
+    if forced := os.environ.get(CPU_BF16_ENV):
+        if forced not in ("amx", "avx512", "none"): raise ConfigError(f"{CPU_BF16_ENV} must be amx, avx512 or none, got {forced!r}")
+        return None if forced == "none" else forced
     try: flags = Path("/proc/cpuinfo").read_text()
     except OSError: return None
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else None
@@ -94,12 +100,22 @@ def resolve_device(cfg:TrainConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available(): raise ConfigError("device cuda requested but no CUDA device is available")
     return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
 
+# %% ../nbs/09_train.ipynb #2b16ee89
+BF16_MIN_BATCH = {"amx": 16384, "avx512": 4096, "cuda": 16384}   # measured: see the explanation above
+
+def precision_choice(cfg:TrainConfig, device:torch.device) -> tuple[torch.dtype|None, str]:
+    "The autocast dtype (None: fp32) for `cfg` on `device`, and the reason, in words."
+    if cfg.precision != "auto": return (torch.bfloat16 if cfg.precision == "bf16" else None), f"--precision {cfg.precision}"
+    kind = "cuda" if device.type == "cuda" else cpu_bf16()
+    if kind is None: return None, "auto: this CPU has no native bf16 (neither amx_bf16 nor avx512_bf16)"
+    if cfg.model == "GMF": return None, "auto: GMF has no matrix product for bf16 to speed up"
+    need = BF16_MIN_BATCH[kind]
+    if cfg.batch_size < need: return None, f"auto: batch_size {cfg.batch_size} < {need}, below which bf16 is slower on {kind}"
+    return torch.bfloat16, f"auto: batch_size {cfg.batch_size} >= {need}, from which bf16 is faster on {kind}"
+
 def autocast_dtype(cfg:TrainConfig, device:torch.device):
-    "bfloat16 for autocast, or None for fp32."
-    if cfg.precision == "fp32": return None
-    if cfg.precision == "bf16" or device.type == "cuda": return torch.bfloat16
-    native = cpu_bf16()
-    return torch.bfloat16 if native == "amx" or (native == "avx512" and cfg.batch_size >= 1024) else None
+    "bfloat16 for autocast, or None for fp32 (the dtype of `precision_choice`)."
+    return precision_choice(cfg, device)[0]
 
 # %% ../nbs/09_train.ipynb #2a9f0344
 @functools.cache
@@ -140,8 +156,8 @@ class NegativeSampler:
 
 # %% ../nbs/09_train.ipynb #c77bc051
 @torch.no_grad()
-def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=65536) -> dict:
-    "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol); about `chunk_pairs` pairs at a time."
+def sampled_ranks(model:NCF, held:HeldOut, device, chunk_pairs:int=65536) -> torch.Tensor:
+    "Each held-out item's 0-based rank among its sampled negatives (the paper protocol); about `chunk_pairs` pairs at a time."
     model.eval()
     cands = torch.as_tensor(held.candidates(), device=device)
     users = torch.as_tensor(held.users, device=device)
@@ -150,7 +166,11 @@ def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=655
         c = cands[lo:lo+chunk]
         u = users[lo:lo+chunk, None].expand_as(c)
         ranks.append(ranks_among(model(u.reshape(-1), c.reshape(-1)).float().view(c.shape)))
-    hr, ndcg = hit_ndcg(torch.cat(ranks).cpu(), k)
+    return torch.cat(ranks).cpu()
+
+def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=65536) -> dict:
+    "HR@k and NDCG@k of held-out items ranked among their sampled negatives (the paper protocol)."
+    hr, ndcg = hit_ndcg(sampled_ranks(model, held, device, chunk_pairs), k)
     return {"hr": hr, "ndcg": ndcg, "k": k}
 
 def popularity_baseline(splits:Splits, k:int) -> dict:
@@ -297,8 +317,9 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     if cfg.threads: torch.set_num_threads(cfg.threads)
     keep_freed_memory()
     pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
-    device, dtype = resolve_device(cfg), None
-    dtype = autocast_dtype(cfg, device)
+    device = resolve_device(cfg)
+    dtype, why = precision_choice(cfg, device)
+    log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
@@ -346,6 +367,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     if cfg.refit and best and best["epoch"] > 0:
         model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
+    metrics["precision"] = {"autocast": "bf16" if dtype else "fp32", "reason": why}
     if refit: metrics["refit"] = refit
     if pre: metrics["pretrain"] = {k: {f: r.metrics[f] for f in ("best_epoch", "validation", "test", "train_seconds")} for k, r in pre.items()}
     return TrainResult(model.eval(), metrics, cfg, pairs, selected)

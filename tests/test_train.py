@@ -88,8 +88,12 @@ def test_neumf_pretraining(data, tmp_path):
     assert neu.model.embed_user_GMF.weight.shape == gmf.model.embed_user_GMF.weight.shape
 
 
-def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("selects", ["last epoch", "epoch 0"])
+def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_path, monkeypatch, selects):
     import ncf.train as T
+    # Validation's choice is fixed here: which epoch wins depends on the CPU's trajectory, the protocol must not
+    monkeypatch.setattr(T, "_better", (lambda a, b: True) if selects == "last epoch" else (lambda a, b: b is None))
+    refits = selects == "last epoch"   # a model selected at epoch 0 has nothing to refit
     calls, pre = [], {}
     build, pretrain = T.build_model, T.pretrain
     def spy_build(cfg, n_users, n_items, pretrained=None):
@@ -100,13 +104,14 @@ def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_p
     cfg = TrainConfig(epochs=2, batch_size=512, factor_num=8, num_layers=2, full_ranking=False, pretrain=True)
     lines = []
     r = train(load_splits(data), cfg, checkpoint_dir=tmp_path / "ck", log=lines.append)
-    assert set(r.metrics["pretrain"]) == {"GMF", "MLP"} and "refit" in r.metrics
-    assert all(p.metrics.get("refit") and p.selected is not p.model for p in pre.values())   # both were refit
+    assert set(r.metrics["pretrain"]) == {"GMF", "MLP"} and ("refit" in r.metrics) == refits
+    assert r.metrics["best_epoch"] == (2 if refits else 0)
+    assert all(bool(p.metrics.get("refit")) == refits and (p.selected is not p.model) == refits for p in pre.values())
     # NeuMF's epochs are chosen starting from GMF/MLP trained on the training interactions only...
     neumf = [p for model, p in calls if model == "NeuMF"]
-    assert len(neumf) == 2 and neumf[0][0] is pre["GMF"].selected and neumf[0][1] is pre["MLP"].selected
+    assert len(neumf) == (2 if refits else 1) and neumf[0][0] is pre["GMF"].selected and neumf[0][1] is pre["MLP"].selected
     # ...and only its refit on train + validation starts from their refits
-    assert neumf[1][0] is pre["GMF"].model and neumf[1][1] is pre["MLP"].model
+    if refits: assert neumf[1][0] is pre["GMF"].model and neumf[1][1] is pre["MLP"].model
     assert (tmp_path / "ck" / "pretrain-GMF" / "last.pt").exists() and (tmp_path / "ck" / "pretrain-MLP" / "last.pt").exists()
     # SageMaker's metric regexes see NeuMF's epochs only
     assert sum("HR=" in l for l in lines) == 2 and any(l.startswith("GMF pre-training: epoch 1/2") for l in lines)
@@ -114,6 +119,24 @@ def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_p
     again = train(load_splits(data), cfg, checkpoint_dir=tmp_path / "ck", log=lambda *a: None)
     assert all(torch.equal(a, b) for a, b in zip(r.model.state_dict().values(), again.model.state_dict().values()))
     assert again.metrics["test"] == r.metrics["test"]
+
+
+@pytest.mark.parametrize("cpu, model, expected", [("avx512", "NeuMF", "bf16"), ("none", "NeuMF", "fp32"), ("avx512", "GMF", "fp32")])
+def test_auto_precision_follows_the_cpu_kind_and_says_why(data, tmp_path, cpu, model, expected):
+    # NCF_CPU_BF16 stands in for /proc/cpuinfo, so that each CPU kind's choice is checked on any machine
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", "--output-data-dir", tmp_path / "out", "--epochs", "1", "--model", model,
+                  "--batch_size", "4096", "--lr_scaling", "sqrt", "--full_ranking", "false", env={"NCF_CPU_BF16": cpu})
+    assert r.returncode == 0, r.stderr
+    chosen = json.loads((tmp_path / "out" / "metrics.json").read_text())["precision"]
+    assert chosen["autocast"] == expected and chosen["reason"].startswith("auto: ")
+    assert read_metrics(tmp_path / "m")["precision"] == chosen
+    assert f"precision: {expected} ({chosen['reason']})" in r.stdout
+
+
+def test_unknown_cpu_kind_override_is_a_clear_error(data, tmp_path):
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", "--epochs", "1", *FAST[:-2], env={"NCF_CPU_BF16": "avx9"})
+    assert r.returncode == 2 and "NCF_CPU_BF16 must be amx, avx512 or none, got 'avx9'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("args, message", [
