@@ -158,7 +158,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--child"); p.add_argument("--data"); p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
-    p.add_argument("--pretrain", action="store_true"); p.add_argument("--fast", default="--batch_size 16384 --lr_scaling sqrt")
+    p.add_argument("--pretrain", action="store_true"); p.add_argument("--results", help="with --seeds: a JSON file that keeps each run, so that an interrupted run resumes")
+    p.add_argument("--fast", default="--batch_size 16384 --lr_scaling sqrt")
     p.add_argument("--synthetic", type=int, default=0, metavar="ROWS", help="the built-in shop with about ROWS interactions instead of ML-100K")
     p.add_argument("--no-baseline", action="store_true", help="skip the per-sample baseline (for large data or a GPU)")
     p.add_argument("extra", nargs="*", help="ncf_train flags for the project's runs, after --")
@@ -212,19 +213,22 @@ def bootstrap_interval(ranks, k: int = 10, reps: int = 2000, seed: int = 0) -> d
 
 
 def accuracy(data, a):
-    "Test HR/NDCG at the validation-selected epoch over seeds, with and without pre-training."
-    rows = {"NeuMF, no recency weight": [], "NeuMF": [], "NeuMF + pre-training": []}
+    "Test HR/NDCG at the validation-selected epoch over seeds, with and without pre-training; each run is kept in --results as it ends."
+    rows = {"NeuMF, no recency weight": ["--recency_weight", "1"], "NeuMF": [], "NeuMF + pre-training": ["--pretrain"]}
+    if not a.pretrain: del rows["NeuMF + pre-training"]
+    done = json.loads(Path(a.results).read_text()) if a.results and Path(a.results).exists() else {}
     for seed in range(a.seeds):
-        rows["NeuMF, no recency weight"].append(run("ours", data, a.epochs, seed, [*a.extra, "--recency_weight", "1"]))
-        rows["NeuMF"].append(run("ours", data, a.epochs, seed, a.extra))
-        if a.pretrain: rows["NeuMF + pre-training"].append(run("ours", data, a.epochs, seed, [*a.extra, "--pretrain"]))
-        print(f"seed {seed}: " + "; ".join(f"{k} HR {v[-1]['test']['hr']:.4f} NDCG {v[-1]['test']['ndcg']:.4f} ({v[-1]['precision']['autocast']})"
-                                           for k, v in rows.items() if v), flush=True)
+        for name, flags in rows.items():
+            key = f"{name} | seed {seed}"
+            if key not in done:
+                done[key] = run("ours", data, a.epochs, seed, [*a.extra, *flags])
+                if a.results: Path(a.results).write_text(json.dumps(done))
+            r = done[key]
+            print(f"seed {seed}: {name}: test HR {r['test']['hr']:.4f} NDCG {r['test']['ndcg']:.4f} ({r['precision']['autocast']}: {r['precision']['reason']})", flush=True)
     print(f"test HR@10 / NDCG@10: mean over {a.seeds} seeds [95% bootstrap interval over seeds and test users] (sd between seeds)")
-    for k, v in rows.items():
-        if v:
-            b = bootstrap_interval([x["test_ranks"] for x in v])
-            print(f"{k:<26} " + "   ".join(f"{m.upper()}@10 {b[m][0]:.4f} [{b[m][1]:.3f}, {b[m][2]:.3f}] (sd {b[m][3]:.4f})" for m in ("hr", "ndcg")))
+    for name in rows:
+        b = bootstrap_interval([done[f"{name} | seed {seed}"]["test_ranks"] for seed in range(a.seeds)])
+        print(f"{name:<26} " + "   ".join(f"{m.upper()}@10 {b[m][0]:.4f} [{b[m][1]:.3f}, {b[m][2]:.3f}] (sd {b[m][3]:.4f})" for m in ("hr", "ndcg")))
 
 
 if __name__ == "__main__":
