@@ -8,17 +8,14 @@ import datetime as dt, json, shutil, sqlite3, uuid
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Protocol
-from .core import NCFError, ConfigError
+from .core import NCFError, ConfigError, RegistryError
 from .modeldir import verify_model_dir, read_metrics
 
 # %% auto #0
-__all__ = ['STATUSES', 'RegistryError', 'ModelVersion', 'Registry', 'check_status', 'LocalRegistry']
+__all__ = ['STATUSES', 'ModelVersion', 'Registry', 'check_status', 'LocalRegistry']
 
 # %% ../nbs/15_registry.ipynb #998c3972
 STATUSES = ("PendingManualApproval", "Approved", "Rejected")
-
-class RegistryError(NCFError):
-    "A registry operation was refused: unknown group or version, or an invalid transition."
 
 @dataclass
 class ModelVersion:
