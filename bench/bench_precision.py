@@ -28,7 +28,7 @@ def main():
     a = p.parse_args()
     import torch
     from bench_train import cpu_name, prepare
-    from ncf.dataset import load_splits
+    from ncf.data.dataset import load_splits
     from ncf.train import TrainConfig, cpu_bf16, train
     splits = load_splits(prepare(Path(tempfile.mkdtemp(prefix="ncf-bench-"))))
     print(f"CPU: {cpu_name()}; native bf16: {cpu_bf16()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; "

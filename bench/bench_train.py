@@ -35,13 +35,13 @@ def cpu_name() -> str:
 
 
 def prepare(work: Path, synthetic_rows: int = 0) -> Path:
-    from ncf.preprocess import preprocess
+    from ncf.data.preprocess import preprocess
     if synthetic_rows:
-        from ncf.synthetic import SyntheticSpec, write_days
+        from ncf.data.synthetic import SyntheticSpec, write_days
         src = work / "raw"; write_days(SyntheticSpec.for_rows(synthetic_rows), src, 30)
     elif ML100K.exists(): src = ML100K
     else:
-        from ncf.synthetic import SyntheticSpec, write_days
+        from ncf.data.synthetic import SyntheticSpec, write_days
         src = work / "raw"; write_days(SyntheticSpec(), src, 30)
     return Path(preprocess(src, work / "data", run_id="bench")["path"])
 
@@ -80,7 +80,7 @@ def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
     "The common recipe: per-sample Dataset, Python-loop negatives, DataLoader(batch_size=256), fp32."
     import torch
     from torch.utils.data import DataLoader, Dataset
-    from ncf.dataset import load_splits
+    from ncf.data.dataset import load_splits
     from ncf.train import evaluate_sampled
     torch.manual_seed(seed); rng = np.random.default_rng(seed)
     s = load_splits(data)
@@ -120,7 +120,7 @@ def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
 
 def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
     import torch
-    from ncf.dataset import load_splits
+    from ncf.data.dataset import load_splits
     from ncf.train import TrainConfig, train, parser, sampled_ranks
     s = load_splits(data)
     args = vars(parser().parse_args(["--epochs", str(epochs), "--seed", str(seed), "--full_ranking", "false", *extra]))
@@ -185,7 +185,7 @@ def main():
 
 def evaluation_speed(data: Path, repeats: int = 5):
     "Seconds per evaluation of a NeuMF on every test user: the paper protocol and full ranking (the weights do not matter)."
-    from ncf.dataset import load_splits
+    from ncf.data.dataset import load_splits
     from ncf.train import TrainConfig, build_model, evaluate_full, evaluate_sampled
     s = load_splits(data)
     model = build_model(TrainConfig(), s.n_users, s.n_items)

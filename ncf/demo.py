@@ -8,7 +8,7 @@ import argparse, json, os, sys, time, urllib.request
 from pathlib import Path
 import pandas as pd
 from .core import NCFError
-from .synthetic import next_day
+from .data.synthetic import next_day
 from .pipeline import PipelineParams, run_local
 from .registry import LocalRegistry
 
@@ -60,7 +60,7 @@ def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=N
         server = launch(prod.model_uri, port=port)
     else: print(f"== the endpoint on {url} is already running; it serves {current_version(url)}")
     try:
-        from ncf.modeldir import load_model_dir
+        from ncf.model.modeldir import load_model_dir
         if user is None:
             seen = pd.read_parquet(Path(prod.model_uri)/"seen.parquet"); users = pd.read_parquet(Path(prod.model_uri)/"users.parquet")
             user = str(users.user_id.iloc[int(seen.user.value_counts().index[0])])

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import NCFError, ConfigError, write_json
-from .dataset import load_splits, HeldOut
-from .metrics import ranks_among, hit_ndcg
-from .modeldir import load_model_dir, ModelDir
+from .data.dataset import load_splits, HeldOut
+from .model.metrics import ranks_among, hit_ndcg
+from .model.modeldir import load_model_dir, ModelDir
 
 # %% auto #0
 __all__ = ['to_model_index', 'score_held_out', 'gate', 'evaluate', 'main']

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import RequestError
-from .model import NCF, item_tables
-from .modeldir import ModelDir, load_model_dir
+from .model.nets import NCF, item_tables
+from .model.modeldir import ModelDir, load_model_dir
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',

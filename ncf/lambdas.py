@@ -14,7 +14,7 @@ __all__ = ['DATA_SUFFIXES', 'BUSY', 'DataObject', 'data_object', 'object_events'
            'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../nbs/18_lambdas.ipynb #f0790ca3
-DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.readers reads from a dt= partition
+DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
 _PARTITION = re.compile(r"(?:^|/)dt=([^/]+)/([^/]+)$")
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, ast, gzip, io, os, sys, tarfile, tempfile
 from pathlib import Path
 from .core import NCFError, sha256_file
-from .modeldir import FILES, MANIFEST, load_model_dir
+from .model.modeldir import FILES, MANIFEST, load_model_dir
 
 # %% auto #0
 __all__ = ['REQUIREMENTS', 'ENTRY_POINT', 'module_closure', 'package_model', 'main']

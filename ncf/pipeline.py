@@ -81,7 +81,7 @@ def code_version() -> str:
 
 def raw_data_fingerprint(uri, days:int|None=None, end:str|None=None) -> dict:
     "Which raw files a run reads and a hash of their content (local paths)."
-    from ncf.readers import partitions, window, _data_files
+    from ncf.data.readers import partitions, window, _data_files
     p = Path(uri)
     if not p.exists(): raise DataError(f"{p}: no such file or directory")
     if p.is_file(): files = [p]
@@ -144,7 +144,8 @@ class LocalRun:
 
 # %% ../nbs/16_pipeline.ipynb #a3b32e86
 def _step_preprocess(run:LocalRun):
-    from ncf.preprocess import preprocess, PreprocessParams
+    from ncf.data.preprocess import preprocess
+    from ncf.data.split import PreprocessParams
     p = run.p
     fp = raw_data_fingerprint(p.data_uri, p.days)
     run_date = p.run_date or fp["last_day"] or dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -157,7 +158,7 @@ def _step_preprocess(run:LocalRun):
 
 def _step_train(run:LocalRun):
     from ncf.train import main as ncf_train
-    from ncf.modeldir import verify_model_dir
+    from ncf.model.modeldir import verify_model_dir
     data = run.state["data"]
     key = digest(data["data_version"], run.p.hyperparameters, run.code)
     inputs = {"data_version": data["data_version"], "hyperparameters": run.p.hyperparameters, "code_version": run.code}
@@ -205,7 +206,7 @@ def _register(run:LocalRun, step:str, status:str):
 
 def _step_create_model(run:LocalRun):
     "Locally, 'creating the model' is checking that the registered directory loads, exactly as the endpoint will load it."
-    from ncf.modeldir import load_model_dir
+    from ncf.model.modeldir import load_model_dir
     t0 = time.perf_counter(); v = run.state["version"]
     md = load_model_dir(v.model_uri)
     run.record("CreateModel", "ran", {"model_uri": v.model_uri}, {"model_version": md.version}, t0=t0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Protocol
 from .core import NCFError, ConfigError, RegistryError
-from .modeldir import verify_model_dir, read_metrics
+from .model.modeldir import verify_model_dir, read_metrics
 
 # %% auto #0
 __all__ = ['STATUSES', 'ModelVersion', 'Registry', 'check_status', 'LocalRegistry']
@@ -24,7 +24,7 @@ class ModelVersion:
     version:int
     status:str
     model_uri:str          # where the registered model directory (or model.tar.gz) lives
-    model_version:str      # the model's content version (ncf.modeldir)
+    model_version:str      # the model's content version (ncf.model.modeldir)
     data_version:str
     code_version:str
     metrics:dict           # the model's metrics.json (and the evaluation, when there was one)

@@ -26,14 +26,14 @@ def retrain_data(data_uri:str|None, work_dir, backend:str="local") -> str:
     check_backend(backend)
     if data_uri: return str(data_uri)
     if backend != "local": raise ConfigError(f"backend {backend!r} reads its data from S3: set data_uri (s3://bucket/prefix)")
-    from ncf.synthetic import next_day
+    from ncf.data.synthetic import next_day
     raw = Path(work_dir)/"raw"
     if not any(raw.glob("dt=*")): next_day(raw)
     return str(raw)
 
 def daily_events(data_uri, days:int|None=None, end:str|None=None) -> pd.DataFrame|None:
     "Events, customers and items per day of a local `dt=YYYY-MM-DD` log root (None for other sources)."
-    from ncf.readers import read_partitioned
+    from ncf.data.readers import read_partitioned
     p = Path(str(data_uri))
     if str(data_uri).startswith("s3://") or not p.is_dir() or not any(p.glob("dt=*")): return None
     df = read_partitioned(p, days=days, end=end).df
@@ -67,8 +67,8 @@ def _outputs(run:dict, step:str) -> dict:
 
 def run_report(run_dir) -> RunReport:
     "Read a local run back from `RUN_DIR/run.json` and the files its steps point to."
-    from ncf.dataset import MANIFEST
-    from ncf.modeldir import read_metrics
+    from ncf.data.dataset import MANIFEST
+    from ncf.model.modeldir import read_metrics
     run = read_json(Path(run_dir)/"run.json")
     data, model, ev = (_outputs(run, s) for s in ("Preprocess", "Train", "Evaluate"))
     reg = _outputs(run, "RegisterApproved") or _outputs(run, "RegisterRejected")
@@ -79,7 +79,7 @@ def run_report(run_dir) -> RunReport:
 # %% ../nbs/20_reports.ipynb #ccd18fb7
 def report_metrics(report:RunReport) -> dict:
     "The run's metrics document: the model's `metrics.json` plus the evaluation, checked against the schema."
-    from ncf.modeldir import validate_metrics
+    from ncf.model.modeldir import validate_metrics
     if report.metrics is None: raise ConfigError(f"{report.where}: the run recorded no trained model, so it has no metrics")
     return validate_metrics({**report.metrics, "evaluation": report.evaluation}, f"{report.where} metrics")
 
@@ -91,7 +91,7 @@ def write_metrics(report:RunReport, path) -> Path|None:
 # %% ../nbs/20_reports.ipynb #049a44e1
 def data_summary(report:RunReport) -> str:
     "The preprocessing summary of the run's data set."
-    from ncf.preprocess import summary
+    from ncf.data.preprocess import summary
     return summary(report.data) if report.data else f"data: preprocessed by {report.where or 'the remote pipeline'}"
 
 def plot_history(metrics:dict|None):

@@ -100,14 +100,14 @@ def stage_code(dest) -> Path:
 PROCESSING = "/opt/ml/processing"
 
 def preprocess_entry(argv=None) -> int:
-    "Processing container: `preprocess.py --data-uri S3 [--run-date D] [--days N] [--data-version V]` → `ncf.preprocess`."
+    "Processing container: `preprocess.py --data-uri S3 [--run-date D] [--days N] [--data-version V]` → `ncf.cli.preprocess`."
     p = argparse.ArgumentParser(prog="preprocess.py")
     p.add_argument("--data-uri", required=True); p.add_argument("--run-date", default="")
     p.add_argument("--days", type=int, default=0); p.add_argument("--data-version", default="")
     p.add_argument("--out", default=f"{PROCESSING}/data")
     a = p.parse_args(argv)
     if a.data_version: print(f"triggered by data version {a.data_version}")
-    from ncf.preprocess import main
+    from ncf.cli.preprocess import main
     return main([a.data_uri, a.out, *(["--run-date", a.run_date] if a.run_date else []), *(["--days", str(a.days)] if a.days else [])])
 
 # %% ../nbs/17_sagemaker.ipynb #e3f2c426
@@ -133,7 +133,8 @@ def evaluate_entry(argv=None) -> int:
     p.add_argument("--production-uri", default=""); p.add_argument("--hr-threshold", default="0.5"); p.add_argument("--tolerance", default="0.02")
     p.add_argument("--out", default=f"{PROCESSING}/evaluation"); p.add_argument("--package-out", default=f"{PROCESSING}/package")
     a = p.parse_args(argv)
-    from ncf import storage, evaluate, package
+    from ncf.data import storage
+    from ncf import evaluate, package
     from ncf.train import resolve_data
     with tempfile.TemporaryDirectory() as d:
         new = _extract(_archive_in(a.model), Path(d)/"new")
@@ -557,7 +558,7 @@ class SageMakerRegistry:
 
     def register(self, group, model_dir, status="PendingManualApproval", reason="", code_version="", extra_metrics=None) -> ModelVersion:
         "Package a verified model directory (ncf_package), upload it and register it as the group's next version."
-        from ncf.modeldir import verify_model_dir, read_metrics
+        from ncf.model.modeldir import verify_model_dir, read_metrics
         from ncf.registry import check_status
         from ncf import package
         check_status(status)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 from .core import ConfigError, DataError, ModelError, NCFError, write_json
-from .dataset import Splits, HeldOut, load_splits, MANIFEST as DATA_MANIFEST
-from .model import NCF, ModelConfig, MODELS, dropout_steps, neumf_from_pretrained
-from .metrics import ranks_among, hit_ndcg, full_ranking_metrics
-from .modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
+from .data.dataset import Splits, HeldOut, load_splits, MANIFEST as DATA_MANIFEST
+from .model.nets import NCF, ModelConfig, MODELS, dropout_steps, neumf_from_pretrained
+from .model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
+from .model.modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'TrainConfig', 'cpu_bf16', 'resolve_device', 'precision_choice',
@@ -182,7 +182,7 @@ def popularity_baseline(splits:Splits, k:int) -> dict:
 @torch.no_grad()
 def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int=512) -> dict:
     "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items."
-    from ncf.model import score_matrix, item_tables
+    from ncf.model.nets import score_matrix, item_tables
     model.eval(); tables = item_tables(model)
     tu, ti = torch.as_tensor(train_users), torch.as_tensor(train_items)
     order = torch.argsort(tu, stable=True); tu, ti = tu[order], ti[order]
@@ -204,7 +204,7 @@ def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, w
     "Loss weight of each training positive: each user's `window` latest interactions weigh `weight` times the rest, and each user's weights average 1; None when off."
     if weight == 1 or window == 0: return None
     if times is None: raise DataError("recency weighting needs the training timestamps, and this data set has none; pass --recency_weight 1")
-    from ncf.preprocess import tie_key
+    from ncf.data.split import tie_key
     users = np.asarray(users); order = np.lexsort((tie_key(users, np.asarray(items)), np.asarray(times), users))
     u = users[order]
     start = np.r_[0, np.flatnonzero(np.diff(u)) + 1]                       # each user's first row, in time order
@@ -398,7 +398,7 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
 
 # %% ../nbs/09_train.ipynb #08aa07c7
 def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
-    "Write the trained model with everything serving needs (see `ncf.modeldir`); return the manifest."
+    "Write the trained model with everything serving needs (see `ncf.model.modeldir`); return the manifest."
     seen = pd.DataFrame({"user": result.pairs[0], "item": result.pairs[1]})
     return write_model_dir(model_dir, result.model.cpu(), splits.users, splits.items, seen, result.metrics,
                            asdict(result.config), splits.data_version)
@@ -432,14 +432,14 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve_data(path) -> Path:
     "A preprocessed partition for `path`: itself, the latest complete partition under it, or a fresh preprocessing of raw data."
-    from ncf import storage
+    from ncf.data import storage
     if storage.is_s3(path): return path
     p = Path(path)
     if not p.exists(): raise DataError(f"{p}: no such file or directory")
     if (p/DATA_MANIFEST).exists(): return p
     parts = sorted(d for d in p.glob("*=*") if (d/DATA_MANIFEST).exists()) if p.is_dir() else []
     if parts: return parts[-1]
-    from ncf.preprocess import preprocess, summary
+    from ncf.data.preprocess import preprocess, summary
     m = preprocess(p, Path(tempfile.mkdtemp(prefix="ncf-data-")), run_id="from-raw")
     print(summary(m)); return Path(m["path"])
 
@@ -448,7 +448,7 @@ def load_channels(train, validation=None, test=None) -> Splits:
     splits = load_splits(resolve_data(train))
     for name, ch in (("validation", validation), ("test", test)):
         if ch and Path(ch).resolve() != Path(train).resolve() and (Path(ch)/f"{name}.parquet").exists():
-            from ncf.dataset import held_out
+            from ncf.data.dataset import held_out
             setattr(splits, name, held_out(pd.read_parquet(Path(ch)/f"{name}.parquet"), pd.read_parquet(Path(ch)/f"{name}_negatives.parquet"), ch))
     return splits
 

@@ -81,8 +81,8 @@ def test_handlers_run_from_a_one_file_zip(tmp_path):
 
 
 def test_data_keys_agree_with_the_reader(tmp_path):
-    "What the trigger calls data is exactly what ncf.readers reads from a partition."
-    from ncf.readers import _data_files
+    "What the trigger calls data is exactly what ncf.data.readers reads from a partition."
+    from ncf.data.readers import _data_files
     names = ["part-0.parquet", "part-1.csv", "a.tsv", "_SUCCESS", ".part-2.csv", "_tmp.parquet", "notes.txt", "x.json", "data.csv.gz"]
     part = tmp_path / "dt=2026-02-01"; part.mkdir()
     for n in names: (part / n).write_text("x")

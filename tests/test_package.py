@@ -14,7 +14,7 @@ import pytest
 
 from conftest import venv_bin
 from ncf.inference import model_fn as repo_model_fn
-from ncf.modeldir import FILES, MANIFEST
+from ncf.model.modeldir import FILES, MANIFEST
 from serve_helpers import damaged_copy, trained_models
 
 

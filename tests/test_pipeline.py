@@ -7,7 +7,7 @@ import pytest
 from helpers import SMALL_SHOP
 from ncf.pipeline import PipelineParams, deploy_local, run_local
 from ncf.registry import LocalRegistry
-from ncf.synthetic import next_day, write_days
+from ncf.data.synthetic import next_day, write_days
 
 # The small shop is learnable but noisy (about 200 test users): a trained model reaches HR@10 of about
 # 0.28 against 0.09 for an untrained one, so the gate is set between the two with a wide tolerance.

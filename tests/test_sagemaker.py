@@ -261,14 +261,14 @@ def test_promote_and_roll_back_with_one_command(aws):
 
 
 def tiny_model_dir(dest: Path) -> Path:
-    from ncf.modeldir import random_model_dir, METRICS_SCHEMA
+    from ncf.model.modeldir import random_model_dir, METRICS_SCHEMA
     m = {"schema": METRICS_SCHEMA, "k": 10, "best_epoch": 1, "history": [], "validation": {"hr": .5, "ndcg": .3}, "test": {"hr": .6, "ndcg": .4, "k": 10}}
     random_model_dir(dest, 3, 4, num_layers=1, user_ids=["a", "b", "c"], item_ids=["w", "x", "y", "z"], seen=[(0, 1)], metrics=m, data_version="data-v1")
     return dest
 
 
 def test_register_a_local_model_directory(aws, tmp_path):
-    from ncf.modeldir import verify_model_dir
+    from ncf.model.modeldir import verify_model_dir
     md = tiny_model_dir(tmp_path / "m")
     reg = SageMakerRegistry("ncf", SETTINGS)
     v = reg.register("reg-local", md, "PendingManualApproval", "trained by hand", "0.1.0+local", {"note": "x"})
@@ -292,7 +292,7 @@ def shop_data(tmp_path_factory) -> Path:
 
 
 def test_preprocess_entry_maps_pipeline_values(tmp_path):
-    from ncf.synthetic import write_days
+    from ncf.data.synthetic import write_days
     write_days(SMALL_SHOP, tmp_path / "raw", 10)
     assert nsm.preprocess_entry(["--data-uri", str(tmp_path / "raw"), "--run-date", "2026-03-01", "--days", "0",
                                  "--data-version", "2026-03-01:v1", "--out", str(tmp_path / "data")]) == 0

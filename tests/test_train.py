@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import small_dataset
-from ncf.dataset import load_splits
-from ncf.modeldir import load_model_dir, read_metrics
+from ncf.data.dataset import load_splits
+from ncf.model.modeldir import load_model_dir, read_metrics
 from ncf.train import NegativeSampler, TrainConfig, train
 
 FAST = ["--batch_size", "512", "--factor_num", "8", "--num_layers", "2", "--full_ranking", "false", "--precision", "fp32"]
