@@ -8,6 +8,8 @@ import argparse, dataclasses, datetime as dt, hashlib, json, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from .core import NCFError, ConfigError, DataError, sha256_file, write_json, read_json
+from .train.config import TrainConfig, config_from_flags
+from .train.trainer import fit
 
 # %% auto #0
 __all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'PipelineParams', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord',
@@ -53,7 +55,6 @@ class PipelineParams:
     endpoint_instance_type:str="ml.m5.large"
 
     def __post_init__(self):
-        from ncf.train import TrainConfig
         if not 0 <= self.hr_threshold <= 1: raise ConfigError(f"hr_threshold must be in [0, 1], got {self.hr_threshold}")
         if not 0 <= self.tolerance <= 1: raise ConfigError(f"tolerance must be in [0, 1], got {self.tolerance}")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -157,7 +158,6 @@ def _step_preprocess(run:LocalRun):
     run.state["data"] = run.cached("Preprocess", digest(fp["sha256"], asdict(params), run_date, run.code), inputs, go)
 
 def _step_train(run:LocalRun):
-    from ncf.train import main as ncf_train
     from ncf.model.modeldir import verify_model_dir
     data = run.state["data"]
     key = digest(data["data_version"], run.p.hyperparameters, run.code)
@@ -166,7 +166,10 @@ def _step_train(run:LocalRun):
         model_dir = run.work/"models"/key[:16]
         args = ["--data", data["path"], "--model-dir", str(model_dir), "--checkpoint-dir", str(run.work/"checkpoints"/key[:16]), *run.p.train_args()]
         run.log(f"[Train] ncf_train {' '.join(args)}")
-        if (rc := ncf_train(args)) != 0: raise NCFError(f"training failed (ncf_train exit {rc})")
+        try: fit(data["path"], str(model_dir), config_from_flags(run.p.train_args()), str(run.work/"checkpoints"/key[:16]))
+        except NCFError as e:   # as the ncf_train command reports it
+            print(f"ncf_train: error: {e}", file=sys.stderr)
+            raise NCFError("training failed (ncf_train exit 2)") from None
         return {"model_dir": str(model_dir), "model_version": verify_model_dir(model_dir)["model_version"]}, [model_dir]
     run.state["model"] = run.cached("Train", key, inputs, go)
 

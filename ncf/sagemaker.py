@@ -55,7 +55,7 @@ def _hp_value(v):
 
 def pipeline_parameters(params:PipelineParams, default_data_uri:str="s3://BUCKET/raw/") -> list[Param]:
     "The pipeline's parameters and their defaults (from `params`)."
-    from ncf.train import TrainConfig
+    from ncf.train.config import TrainConfig
     defaults = dataclasses.asdict(TrainConfig())
     hps = [h for h in defaults if h in COMMON_HYPERPARAMETERS or h in params.hyperparameters]
     data_uri = params.data_uri if params.data_uri.startswith("s3://") else default_data_uri  # a local path means nothing there
@@ -82,7 +82,7 @@ def execution_parameters(params:PipelineParams, production_uri:str|None=None, da
 CONTAINER_REQUIREMENTS = ("numpy>=1.26", "pandas>=2.2", "pyarrow>=15", "safetensors>=0.4", "tqdm>=4.60")
 
 ENTRY_SCRIPTS = {
-    "train.py": "import sys\nfrom ncf.train import main\nsys.exit(main())\n",
+    "train.py": "import sys\nfrom ncf.cli.train import main\nsys.exit(main())\n",
     "preprocess.py": "import sys\nfrom ncf.sagemaker import preprocess_entry\nsys.exit(preprocess_entry())\n",
     "evaluate.py": "import sys\nfrom ncf.sagemaker import evaluate_entry\nsys.exit(evaluate_entry())\n",
 }
@@ -135,7 +135,7 @@ def evaluate_entry(argv=None) -> int:
     a = p.parse_args(argv)
     from ncf.data import storage
     from ncf import evaluate, package
-    from ncf.train import resolve_data
+    from ncf.train.trainer import resolve_data
     with tempfile.TemporaryDirectory() as d:
         new = _extract(_archive_in(a.model), Path(d)/"new")
         prod = ""

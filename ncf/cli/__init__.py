@@ -6,5 +6,5 @@
 __all__ = []
 
 # %% ../../nbs/60_cli.ipynb #8b65ab33
-# The layer's modules are imported by their full names, e.g. `from ncf.cli.X import Y`: importing
+# The layer's modules are imported by their full names, e.g. `from ncf.cli.<module> import <name>`: importing
 # the package itself loads nothing.

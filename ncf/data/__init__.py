@@ -6,5 +6,5 @@
 __all__ = []
 
 # %% ../../nbs/10_data.ipynb #67f9fb4e
-# The layer's modules are imported by their full names, e.g. `from ncf.data.X import Y`: importing
+# The layer's modules are imported by their full names, e.g. `from ncf.data.<module> import <name>`: importing
 # the package itself loads nothing.

@@ -6,5 +6,5 @@
 __all__ = []
 
 # %% ../../nbs/20_model.ipynb #8dadb88b
-# The layer's modules are imported by their full names, e.g. `from ncf.model.X import Y`: importing
+# The layer's modules are imported by their full names, e.g. `from ncf.model.<module> import <name>`: importing
 # the package itself loads nothing.
