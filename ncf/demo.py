@@ -39,7 +39,7 @@ def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
 # %% ../nbs/19_demo.ipynb #34b116e6
 def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=None, user:str|None=None) -> int:
     "Deliver a day of logs, run the local retrain pipeline, serve, and print one customer's recommendations."
-    from ncf.serve import current_version, launch
+    from ncf.serve.app import current_version, launch
     work = Path(work); raw = work/"raw"
     days = next_day(raw)
     print(f"== new data: {len(days)} day(s) of logs delivered to {raw} ({days[0].parent.name} .. {days[-1].parent.name})")

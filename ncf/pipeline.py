@@ -232,13 +232,13 @@ STEP_FUNCTIONS = {"Preprocess": _step_preprocess, "Train": _step_train, "Evaluat
 
 # %% ../nbs/16_pipeline.ipynb #8079b82d
 def _endpoint_differs(url:str, v) -> bool:
-    from ncf.serve import current_version
+    from ncf.serve.app import current_version
     live = current_version(url)
     return live is not None and live != v.model_version
 
 def deploy_local(registry, group:str, version:int, endpoint_url:str) -> str:
     "Make an approved version the production one, swapping it into a running local endpoint."
-    from ncf.serve import current_version, swap_model
+    from ncf.serve.app import current_version, swap_model
     v = registry.get(group, version)
     if v.status != "Approved": raise NCFError(f"{group} v{version} is {v.status}: only an Approved version can be deployed")
     if current_version(endpoint_url) is None: note = f"no endpoint answers at {endpoint_url}: it will serve v{version} when started"

@@ -134,7 +134,8 @@ def evaluate_entry(argv=None) -> int:
     p.add_argument("--out", default=f"{PROCESSING}/evaluation"); p.add_argument("--package-out", default=f"{PROCESSING}/package")
     a = p.parse_args(argv)
     from ncf.data import storage
-    from ncf import evaluate, package
+    from ncf import evaluate
+    from ncf.serve import package
     from ncf.train.trainer import resolve_data
     with tempfile.TemporaryDirectory() as d:
         new = _extract(_archive_in(a.model), Path(d)/"new")
@@ -560,7 +561,7 @@ class SageMakerRegistry:
         "Package a verified model directory (ncf_package), upload it and register it as the group's next version."
         from ncf.model.modeldir import verify_model_dir, read_metrics
         from ncf.registry import check_status
-        from ncf import package
+        from ncf.serve import package
         check_status(status)
         manifest = verify_model_dir(model_dir)
         mv, data_version = manifest["model_version"], read_json(Path(model_dir)/"config.json")["data_version"]
