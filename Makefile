@@ -11,7 +11,7 @@ export NCF_SMALL ?= 1
 .PHONY: demo test install sysdeps check nbtest pytest docs export clean-nbs readme lock clean
 
 demo: $(STAMP)
-	$(BIN)/python -m ncf.demo
+	$(BIN)/python -m ncf.cli.demo
 
 test: sysdeps $(STAMP)
 	@$(BIN)/python -m ncf.repo check

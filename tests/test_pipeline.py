@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from helpers import SMALL_SHOP
-from ncf.pipeline import PipelineParams, deploy_local, run_local
-from ncf.registry import LocalRegistry
+from ncf.pipeline.retrain import PipelineParams, deploy_local, run_local
+from ncf.pipeline.registry import LocalRegistry
 from ncf.data.synthetic import next_day, write_days
 
 # The small shop is learnable but noisy (about 200 test users): a trained model reaches HR@10 of about
