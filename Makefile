@@ -11,10 +11,10 @@ export NCF_SMALL ?= 1
 .PHONY: demo test install sysdeps check nbtest pytest docs export clean-nbs readme lock clean
 
 demo: $(STAMP)
-	$(BIN)/python -m ncf.demo
+	$(BIN)/python -m ncf.cli.demo
 
 test: sysdeps $(STAMP)
-	@$(BIN)/python -m ncf.repo check
+	@$(BIN)/python -m tools.repo check
 	@$(MAKE) --no-print-directory nbtest
 	@$(MAKE) --no-print-directory pytest
 
@@ -40,7 +40,7 @@ sysdeps:
 	fi
 
 check: $(STAMP)
-	$(BIN)/python -m ncf.repo check
+	$(BIN)/python -m tools.repo check
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing
@@ -54,11 +54,11 @@ export: $(STAMP)
 clean-nbs: $(STAMP)
 	$(BIN)/nbdev_clean
 readme: $(STAMP)
-	$(BIN)/python -m ncf.repo readme
+	$(BIN)/python -m tools.repo readme
 
 # The docs site, offline (no Quarto): every notebook executed on small data and rendered to _site/.
 docs: $(STAMP)
-	$(BIN)/python -m ncf.docs --out _site
+	$(BIN)/python -m tools.docs --out _site
 
 # Rewrite constraints.txt from the current venv (after changing a requirement on purpose).
 lock: $(STAMP)

@@ -1,6 +1,6 @@
 """Precision benchmark: bf16 autocast against fp32, the baseline, in the same run on this machine.
 
-The measurements behind `ncf.train`'s precision rule (`precision=auto`). For each model and batch size
+The measurements behind `ncf.train.trainer`'s precision rule (`precision=auto`). For each model and batch size
 it trains the same configuration twice, fp32 and bf16, alternating, and prints the training
 samples/s of each and their ratio; with `--seeds N` it also prints the validation HR@10 at the
 validation-selected epoch of each precision over N seeds (the accuracy half of the rule).
@@ -28,8 +28,9 @@ def main():
     a = p.parse_args()
     import torch
     from bench_train import cpu_name, prepare
-    from ncf.dataset import load_splits
-    from ncf.train import TrainConfig, cpu_bf16, train
+    from ncf.data.dataset import load_splits
+    from ncf.train.config import TrainConfig
+    from ncf.train.trainer import cpu_bf16, train
     splits = load_splits(prepare(Path(tempfile.mkdtemp(prefix="ncf-bench-"))))
     print(f"CPU: {cpu_name()}; native bf16: {cpu_bf16()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(splits.train_users):,} training interactions")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 def generate(rows:int, work:Path) -> Path:
     "Raw logs of about `rows` events, generated once and cached."
-    from ncf.synthetic import SyntheticSpec, write_days
+    from ncf.data.synthetic import SyntheticSpec, write_days
     raw = work/f"raw-{rows}"
     if (raw/".complete").exists(): return raw
     shutil.rmtree(raw, ignore_errors=True)
@@ -32,10 +32,10 @@ def child(engine:str, raw:str, out:str, partitions:int|None):
     "Run one engine once; print a JSON line with its timings."
     t0 = time.perf_counter(); session = 0.0
     if engine == "pandas":
-        from ncf.preprocess import preprocess
+        from ncf.data.preprocess import preprocess
         m = preprocess(raw, out, run_id=engine)
     else:
-        from ncf.spark import spark_session, preprocess_spark
+        from ncf.data.spark import spark_session, preprocess_spark
         spark = spark_session(); session = time.perf_counter() - t0
         m = preprocess_spark(raw, out, run_id=engine, spark=spark, partitions=partitions)
     total = time.perf_counter() - t0

@@ -35,13 +35,13 @@ def cpu_name() -> str:
 
 
 def prepare(work: Path, synthetic_rows: int = 0) -> Path:
-    from ncf.preprocess import preprocess
+    from ncf.data.preprocess import preprocess
     if synthetic_rows:
-        from ncf.synthetic import SyntheticSpec, write_days
+        from ncf.data.synthetic import SyntheticSpec, write_days
         src = work / "raw"; write_days(SyntheticSpec.for_rows(synthetic_rows), src, 30)
     elif ML100K.exists(): src = ML100K
     else:
-        from ncf.synthetic import SyntheticSpec, write_days
+        from ncf.data.synthetic import SyntheticSpec, write_days
         src = work / "raw"; write_days(SyntheticSpec(), src, 30)
     return Path(preprocess(src, work / "data", run_id="bench")["path"])
 
@@ -80,8 +80,8 @@ def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
     "The common recipe: per-sample Dataset, Python-loop negatives, DataLoader(batch_size=256), fp32."
     import torch
     from torch.utils.data import DataLoader, Dataset
-    from ncf.dataset import load_splits
-    from ncf.train import evaluate_sampled
+    from ncf.data.dataset import load_splits
+    from ncf.train.trainer import evaluate_sampled
     torch.manual_seed(seed); rng = np.random.default_rng(seed)
     s = load_splits(data)
     pairs = list(zip(s.train_users.tolist(), s.train_items.tolist()))
@@ -120,8 +120,10 @@ def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
 
 def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
     import torch
-    from ncf.dataset import load_splits
-    from ncf.train import TrainConfig, train, parser, sampled_ranks
+    from ncf.data.dataset import load_splits
+    from ncf.train.config import TrainConfig
+    from ncf.train.trainer import train, sampled_ranks
+    from ncf.cli.train import parser
     s = load_splits(data)
     args = vars(parser().parse_args(["--epochs", str(epochs), "--seed", str(seed), "--full_ranking", "false", *extra]))
     cfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
@@ -186,8 +188,9 @@ def main():
 
 def evaluation_speed(data: Path, repeats: int = 5):
     "Seconds per evaluation of a NeuMF on every test user: the paper protocol and full ranking (the weights do not matter)."
-    from ncf.dataset import load_splits
-    from ncf.train import TrainConfig, build_model, evaluate_full, evaluate_sampled
+    from ncf.data.dataset import load_splits
+    from ncf.train.config import TrainConfig
+    from ncf.train.trainer import build_model, evaluate_full, evaluate_sampled
     s = load_splits(data)
     model = build_model(TrainConfig(), s.n_users, s.n_items)
     for name, fn in (("paper protocol (99 sampled negatives)", lambda: evaluate_sampled(model, s.test, 10, "cpu")),

@@ -8,8 +8,8 @@ import hashlib, json, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RequestError',
-           'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
+__all__ = ['SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RegistryError',
+           'RequestError', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
 
 # %% ../nbs/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -23,6 +23,9 @@ class DataError(NCFError, ValueError):
 
 class ModelError(NCFError):
     "A model directory is incomplete, or its files do not match their manifest or config."
+
+class RegistryError(NCFError):
+    "A registry operation was refused: unknown group or version, or an invalid transition."
 
 class RequestError(NCFError, ValueError):
     "A client request is malformed; `status` is the HTTP status to answer with."

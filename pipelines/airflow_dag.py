@@ -1,12 +1,12 @@
 """Daily preprocessing on Amazon EMR: an Airflow DAG that runs the ncf Spark job for each day's partition.
 
-Each run adds the step of `emr_step.json` (spark-submit of `ncf/spark.py`) to a running EMR cluster and
+Each run adds the step of `emr_step.json` (spark-submit of `ncf/cli/spark.py`) to a running EMR cluster and
 waits for it. `{{ ds }}` is the run's logical date: a daily run starts once its day is over, reads the
 30 daily log partitions ending that day and writes `s3://ncf-data/preprocessed/dt={{ ds }}/`.
 
 The cluster id comes from the Airflow Variable `ncf_emr_cluster_id`; its nodes have ncf installed in
 `/opt/ncf/venv` by a bootstrap action (`pip install ncf[spark]`), because the Spark workers import
-`ncf.preprocess` for the negative sampler. Needs `apache-airflow-providers-amazon`.
+`ncf.data.split` for the negative sampler. Needs `apache-airflow-providers-amazon`.
 """
 import datetime as dt
 import json

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path: sys.path.append(str(ROOT))   # the repository tooling, `tools`
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("NCF_SMALL", "1")
 

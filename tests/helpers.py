@@ -1,8 +1,8 @@
 "Small real data sets and models for the integration tests, built once per session."
 from pathlib import Path
 
-from ncf.preprocess import preprocess
-from ncf.synthetic import SyntheticSpec, write_days
+from ncf.data.preprocess import preprocess
+from ncf.data.synthetic import SyntheticSpec, write_days
 
 SMALL_SHOP = SyntheticSpec(n_users=300, n_items=250, seed=5)
 

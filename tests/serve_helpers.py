@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from helpers import small_dataset
-from ncf.dataset import load_splits
-from ncf.modeldir import random_model_dir
-from ncf.train import TrainConfig, save_model, train
+from ncf.data.dataset import load_splits
+from ncf.model.modeldir import random_model_dir
+from ncf.train.config import TrainConfig
+from ncf.train.trainer import save_model, train
 
 TINY = dict(epochs=1, factor_num=8, num_layers=2, batch_size=512, full_ranking=False)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from ncf.docs import build_site
+from tools.docs import build_site
 from test_docs import docs_cache
 
 ARTIFACTS = ROOT/"tests"/"artifacts"/"browser"
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="chromium and 
 def site(tmp_path_factory):
     "The pages the browser opens (executed notebooks come from the docs tests' cache when they ran first)."
     out = tmp_path_factory.mktemp("browser")/"_site"
-    build_site(out, names=["index", "06_model", "09_train"], cache=docs_cache(tmp_path_factory), log=print)
+    build_site(out, names=["index", "21_model.nets", "32_train.trainer"], cache=docs_cache(tmp_path_factory), log=print)
     return out
 
 
@@ -59,22 +59,22 @@ def test_index_renders_and_navigates_to_the_model_page(site, browser):
     assert main.location["x"] >= nav.size["width"] - 1               # the sidebar does not cover the content
     screenshot(browser, "index")
 
-    nav.find_element(By.LINK_TEXT, "06_model").click()
-    assert browser.current_url.endswith("/06_model.html")
+    nav.find_element(By.LINK_TEXT, "21_model.nets").click()
+    assert browser.current_url.endswith("/21_model.nets.html")
     assert browser.title.startswith("model")
     current = browser.find_element(By.CSS_SELECTOR, 'nav.ncf-nav a[aria-current="page"]')
-    assert current.text == "06_model"
+    assert current.text == "21_model.nets"
     code = browser.find_elements(By.CSS_SELECTOR, ".jp-CodeCell")
     assert code and any("class NCF" in c.text for c in code)
     assert browser.execute_script("return document.body.scrollHeight") > 1600    # the whole notebook, not an empty shell
-    screenshot(browser, "06_model")
+    screenshot(browser, "21_model.nets")
 
 
 def test_training_plot_is_decoded_by_the_browser(site, browser):
     from selenium.webdriver.common.by import By
-    browser.get((site/"09_train.html").as_uri())
+    browser.get((site/"32_train.trainer.html").as_uri())
     imgs = [i for i in browser.find_elements(By.TAG_NAME, "img") if i.get_attribute("src").startswith("data:image/png")]
     assert imgs
     browser.execute_script("arguments[0].scrollIntoView()", imgs[0])
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", imgs[0]) > 300
-    screenshot(browser, "09_train-plot")
+    screenshot(browser, "32_train.trainer-plot")

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ncf.core import DataError
-from ncf.dataset import load_splits, read_tables
-from ncf.preprocess import PreprocessParams, preprocess, split_by_time, tie_key
-from ncf.readers import Columns, read_interactions
+from ncf.data.dataset import load_splits, read_tables
+from ncf.data.split import PreprocessParams, split_by_time, tie_key
+from ncf.data.preprocess import preprocess
+from ncf.data.readers import Columns, read_interactions
 
 
 def test_ml100k_defaults(ml100k, tmp_path):
@@ -81,7 +82,7 @@ def test_split_invariants(df, validation):
 
 
 def test_deterministic_and_atomic(tmp_path, monkeypatch):
-    from ncf.synthetic import SyntheticSpec, write_days
+    from ncf.data.synthetic import SyntheticSpec, write_days
     write_days(SyntheticSpec(n_users=150, n_items=200), tmp_path / "raw", 20)
     a = preprocess(tmp_path / "raw", tmp_path / "out", run_date="2026-02-01")
     b = preprocess(tmp_path / "raw", tmp_path / "again", run_date="2026-02-01")
@@ -89,7 +90,7 @@ def test_deterministic_and_atomic(tmp_path, monkeypatch):
     ta, tb = read_tables(a["path"]), read_tables(b["path"])
     assert all(ta[k].equals(tb[k]) for k in ta)
     # a crash while writing leaves the earlier partition complete and nothing half-written
-    import ncf.preprocess as pp
+    import ncf.data.preprocess as pp
     def boom(*args, **kw): raise OSError("disk full")
     monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
     with pytest.raises(OSError):
@@ -104,7 +105,7 @@ def test_s3_round_trip(tmp_path, monkeypatch):
     import boto3
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    from ncf.synthetic import SyntheticSpec, write_days
+    from ncf.data.synthetic import SyntheticSpec, write_days
     write_days(SyntheticSpec(n_users=150, n_items=300), tmp_path / "raw", 20)
     local = preprocess(tmp_path / "raw", tmp_path / "local", run_date="2026-02-01")
     with moto.mock_aws():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ncf.core import ModelError, RequestError
-from ncf.inference import MAX_K, Recommender, input_fn, model_fn, output_fn, predict_fn
-from ncf.model import score_matrix
+from ncf.serve.inference import MAX_K, Recommender, input_fn, model_fn, output_fn, predict_fn
+from ncf.model.nets import score_matrix
 from serve_helpers import damaged_copy, int_model, trained_models
 
 

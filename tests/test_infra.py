@@ -9,7 +9,7 @@ import yaml
 from moto import mock_aws
 
 from conftest import venv_bin
-from ncf import lambdas
+from ncf.pipeline import lambdas
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE, BUILDSPEC = ROOT / "pipelines" / "template.yaml", ROOT / "pipelines" / "buildspec.yml"
@@ -65,12 +65,12 @@ def test_lambda_handlers_and_environment_match_the_code(template):
         assert callable(getattr(lambdas, f["Properties"]["Handler"].split(".")[1]))
     env = fns["TriggerFunction"]["Properties"]["Environment"]["Variables"]
     assert "NCF_CODEBUILD_PROJECT" in env and set(env) <= {"NCF_CODEBUILD_PROJECT", "NCF_RAW_PREFIX", "NCF_MARKER_PREFIX", "NCF_MARKER_BUCKET"}
-    # The pipeline's Deploy step calls PREFIX-deploy by default (ncf.sagemaker): the same name as the stack's function.
+    # The pipeline's Deploy step calls PREFIX-deploy by default (ncf.pipeline.sagemaker): the same name as the stack's function.
     assert fns["DeployFunction"]["Properties"]["FunctionName"] == {"Fn::Sub": "${Prefix}-deploy"} and template["Parameters"]["Prefix"]["Default"] == "ncf"
 
 
 def test_codebuild_project_runs_the_buildspec_with_the_settings_the_code_reads(template):
-    from ncf.sagemaker import AwsSettings
+    from ncf.pipeline.sagemaker import AwsSettings
     project = template["Resources"]["RetrainProject"]["Properties"]
     assert project["Source"]["BuildSpec"] == "pipelines/buildspec.yml" and BUILDSPEC.exists()
     names = {v["Name"] for v in project["Environment"]["EnvironmentVariables"]}
@@ -162,7 +162,7 @@ def test_buildspec_upserts_then_starts_with_the_trigger_values(tmp_path):
         assert c[c.index("--data-uri") + 1] == "s3://data/raw" and c[c.index("--run-date") + 1] == "2026-02-01"
         assert c[c.index("--endpoint-name") + 1] == "ncf" and c[c.index("--hr-threshold") + 1] == "0.5"
     # The CLI accepts exactly these arguments.
-    from ncf.pipeline import parser
+    from ncf.cli.pipeline import parser
     for c in calls: parser().parse_args(c)
 
 

@@ -8,8 +8,8 @@ from botocore.exceptions import ClientError
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from ncf import lambdas
-from ncf.lambdas import (DeployError, claim, claim_key, data_object, deploy, deploy_handler, endpoint_config_name,
+from ncf.pipeline import lambdas
+from ncf.pipeline.lambdas import (DeployError, claim, claim_key, data_object, deploy, deploy_handler, endpoint_config_name,
                          object_events, trigger_handler, wait_in_service)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,23 +66,23 @@ def template_event_pattern(bucket: str) -> dict:
 # ------------------------------------------------------------------ module boundaries
 
 def test_import_is_standard_library_and_boto3_only():
-    code = ("import sys, ncf.lambdas; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, ncf.pipeline.lambdas; bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'torch', 'pandas', 'numpy', 'sagemaker', 'pyarrow', 'moto'}); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_handlers_run_from_a_one_file_zip(tmp_path):
-    "The Lambda deployment package is ncf/lambdas.py alone (pipelines/template.yaml: Handler lambdas.*)."
+    "The Lambda deployment package is ncf/pipeline/lambdas.py alone (pipelines/template.yaml: Handler lambdas.*)."
     z = tmp_path / "lambdas.zip"
-    with zipfile.ZipFile(z, "w") as f: f.write(ROOT / "ncf" / "lambdas.py", "lambdas.py")
+    with zipfile.ZipFile(z, "w") as f: f.write(ROOT / "ncf" / "pipeline" / "lambdas.py", "lambdas.py")
     code = f"import sys; sys.path.insert(0, {str(z)!r}); import lambdas; print(callable(lambdas.trigger_handler) and callable(lambdas.deploy_handler))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
     assert out.strip() == "True"
 
 
 def test_data_keys_agree_with_the_reader(tmp_path):
-    "What the trigger calls data is exactly what ncf.readers reads from a partition."
-    from ncf.readers import _data_files
+    "What the trigger calls data is exactly what ncf.data.readers reads from a partition."
+    from ncf.data.readers import _data_files
     names = ["part-0.parquet", "part-1.csv", "a.tsv", "_SUCCESS", ".part-2.csv", "_tmp.parquet", "notes.txt", "x.json", "data.csv.gz"]
     part = tmp_path / "dt=2026-02-01"; part.mkdir()
     for n in names: (part / n).write_text("x")

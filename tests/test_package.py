@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import venv_bin
-from ncf.inference import model_fn as repo_model_fn
-from ncf.modeldir import FILES, MANIFEST
+from ncf.serve.inference import model_fn as repo_model_fn
+from ncf.model.modeldir import FILES, MANIFEST
 from serve_helpers import damaged_copy, trained_models
 
 
@@ -39,8 +39,8 @@ def test_layout(archive):
         assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in t.getmembers())
     assert names[:7] == [*FILES, MANIFEST]                      # model files at the root
     assert "code/inference.py" in names and "code/ncf/__init__.py" in names
-    assert {"code/ncf/inference.py", "code/ncf/model.py", "code/ncf/modeldir.py", "code/ncf/core.py"} <= set(names)
-    assert not {"code/ncf/train.py", "code/ncf/serve.py", "code/ncf/spark.py"} & set(names)
+    assert {"code/ncf/serve/inference.py", "code/ncf/model/nets.py", "code/ncf/model/modeldir.py", "code/ncf/core.py"} <= set(names)
+    assert not {"code/ncf/train/trainer.py", "code/ncf/serve/app.py", "code/ncf/data/spark.py"} & set(names)
     lines = [l.split(">")[0].split("=")[0].split("<")[0].strip() for l in reqs.splitlines() if l and not l.startswith("#")]
     assert "torch" not in lines and "numpy" not in lines and {"pandas", "pyarrow", "safetensors"} <= set(lines)
 
@@ -138,6 +138,6 @@ def test_a_tampered_archive_does_not_load(archive, tmp_path):
 
 
 def test_entry_point_signatures_match_the_package():
-    from ncf import inference
+    from ncf.serve import inference
     for f in ("model_fn", "input_fn", "predict_fn", "output_fn"):
         assert len(inspect.signature(getattr(inference, f)).parameters) == (1 if f == "model_fn" else 2)

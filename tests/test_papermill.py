@@ -8,10 +8,10 @@ import yaml
 
 from conftest import ROOT, venv_bin
 from helpers import SMALL_SHOP
-from ncf.modeldir import validate_metrics
-from ncf.registry import LocalRegistry
-from ncf.serve import free_port
-from ncf.synthetic import next_day, write_days
+from ncf.model.modeldir import validate_metrics
+from ncf.pipeline.registry import LocalRegistry
+from ncf.serve.app import free_port
+from ncf.data.synthetic import next_day, write_days
 
 
 def papermill(nb: str, out: Path, cwd: Path, **params):

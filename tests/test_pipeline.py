@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from helpers import SMALL_SHOP
-from ncf.pipeline import PipelineParams, deploy_local, run_local
-from ncf.registry import LocalRegistry
-from ncf.synthetic import next_day, write_days
+from ncf.pipeline.retrain import PipelineParams, deploy_local, run_local
+from ncf.pipeline.registry import LocalRegistry
+from ncf.data.synthetic import next_day, write_days
 
 # The small shop is learnable but noisy (about 200 test users): a trained model reaches HR@10 of about
 # 0.28 against 0.09 for an untrained one, so the gate is set between the two with a wide tolerance.
@@ -41,7 +41,7 @@ def steps(result) -> dict:
 
 
 def test_retrain_cycle(shop):
-    from ncf.serve import launch
+    from ncf.serve.app import launch
     reg = LocalRegistry(shop / "registry")
     first = run_local(params(shop))
     assert first.passed and first.version.version == 1 and first.version.status == "Approved"

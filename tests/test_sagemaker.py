@@ -10,9 +10,10 @@ from moto import mock_aws
 from conftest import venv_bin
 from helpers import SMALL_SHOP, small_dataset
 from ncf.core import ConfigError, read_json
-from ncf.pipeline import PipelineParams
-from ncf import sagemaker as nsm
-from ncf.sagemaker import AwsSettings, SageMakerRegistry, check_definition, deploy_version
+from ncf.pipeline.retrain import PipelineParams
+from ncf.pipeline import sagemaker as nsm
+from ncf.cli.sagemaker import evaluate_entry, preprocess_entry
+from ncf.pipeline.sagemaker import AwsSettings, SageMakerRegistry, check_definition, deploy_version
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/ncf-sagemaker-pipeline"
@@ -28,7 +29,7 @@ def cli_definition(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NCF_"))}
     env.update(AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
     cmd = [venv_bin("ncf_pipeline"), "definition", "--data-uri", "s3://shop-data/raw", "--epochs", "2", "--hr-threshold", "0.3"]
-    if not Path(cmd[0]).exists(): cmd[:1] = [sys.executable, "-m", "ncf.pipeline"]
+    if not Path(cmd[0]).exists(): cmd[:1] = [sys.executable, "-m", "ncf.cli.pipeline"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path_factory.mktemp("cli"))
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout), p.stderr
@@ -52,7 +53,7 @@ def test_definition_offline_says_so_and_prints_only_json(cli_definition):
 
 def test_definition_has_every_step_with_its_dependencies(cli_definition):
     d, _ = cli_definition
-    g = check_definition(d)  # same steps, types, branches and dependencies as ncf.pipeline.PIPELINE
+    g = check_definition(d)  # same steps, types, branches and dependencies as ncf.pipeline.retrain.PIPELINE
     assert {n: v["type"] for n, v in g.items()} == {
         "Preprocess": "Processing", "Train": "Training", "Evaluate": "Processing", "QualityGate": "Condition",
         "RegisterApproved": "RegisterModel", "CreateModel": "Model", "Deploy": "Lambda", "RegisterRejected": "RegisterModel", "Fail": "Fail"}
@@ -231,7 +232,7 @@ def test_registry_versions_status_and_lookups(aws):
     assert reg.latest_approved(group).version == 1
     assert reg.set_status(group, 3, "Approved", "approved by hand").status == "Approved"
     assert reg.latest_approved(group).version == 3 and reg.get(group, 3).reason == "approved by hand"
-    from ncf.registry import RegistryError
+    from ncf.core import RegistryError
     with pytest.raises(RegistryError, match="no version 9"): reg.get(group, 9)
     with pytest.raises(RegistryError, match="does not exist"): reg.get("no-such-group", 1)
     with pytest.raises(RegistryError, match="status must be one of"): reg.set_status(group, 1, "Maybe")
@@ -255,20 +256,20 @@ def test_promote_and_roll_back_with_one_command(aws):
     msg = deploy_version(params, 1, registry=reg2)
     assert "(was v2)" in msg and reg2.production(group).version == 1 and len(sm.updates) == 1
     assert "already serves" in deploy_version(params, 1, registry=reg2) and len(sm.updates) == 1
-    from ncf.registry import RegistryError
+    from ncf.core import RegistryError
     with pytest.raises(RegistryError, match="only an Approved version"): deploy_version(params, 3, registry=reg2)
     assert reg2.production(group).version == 1
 
 
 def tiny_model_dir(dest: Path) -> Path:
-    from ncf.modeldir import random_model_dir, METRICS_SCHEMA
+    from ncf.model.modeldir import random_model_dir, METRICS_SCHEMA
     m = {"schema": METRICS_SCHEMA, "k": 10, "best_epoch": 1, "history": [], "validation": {"hr": .5, "ndcg": .3}, "test": {"hr": .6, "ndcg": .4, "k": 10}}
     random_model_dir(dest, 3, 4, num_layers=1, user_ids=["a", "b", "c"], item_ids=["w", "x", "y", "z"], seen=[(0, 1)], metrics=m, data_version="data-v1")
     return dest
 
 
 def test_register_a_local_model_directory(aws, tmp_path):
-    from ncf.modeldir import verify_model_dir
+    from ncf.model.modeldir import verify_model_dir
     md = tiny_model_dir(tmp_path / "m")
     reg = SageMakerRegistry("ncf", SETTINGS)
     v = reg.register("reg-local", md, "PendingManualApproval", "trained by hand", "0.1.0+local", {"note": "x"})
@@ -292,9 +293,9 @@ def shop_data(tmp_path_factory) -> Path:
 
 
 def test_preprocess_entry_maps_pipeline_values(tmp_path):
-    from ncf.synthetic import write_days
+    from ncf.data.synthetic import write_days
     write_days(SMALL_SHOP, tmp_path / "raw", 10)
-    assert nsm.preprocess_entry(["--data-uri", str(tmp_path / "raw"), "--run-date", "2026-03-01", "--days", "0",
+    assert preprocess_entry(["--data-uri", str(tmp_path / "raw"), "--run-date", "2026-03-01", "--days", "0",
                                  "--data-version", "2026-03-01:v1", "--out", str(tmp_path / "data")]) == 0
     assert (tmp_path / "data" / "dt=2026-03-01" / "manifest.json").exists()
 
@@ -313,7 +314,7 @@ def test_training_entry_script_and_evaluation_entry(shop_data, tmp_path):
         for f in model_dir.iterdir(): t.add(f, arcname=f.name)
 
     out, pkg = tmp_path / "evaluation", tmp_path / "package"
-    run = lambda prod: nsm.evaluate_entry(["--model", str(model_in), "--data", str(shop_data.parent), "--production-uri", prod,
+    run = lambda prod: evaluate_entry(["--model", str(model_in), "--data", str(shop_data.parent), "--production-uri", prod,
                                            "--hr-threshold", "0.0", "--tolerance", "0.02", "--out", str(out), "--package-out", str(pkg)])
     assert run("") == 0
     ev = read_json(out / "evaluation.json")

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from ncf.core import NCFError
-from ncf.inference import MAX_K, Recommender
-from ncf.serve import MAX_BODY, current_version, free_port, make_app, swap_model
-from ncf.serve import launch as _launch
+from ncf.serve.inference import MAX_K, Recommender
+from ncf.serve.app import MAX_BODY, current_version, free_port, make_app, swap_model
+from ncf.serve.app import launch as _launch
 from serve_helpers import damaged_copy, trained_models, workdir
 
 JSON = {"content-type": "application/json"}
@@ -24,7 +24,7 @@ _logs = iter(range(10**6))
 
 
 def launch(*args, **kw):
-    "`ncf.serve.launch` with its log in the session's scratch directory rather than in /tmp."
+    "`ncf.serve.app.launch` with its log in the session's scratch directory rather than in /tmp."
     return _launch(*args, log_path=workdir() / f"server-{next(_logs)}.log", **kw)
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from helpers import small_dataset
-from ncf.dataset import load_splits
-from ncf.modeldir import load_model_dir, read_metrics
-from ncf.train import NegativeSampler, TrainConfig, train
+from ncf.data.dataset import load_splits
+from ncf.model.modeldir import load_model_dir, read_metrics
+from ncf.train.trainer import NegativeSampler, train
+from ncf.train.config import TrainConfig
 
 FAST = ["--batch_size", "512", "--factor_num", "8", "--num_layers", "2", "--full_ranking", "false", "--precision", "fp32"]
 # the recommended fast path: large batches (split first layer), bf16 autocast, SplitMix64 dropout masks
@@ -23,7 +24,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def run_train(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "ncf.train", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ncf.cli.train", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})}, **kw)
 
 
@@ -53,7 +54,7 @@ def test_epochs_zero_writes_the_untrained_model(data, tmp_path):
 
 def kill_after_epoch(cmd, epoch: int):
     "Start a training run and SIGKILL it as soon as it reports `epoch`."
-    p = subprocess.Popen([sys.executable, "-m", "ncf.train", *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    p = subprocess.Popen([sys.executable, "-m", "ncf.cli.train", *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in p.stdout:
         if line.startswith(f"epoch {epoch}/"):
             p.send_signal(signal.SIGKILL); break
@@ -90,7 +91,7 @@ def test_neumf_pretraining(data, tmp_path):
 
 @pytest.mark.parametrize("selects", ["last epoch", "epoch 0"])
 def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_path, monkeypatch, selects):
-    import ncf.train as T
+    import ncf.train.trainer as T
     # Validation's choice is fixed here: which epoch wins depends on the CPU's trajectory, the protocol must not
     monkeypatch.setattr(T, "_better", (lambda a, b: True) if selects == "last epoch" else (lambda a, b: b is None))
     refits = selects == "last epoch"   # a model selected at epoch 0 has nothing to refit
