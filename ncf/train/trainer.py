@@ -43,7 +43,7 @@ def resolve_device(cfg:TrainConfig) -> torch.device:
     return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
 
 # %% ../../nbs/32_train.trainer.ipynb #2b16ee89
-BF16_MIN_BATCH = {"amx": 16384, "avx512": 4096, "cuda": 16384}   # measured: see the explanation above
+BF16_MIN_BATCH = {"amx": 16384, "avx512": 4096, "cuda": 16384}   # measured: see the measurements below the rule
 
 def precision_choice(cfg:TrainConfig, device:torch.device) -> tuple[torch.dtype|None, str]:
     "The autocast dtype (None: fp32) for `cfg` on `device`, and the reason, in words."
