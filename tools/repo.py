@@ -43,21 +43,21 @@ def _tree_diff(a:Path, b:Path):
     changed = {p for p in fa & fb if not filecmp.cmp(a/p, b/p, shallow=False)}
     return sorted(str(p) for p in (fa ^ fb) | changed)
 
-def export_drift(root=None) -> list[str]:
-    "Files of `ncf/` that differ from a fresh `nbdev_export` of the notebooks."
+def _drift(root, tool:str, folder:str) -> list[str]:
+    "Files of `folder` that running nbdev's `tool` on a scratch copy of the repository would change."
     root = repo_root(root)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d); _scratch_copy(root, d)
-        subprocess.run([_nbdev_bin("nbdev_export")], cwd=d, check=True, capture_output=True)
-        return _tree_diff(root/"ncf", d/"ncf")
+        subprocess.run([_nbdev_bin(tool)], cwd=d, check=True, capture_output=True)
+        return _tree_diff(root/folder, d/folder)
+
+def export_drift(root=None) -> list[str]:
+    "Files of `ncf/` that differ from a fresh `nbdev_export` of the notebooks."
+    return _drift(root, "nbdev_export", "ncf")
 
 def clean_drift(root=None) -> list[str]:
     "Notebooks that `nbdev_clean` would change."
-    root = repo_root(root)
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d); _scratch_copy(root, d)
-        subprocess.run([_nbdev_bin("nbdev_clean")], cwd=d, check=True, capture_output=True)
-        return [f"nbs/{p}" for p in _tree_diff(root/"nbs", d/"nbs")]
+    return [f"nbs/{p}" for p in _drift(root, "nbdev_clean", "nbs")]
 
 
 # ## README from `index.ipynb`
