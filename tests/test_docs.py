@@ -38,7 +38,7 @@ def site(tmp_path_factory):
 
 
 def test_every_notebook_is_a_page(root, site):
-    notebooks = sorted(p.stem for p in (root/"nbs").glob("*.ipynb"))
+    notebooks = sorted(p.stem for p in (root/"nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     assert sorted(p.stem for p in site.glob("*.html")) == notebooks
     index = Page(site/"index.html")
     assert index.title == "ncf"

@@ -36,14 +36,21 @@ from tools.repo import repo_root, directives, doc_cells
 # ## Pages
 #
 # One page per notebook of `nbs/`, in reading order: the index (the README's notebook) first, then
-# the stages by number. A page's title and description are nbdev's: the first markdown cell's
+# the tutorials, the reference notebooks of `nbs/api/` by number (the layer), and the explanations.
+# Pages sit side by side in the site, so notebook names are unique across the folders. A page's title and description are nbdev's: the first markdown cell's
 # `# title` and `> description`.
 
+SECTIONS = ("", "tutorials", "api", "explanations")   # nbs/ itself (the index), then its folders in reading order
+
+def _section(p:Path, nbs:Path) -> str:
+    folder = p.parent.relative_to(nbs).as_posix()
+    return "" if folder == "." else folder
+
 def pages(root=None) -> list[Path]:
-    "The notebooks of the site, in reading order: `index.ipynb` first, then `nbs/` by name."
+    "The notebooks of the site, in reading order: `index.ipynb`, the tutorials, the reference (`api/`), the explanations."
     nbs = repo_root(root)/"nbs"
-    found = [p for p in nbs.glob("*.ipynb") if not p.name.startswith(("_", "."))]
-    return sorted(found, key=lambda p: (p.stem != "index", p.name))
+    found = [p for p in nbs.rglob("*.ipynb") if _section(p, nbs) in SECTIONS and not p.name.startswith(("_", "."))]
+    return sorted(found, key=lambda p: (p.stem != "index", SECTIONS.index(_section(p, nbs)), p.name))
 
 def page_name(nb_path) -> str: return Path(nb_path).stem + ".html"
 
@@ -249,7 +256,7 @@ def build_site(out="_site", root=None, names=None, workers:int=2, timeout:int=90
         for p, nb, err, note in ex.map(run, todo):
             log(f"  {p.name:<24} " + (f"FAILED {err}" if err else f"executed ({note})"))
             done.append((p, nb, err))
-    if failed := [f"nbs/{p.name}: {err}" for p, _, err in done if err]:
+    if failed := [f"{p.relative_to(root).as_posix()}: {err}" for p, _, err in done if err]:
         raise NCFError("the docs site was not built: these notebooks failed to execute (run them, or `nbdev_test --path NB`, to see why):\n  "
                        + "\n  ".join(failed))
     site = []
