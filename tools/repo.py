@@ -121,6 +121,45 @@ def write_readme(root=None) -> Path:
     return root/"README.md"
 
 
+# ## Cells
+#
+# What can be counted about a reference notebook (`nbs/api/`) is checked: no exported cell longer
+# than `MAX_CELL_LINES` (directives excluded), and every public function or class it exports used
+# by at least one example cell (a code cell that is not exported) of the same notebook, so that the
+# docs site shows each one at work.
+
+MAX_CELL_LINES = 40
+
+def _exported(src:str) -> bool: return bool({"export", "exports"} & directives(src))
+
+def public_definitions(src:str) -> list[str]:
+    "Names of the public functions and classes a cell defines at top level."
+    import ast
+    try: tree = ast.parse(strip_directives(src))
+    except SyntaxError: return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+
+def notebook_cell_problems(path:Path, rel:str) -> list[str]:
+    "One line per exported cell that is too long and per exported public name no example cell uses."
+    import json
+    cells = [c for c in json.loads(Path(path).read_text())["cells"] if c["cell_type"] == "code"]
+    srcs = ["".join(c["source"]) for c in cells]
+    problems, examples = [], "\n".join(s for s in srcs if not _exported(s))
+    for i, s in enumerate(srcs):
+        if not _exported(s): continue
+        if (n := len(strip_directives(s).splitlines())) > MAX_CELL_LINES:
+            problems.append(f"{rel}: code cell {i + 1} is {n} lines (at most {MAX_CELL_LINES}): split it")
+        problems += [f"{rel}: {name} is exported but no example cell uses it" for name in public_definitions(s)
+                     if not re.search(rf"\b{re.escape(name)}\b", examples)]
+    return problems
+
+def cell_problems(root=None, names=None) -> list[str]:
+    "`notebook_cell_problems` of every reference notebook (or of the notebooks whose stem is in `names`)."
+    root = repo_root(root)
+    return [q for p in sorted((root/"nbs"/"api").glob("*.ipynb")) if not names or p.stem in names
+            for q in notebook_cell_problems(p, p.relative_to(root).as_posix())]
+
+
 # ## The check
 
 CHECKS = {
@@ -137,12 +176,17 @@ def check(root=None) -> list[str]:
     return failures
 
 def main(argv=None):
-    "`python -m tools.repo check|readme`"
+    "`python -m tools.repo check|readme|cells`"
     import argparse
     p = argparse.ArgumentParser(prog="python -m tools.repo", description=__doc__)
-    p.add_argument("command", choices=["check", "readme"])
+    p.add_argument("command", choices=["check", "readme", "cells"])
+    p.add_argument("notebooks", nargs="*", help="cells: only these reference notebooks (names without .ipynb)")
     a = p.parse_args(argv)
     if a.command == "readme": print(f"wrote {write_readme()}"); return 0
+    if a.command == "cells":
+        problems = cell_problems(names=a.notebooks)
+        print("\n".join(problems) or "every exported cell is short and every exported function and class has an example")
+        return 1 if problems else 0
     if failures := check():
         print("Repository check FAILED:\n" + "\n".join(failures), file=sys.stderr); return 1
     print("Repository check passed: ncf/ matches the notebooks, notebooks are clean, README.md is current.")
