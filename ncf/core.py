@@ -8,8 +8,8 @@ import hashlib, json, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RegistryError',
-           'RequestError', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
+__all__ = ['EXTRAS', 'SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RegistryError',
+           'MissingExtra', 'RequestError', 'extra', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
 
 # %% ../nbs/api/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -27,11 +27,28 @@ class ModelError(NCFError):
 class RegistryError(NCFError):
     "A registry operation was refused: unknown group or version, or an invalid transition."
 
+class MissingExtra(NCFError, ImportError):
+    "A step needs an optional extra that is not installed; the message says which one to install."
+
 class RequestError(NCFError, ValueError):
     "A client request is malformed; `status` is the HTTP status to answer with."
     def __init__(self, message:str, status:int=400):
         super().__init__(message)
         self.status = status
+
+# %% ../nbs/api/00_core.ipynb
+EXTRAS = {"starlette": "serve", "uvicorn": "serve", "httpx": "serve", "orjson": "serve", "sagemaker": "aws", "boto3": "aws",
+          "botocore": "aws", "pyspark": "spark", "matplotlib": "dev"}   # top-level module -> the extra that installs it
+
+def extra(module:str, why:str):
+    "Import `module` (dotted names too) for `why`; a `MissingExtra` naming the extra to install when it is absent."
+    import importlib
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        missing = (e.name or module).split(".")[0]   # `module`, or the extra's module it imports (ncf.serve.app -> starlette)
+        if missing not in EXTRAS and missing != module.split(".")[0]: raise   # something else is broken: not ours to explain
+        name = EXTRAS.get(missing, missing)
+        raise MissingExtra(f"{why} needs {missing}, from the '{name}' extra: pip install 'ncf[{name}]'") from None
 
 # %% ../nbs/api/00_core.ipynb #e4e3cb7d
 def sha256_file(path, # file to hash

@@ -4,24 +4,29 @@
 
 # %% ../../nbs/api/69_cli.demo.ipynb #bd59b382
 from __future__ import annotations
-import argparse, os, sys
-from ..core import NCFError
+import os, sys
+from ..options import Parser, command
 from ..pipeline.demo import demo
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['parser', 'main']
 
 # %% ../../nbs/api/69_cli.demo.ipynb #f4674546
+def parser() -> Parser:
+    "The demo's options."
+    p = Parser("python -m ncf.cli.demo", "A new day of logs arrives, the retrain pipeline runs, and the endpoint answers with recommendations.")
+    p.add_argument("--work", default=os.environ.get("NCF_DEMO_DIR", ".demo"), help="work directory: logs, data, models, registry ($NCF_DEMO_DIR)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("NCF_DEMO_PORT", 8080)), help="the local endpoint's port ($NCF_DEMO_PORT)")
+    p.add_argument("--keep-serving", action="store_true", help="leave the endpoint running at the end")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (none: ncf_train's default)")
+    p.add_argument("--user", default=None, help="the customer to recommend for (none: the most active one)")
+    return p
+
+@command("demo")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ncf.cli.demo", description=__doc__)
-    p.add_argument("--work", default=os.environ.get("NCF_DEMO_DIR", ".demo"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("NCF_DEMO_PORT", 8080)))
-    p.add_argument("--keep-serving", action="store_true")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--user", default=None, help="the customer to recommend for (default: the most active one)")
-    a = p.parse_args(argv)
-    try: return demo(a.work, a.port, a.keep_serving, a.epochs, a.user)
-    except NCFError as e: print(f"demo: error: {e}", file=sys.stderr); return 2
+    "Run the demo; its exit status."
+    a = parser().parse_args(argv)
+    return demo(a.work, a.port, a.keep_serving, a.epochs, a.user)
 
 # %% ../../nbs/api/69_cli.demo.ipynb #ae25506c
 #| eval: false

@@ -4,26 +4,36 @@
 
 # %% ../../nbs/api/64_cli.evaluate.ipynb #4e643a51
 from __future__ import annotations
-import argparse, json, sys
+import json, sys
 from pathlib import Path
-from ..core import NCFError, write_json
+from ..core import write_json
+from ..options import Parser, command
 from ..pipeline.evaluate import evaluate
+from ..pipeline.retrain import PipelineParams
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['parser', 'main']
 
 # %% ../../nbs/api/64_cli.evaluate.ipynb #377c7f8d
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ncf.cli.evaluate", description="Score new vs production model and apply the quality gate.")
-    p.add_argument("--model", required=True); p.add_argument("--data", required=True)
+def parser() -> Parser:
+    "The evaluation's options."
+    p = Parser("python -m ncf.cli.evaluate", "Score new vs production model and apply the quality gate.")
+    p.add_argument("--model", required=True, help="the new model directory")
+    p.add_argument("--data", required=True, help="the preprocessed data set whose test split both models are scored on")
     p.add_argument("--production", default=None, help="the production model directory (omit or pass '' when there is none)")
     p.add_argument("--out", required=True, help="where to write evaluation.json")
-    p.add_argument("--hr-threshold", type=float, default=0.5); p.add_argument("--tolerance", type=float, default=0.02)
-    p.add_argument("--k", type=int, default=10)
-    a = p.parse_args(argv)
+    d = PipelineParams()   # the gate's defaults live there, once
+    p.add_argument("--hr-threshold", type=float, default=d.hr_threshold, help="the gate: the new model's HR@K must reach this ...")
+    p.add_argument("--tolerance", type=float, default=d.tolerance, help="... and lose at most this much to production")
+    p.add_argument("--k", type=int, default=10, help="K of HR@K and NDCG@K")
+    return p
+
+@command("evaluate")
+def main(argv=None) -> int:
+    "Write `evaluation.json` and print the gate's verdict."
+    a = parser().parse_args(argv)
     prod = a.production if a.production and Path(a.production).exists() and any(Path(a.production).iterdir()) else None
-    try: ev = evaluate(a.model, a.data, prod, a.hr_threshold, a.tolerance, a.k)
-    except NCFError as e: print(f"evaluate: error: {e}", file=sys.stderr); return 2
+    ev = evaluate(a.model, a.data, prod, a.hr_threshold, a.tolerance, a.k)
     out = Path(a.out); out = out/"evaluation.json" if out.suffix != ".json" else out
     write_json(out, ev)
     print(json.dumps(ev["gate"]))

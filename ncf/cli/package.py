@@ -4,22 +4,26 @@
 
 # %% ../../nbs/api/65_cli.package.ipynb #8eab4e76
 from __future__ import annotations
-import argparse, sys
-from ..core import NCFError
+import sys
+from ..options import Parser, command
 from ..serve.package import package_model
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['parser', 'main']
 
 # %% ../../nbs/api/65_cli.package.ipynb #a45b4947
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ncf_package", description="Build SageMaker's model.tar.gz from a model directory.")
+def parser() -> Parser:
+    "`ncf_package`'s arguments."
+    p = Parser("ncf_package", "Build SageMaker's model.tar.gz from a model directory.")
     p.add_argument("model_dir", help="a model directory written by ncf_train")
     p.add_argument("out", help="the archive to write, or a directory to write model.tar.gz into")
-    args = p.parse_args(argv)
-    try: built = package_model(args.model_dir, args.out)
-    except (NCFError, OSError) as e:
-        print(f"ncf_package: error: {e}", file=sys.stderr); return 2
+    return p
+
+@command("ncf_package", errors=(OSError,))
+def main(argv=None) -> int:
+    "Package and print what was built; a damaged directory or an unwritable destination is one error line."
+    args = parser().parse_args(argv)
+    built = package_model(args.model_dir, args.out)
     print(f"model {built['model_version']} packaged: {built['path']} ({built['bytes']:,} bytes, sha256 {built['sha256'][:16]}…)")
     print(f"code: inference.py + {', '.join(built['modules'])}")
     return 0

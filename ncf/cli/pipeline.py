@@ -4,79 +4,78 @@
 
 # %% ../../nbs/api/68_cli.pipeline.ipynb #6211d3c0
 from __future__ import annotations
-import argparse, sys
+import sys
 from pathlib import Path
-from ..core import NCFError, ConfigError
+from ..core import ConfigError
+from ..options import Parser, add_fields, from_fields, command
 from ..pipeline.retrain import PipelineParams, run_local, deploy_local
 from ..pipeline.registry import LocalRegistry
 from ..pipeline.reports import open_registry
+from ..pipeline.lambdas import DeployError
 from ..pipeline import sagemaker
 
 # %% auto #0
-__all__ = ['parser', 'params_from_args', 'main']
+__all__ = ['COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'main']
 
 # %% ../../nbs/api/68_cli.pipeline.ipynb #b8a4c837
-def _value(s:str):
+COMMANDS = ("run", "definition", "upsert", "start", "deploy", "versions")
+
+def parser() -> Parser:
+    "`ncf_pipeline`'s options: the command, then every `PipelineParams` field, and the training hyperparameters as `--hp`."
+    p = Parser("ncf_pipeline", "The NCF retrain pipeline: local or SageMaker.")
+    p.add_argument("command", choices=COMMANDS, help="what to do (see the table above)")
+    p.add_argument("version", nargs="?", type=int, help="deploy: the registry version to promote or roll back to")
+    p.add_argument("--local", action="store_true", help="use the local executor, registry and endpoint")
+    p.add_argument("--role-arn", default=None, help="SageMaker execution role for upsert/start (none: from the environment)")
+    add_fields(p, PipelineParams, skip=("hyperparameters",), title="pipeline parameters")
+    g = p.add_argument_group("training hyperparameters")
+    g.add_argument("--epochs", type=int, default=None, help="shorthand for --hp epochs=N")
+    g.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a training hyperparameter (repeatable), as ncf_train --NAME VALUE")
+    return p
+
+# %% ../../nbs/api/68_cli.pipeline.ipynb
+def hp_value(s:str):
+    "`--hp` value as JSON-like Python: `3` → 3, `0.1` → 0.1, `true` → True, `none` → None, else the text."
     for t in (int, float):
         try: return t(s)
         except ValueError: pass
     return {"true": True, "false": False, "none": None}.get(s.lower(), s)
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ncf_pipeline", description="The NCF retrain pipeline: local or SageMaker.")
-    p.add_argument("command", choices=["run", "definition", "upsert", "start", "deploy", "versions"])
-    p.add_argument("version", nargs="?", type=int, help="deploy: the registry version to promote or roll back to")
-    p.add_argument("--local", action="store_true", help="use the local executor, registry and endpoint")
-    d = PipelineParams()
-    for f in ("data_uri", "work_dir", "run_date", "model_group", "endpoint_url", "endpoint_name",
-              "train_instance_type", "processing_instance_type", "endpoint_instance_type"):
-        p.add_argument(f"--{f.replace('_', '-')}", dest=f, default=getattr(d, f))
-    p.add_argument("--days", type=int, default=None)
-    p.add_argument("--hr-threshold", type=float, default=d.hr_threshold)
-    p.add_argument("--tolerance", type=float, default=d.tolerance)
-    p.add_argument("--epochs", type=int, default=None, help="shorthand for --hp epochs=N")
-    p.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a training hyperparameter")
-    p.add_argument("--role-arn", default=None, help="SageMaker execution role (upsert/start)")
-    return p
-
 def params_from_args(a) -> PipelineParams:
+    "The `PipelineParams` of parsed options, `--hp` and `--epochs` included."
     hp = {}
     for kv in a.hp:
         if "=" not in kv: raise ConfigError(f"--hp expects NAME=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1); hp[k] = _value(v)
+        k, v = kv.split("=", 1); hp[k] = hp_value(v)
     if a.epochs is not None: hp["epochs"] = a.epochs
-    return PipelineParams(a.data_uri, a.work_dir, a.run_date, a.days, hp, a.model_group, a.hr_threshold, a.tolerance,
-                          a.endpoint_url, a.endpoint_name, a.train_instance_type, a.processing_instance_type, a.endpoint_instance_type)
+    return from_fields(PipelineParams, a, skip=("hyperparameters",), hyperparameters=hp)
 
-def main(argv=None) -> int:
-    a = parser().parse_args(argv)
-    try:
-        params = params_from_args(a)
-        if a.command == "run":
-            if not a.local:
-                print(sagemaker.start(params, a.role_arn)); return 0
-            print(run_local(params).summary())
-        elif a.command in ("definition", "upsert", "start"):
-            fn = {"definition": lambda: sagemaker.definition(params), "upsert": lambda: sagemaker.upsert(params, a.role_arn),
-                  "start": lambda: sagemaker.start(params, a.role_arn)}[a.command]
-            print(fn())
-        elif a.command == "deploy":
-            if a.version is None: raise ConfigError("deploy needs the registry VERSION to deploy")
-            if a.local:
-                print(deploy_local(LocalRegistry(Path(params.work_dir)/"registry"), params.model_group, a.version, params.endpoint_url))
-            else:
-                print(sagemaker.deploy_version(params, a.version))
-        elif a.command == "versions":
-            reg = _registry(params, a.local)
-            prod = reg.production(params.model_group)
-            for v in reg.versions(params.model_group):
-                print(("* " if prod and prod.version == v.version else "  ") + v.summary())
-    except NCFError as e:
-        print(f"ncf_pipeline: error: {e}", file=sys.stderr); return 2
-    return 0
-
+# %% ../../nbs/api/68_cli.pipeline.ipynb
 def _registry(params:PipelineParams, local:bool):
     return open_registry("local" if local else "sagemaker", params.work_dir, params.endpoint_name, params.endpoint_instance_type)
+
+def run(a, params): return run_local(params).summary() if a.local else sagemaker.start(params, a.role_arn)
+
+def deploy(a, params):
+    "Promote or roll back to registry version `a.version`, locally or on SageMaker."
+    if a.version is None: raise ConfigError("deploy needs the registry VERSION to deploy")
+    if not a.local: return sagemaker.deploy_version(params, a.version)
+    return deploy_local(LocalRegistry(Path(params.work_dir)/"registry"), params.model_group, a.version, params.endpoint_url)
+
+def versions(a, params):
+    "The registry's versions, the production one starred."
+    reg = _registry(params, a.local); prod = reg.production(params.model_group)
+    return "\n".join(("* " if prod and prod.version == v.version else "  ") + v.summary() for v in reg.versions(params.model_group))
+
+ACTIONS = {"run": run, "deploy": deploy, "versions": versions, "definition": lambda a, p: sagemaker.definition(p),
+           "upsert": lambda a, p: sagemaker.upsert(p, a.role_arn), "start": lambda a, p: sagemaker.start(p, a.role_arn)}
+
+@command("ncf_pipeline", errors=(DeployError,))
+def main(argv=None) -> int:
+    "Run one command and print its result."
+    a = parser().parse_args(argv)
+    if out := ACTIONS[a.command](a, params_from_args(a)): print(out)
+    return 0
 
 # %% ../../nbs/api/68_cli.pipeline.ipynb #ce4726b5
 #| eval: false

@@ -5,58 +5,48 @@
 # %% ../../nbs/api/61_cli.preprocess.ipynb #8222cc59
 from __future__ import annotations
 import argparse, sys
-from ..core import NCFError
+from ..core import extra
+from ..options import Parser, add_fields, from_fields, command
 from ..data.readers import Columns, FORMATS
 from ..data.split import PreprocessParams
 from ..data.preprocess import preprocess, summary
 
 # %% auto #0
-__all__ = ['parser', 'params_from_args', 'main']
+__all__ = ['ALIASES', 'parser', 'params_from_args', 'main']
 
 # %% ../../nbs/api/61_cli.preprocess.ipynb #03c8bf24
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ncf_preprocess", description="Raw interaction logs -> versioned train/validation/test sets.")
+ALIASES = {"min_user_interactions": ("--min-user",), "min_item_interactions": ("--min-item",), "num_negatives": ("--negatives",)}
+
+def parser() -> Parser:
+    "`ncf_preprocess`'s options: where, which job, then every `PreprocessParams` and `Columns` field."
+    p = Parser("ncf_preprocess", "Raw interaction logs -> versioned train/validation/test sets.")
     p.add_argument("src", help="ratings file, log file, or log root with dt=YYYY-MM-DD partitions (path or s3://)")
     p.add_argument("out", help="output root (path or s3://); the run writes OUT/dt=RUN_DATE/")
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
-    p.add_argument("--engine", default="pandas", choices=("pandas", "spark"))
-    for f in ("user", "item", "time", "rating", "event", "weight"): p.add_argument(f"--{f}-col", default=None)
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="input format (auto: from the file names)")
+    p.add_argument("--engine", default="pandas", choices=("pandas", "spark"), help="the job: pandas on this machine, or Spark")
     p.add_argument("--items", default=None, help="item metadata file (Parquet/CSV with item_id)")
-    d = PreprocessParams()
-    p.add_argument("--rating-threshold", type=float, default=d.rating_threshold)
-    p.add_argument("--events", default=None, help="comma-separated event types to keep")
-    p.add_argument("--min-user", type=int, default=d.min_user_interactions)
-    p.add_argument("--min-item", type=int, default=d.min_item_interactions)
-    p.add_argument("--no-validation", action="store_true")
-    p.add_argument("--negatives", type=int, default=d.num_negatives)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--days", type=int, default=None, help="partitioned logs: window of the last N days")
-    p.add_argument("--end-date", default=None, help="partitioned logs: last day of the window")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--run-date", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
     g.add_argument("--run-id", default=None, help="write OUT/run=ID instead of OUT/dt=...")
-    return p
+    add_fields(p, PreprocessParams, aliases=ALIASES, title="what the job produces")
+    p.add_argument("--no-validation", dest="validation", action="store_false", help="same as --validation false")
+    return add_fields(p, Columns, suffix="_col", aliases={"timestamp": ("--time-col",)}, title="columns of a generic log")
 
 def params_from_args(a) -> tuple[PreprocessParams, Columns]:
-    params = PreprocessParams(rating_threshold=a.rating_threshold, events=a.events, min_user_interactions=a.min_user,
-                              min_item_interactions=a.min_item, validation=not a.no_validation, num_negatives=a.negatives,
-                              seed=a.seed, days=a.days, end_date=a.end_date)
-    d = Columns()
-    cols = Columns(user=a.user_col or d.user, item=a.item_col or d.item, timestamp=a.time_col or d.timestamp,
-                   rating=a.rating_col, event=a.event_col, weight=a.weight_col)
-    return params, cols
+    "The job's parameters and the log's columns from parsed options."
+    return from_fields(PreprocessParams, a), from_fields(Columns, a, suffix="_col")
 
+@command("ncf_preprocess")
 def main(argv=None) -> int:
+    "Run the job on the chosen engine and print its summary."
     a = parser().parse_args(argv)
-    try:
-        params, cols = params_from_args(a)
-        if a.engine == "spark":
-            from ncf.data.spark import preprocess_spark   # PySpark is an optional extra: imported only for this engine
-            m = preprocess_spark(a.src, a.out, params, a.format, cols, a.items, a.run_date, a.run_id)
-        else:
-            m = preprocess(a.src, a.out, params, a.format, cols, a.items, a.run_date, a.run_id, verbose=True)
-    except NCFError as e:
-        print(f"ncf_preprocess: error: {e}", file=sys.stderr); return 2
+    params, cols = params_from_args(a)
+    if a.engine == "spark":
+        extra("pyspark", "--engine spark")   # PySpark is an optional extra: imported only for this engine
+        from ncf.data.spark import preprocess_spark
+        m = preprocess_spark(a.src, a.out, params, a.format, cols, a.items, a.run_date, a.run_id)
+    else:
+        m = preprocess(a.src, a.out, params, a.format, cols, a.items, a.run_date, a.run_id, verbose=True)
     print(summary(m))
     return 0
 

@@ -4,30 +4,35 @@
 
 # %% ../../nbs/api/66_cli.serve.ipynb #4e49d68b
 from __future__ import annotations
-import argparse, json, logging, os, sys
+import json, logging, os, sys
 from pathlib import Path
+from ..core import extra
+from ..options import Parser, command
 from ..serve.inference import Recommender
-from ..serve.app import MAX_BODY, _WORKER_ENV, _one_thread, make_app
 
 # %% auto #0
 __all__ = ['parser', 'main']
 
 # %% ../../nbs/api/66_cli.serve.ipynb #3f85fbe6
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ncf_serve", description="Serve a model directory: SageMaker contract and recommendation API.")
-    p.add_argument("--model-dir", "--model_dir", dest="model_dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+def parser() -> Parser:
+    "`ncf_serve`'s options."
+    p = Parser("ncf_serve", "Serve a model directory: SageMaker contract and recommendation API.")
+    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"), help="the model directory to serve ($SM_MODEL_DIR)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (SageMaker's containers use 8080)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (more than 1: no hot swap)")
-    p.add_argument("--max-body", type=int, default=MAX_BODY, help="largest request body in bytes")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--max-body", type=int, default=None, help="largest request body in bytes (none: ncf.serve.app.MAX_BODY, 1 MiB)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
     return p
 
+@command("ncf_serve")
 def main(argv=None) -> int:
+    "Load the model, then serve it with uvicorn until stopped."
     args = parser().parse_args(argv)
-    import uvicorn
+    uvicorn, app = extra("uvicorn", "ncf_serve"), extra("ncf.serve.app", "ncf_serve")
+    max_body = args.max_body or app.MAX_BODY
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _one_thread()
+    app._one_thread()
     try: rec = Recommender.load(args.model_dir)
     except Exception as e:
         print(f"ncf_serve: error: model {args.model_dir} did not load: {e}", file=sys.stderr); return 2
@@ -36,11 +41,11 @@ def main(argv=None) -> int:
     run = dict(host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
                log_level=args.log_level, timeout_graceful_shutdown=10)
     if args.workers > 1:  # workers are fresh interpreters: these variables reach their BLAS before it starts
-        os.environ.update({_WORKER_ENV: json.dumps({"model_dir": str(Path(args.model_dir).resolve()), "max_body": args.max_body}),
+        os.environ.update({app._WORKER_ENV: json.dumps({"model_dir": str(Path(args.model_dir).resolve()), "max_body": max_body}),
                            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         del rec
         uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, **run)
-    else: uvicorn.run(make_app(rec, args.max_body), **run)
+    else: uvicorn.run(app.make_app(rec, max_body), **run)
     return 0
 
 # %% ../../nbs/api/66_cli.serve.ipynb #3556082e

@@ -4,33 +4,35 @@
 
 # %% ../../nbs/api/63_cli.train.ipynb #276f6288
 from __future__ import annotations
-import argparse, os, sys
+import os, sys
 from pathlib import Path
-from ..core import NCFError
-from ..train.config import config_arguments, config_from_args
+from ..options import Parser, add_fields, from_fields, command
+from ..train.config import TrainConfig
 from ..train.trainer import fit
 
 # %% auto #0
 __all__ = ['parser', 'main']
 
 # %% ../../nbs/api/63_cli.train.ipynb #804cf4ac
-def parser() -> argparse.ArgumentParser:
-    p = config_arguments(argparse.ArgumentParser(prog="ncf_train", description="Train GMF / MLP / NeuMF on a preprocessed data set."))
-    env = os.environ.get
-    p.add_argument("--data", default=env("SM_CHANNEL_TRAIN"))
-    p.add_argument("--validation-data", default=env("SM_CHANNEL_VALIDATION"))
-    p.add_argument("--test-data", default=env("SM_CHANNEL_TEST"))
-    p.add_argument("--model-dir", "--model_dir", dest="model_dir", default=env("SM_MODEL_DIR"))
-    p.add_argument("--checkpoint-dir", default="/opt/ml/checkpoints" if Path("/opt/ml/checkpoints").is_dir() else None)
-    p.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR"))
+def parser() -> Parser:
+    "`ncf_train`'s options: every `TrainConfig` field, then where data and model live (SageMaker's variables by default)."
+    p = add_fields(Parser("ncf_train", "Train GMF / MLP / NeuMF on a preprocessed data set."), TrainConfig, title="hyperparameters")
+    env, g = os.environ.get, p.add_argument_group("locations")
+    g.add_argument("--data", default=env("SM_CHANNEL_TRAIN"), help="preprocessed data set: a partition, or a root whose newest partition is used ($SM_CHANNEL_TRAIN)")
+    g.add_argument("--validation-data", default=env("SM_CHANNEL_VALIDATION"), help="the validation table's channel, when split across channels ($SM_CHANNEL_VALIDATION)")
+    g.add_argument("--test-data", default=env("SM_CHANNEL_TEST"), help="the test table's channel, when split across channels ($SM_CHANNEL_TEST)")
+    g.add_argument("--model-dir", default=env("SM_MODEL_DIR"), help="where the model directory is written ($SM_MODEL_DIR)")
+    g.add_argument("--checkpoint-dir", default="/opt/ml/checkpoints" if Path("/opt/ml/checkpoints").is_dir() else None,
+                   help="per-epoch checkpoints, to resume an interrupted run (/opt/ml/checkpoints on SageMaker)")
+    g.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR"), help="gets a copy of metrics.json ($SM_OUTPUT_DATA_DIR)")
     return p
 
+@command("ncf_train")
 def main(argv=None) -> int:
+    "Train; SageMaker's unknown hyperparameters are ignored with a warning."
     args, unknown = parser().parse_known_args(argv)
     if unknown: print(f"ncf_train: ignoring unknown arguments {unknown}", file=sys.stderr)
-    try: fit(args.data, args.model_dir, config_from_args(args), args.checkpoint_dir, args.validation_data, args.test_data, args.output_data_dir)
-    except NCFError as e:
-        print(f"ncf_train: error: {e}", file=sys.stderr); return 2
+    fit(args.data, args.model_dir, from_fields(TrainConfig, args), args.checkpoint_dir, args.validation_data, args.test_data, args.output_data_dir)
     return 0
 
 # %% ../../nbs/api/63_cli.train.ipynb #5aff89cd

@@ -12,7 +12,7 @@ from ..core import NCFError, ConfigError, RegistryError, read_json
 from ..model.modeldir import verify_model_dir, read_metrics
 
 # %% auto #0
-__all__ = ['STATUSES', 'ModelVersion', 'Registry', 'check_status', 'LocalRegistry']
+__all__ = ['STATUSES', 'ModelVersion', 'Registry', 'check_status', 'check_deployable', 'LocalRegistry']
 
 # %% ../../nbs/api/52_pipeline.registry.ipynb #998c3972
 STATUSES = ("PendingManualApproval", "Approved", "Rejected")
@@ -47,7 +47,12 @@ class Registry(Protocol):
     def set_production(self, group:str, version:int) -> ModelVersion: ...
 
 def check_status(status:str):
+    "A `RegistryError` unless `status` is one of `STATUSES`."
     if status not in STATUSES: raise RegistryError(f"status must be one of {STATUSES}, got {status!r}")
+
+def check_deployable(v) -> None:
+    "The approval rule, for every registry and executor: a `RegistryError` unless version `v` is Approved."
+    if v.status != "Approved": raise RegistryError(f"{v.group} v{v.version} is {v.status}: only an Approved version can be deployed")
 
 # %% ../../nbs/api/52_pipeline.registry.ipynb #bdc5847d
 _SCHEMA = """
@@ -133,7 +138,7 @@ class LocalRegistry:
     def set_production(self, group, version) -> ModelVersion:
         "Record that `version` now serves. Only an approved version may."
         v = self.get(group, version)
-        if v.status != "Approved": raise RegistryError(f"{group} v{version} is {v.status}; only an Approved version can go to production")
+        check_deployable(v)
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute("INSERT INTO production VALUES (?,?,?) ON CONFLICT(grp) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",

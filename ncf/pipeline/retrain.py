@@ -16,7 +16,7 @@ from ..model.modeldir import verify_model_dir, load_model_dir
 from ..train.config import TrainConfig, config_from_flags
 from ..train.trainer import fit
 from .evaluate import evaluate
-from .registry import LocalRegistry
+from .registry import LocalRegistry, check_deployable
 
 # %% auto #0
 __all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'PipelineParams', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord',
@@ -52,14 +52,14 @@ class PipelineParams:
     run_date:str|None=None                   # partition date of the run (default: the newest log day, else today)
     days:int|None=None                       # read only the last N days of logs
     hyperparameters:dict=field(default_factory=dict)   # ncf_train flags, e.g. {"epochs": 10}
-    model_group:str="ncf"
-    hr_threshold:float=0.5
-    tolerance:float=0.02
+    model_group:str="ncf"                    # the registry's model group (SageMaker model package group)
+    hr_threshold:float=0.5                   # quality gate: the new model's test HR@10 must reach this ...
+    tolerance:float=0.02                     # ... and lose at most this much HR@10 to the production model
     endpoint_url:str="http://127.0.0.1:8080" # local endpoint (its admin swap is the local deployment)
     endpoint_name:str="ncf"                  # SageMaker endpoint
-    train_instance_type:str="ml.m5.xlarge"
-    processing_instance_type:str="ml.m5.large"
-    endpoint_instance_type:str="ml.m5.large"
+    train_instance_type:str="ml.m5.xlarge"   # SageMaker training job instance
+    processing_instance_type:str="ml.m5.large"   # SageMaker processing jobs (preprocess, evaluate)
+    endpoint_instance_type:str="ml.m5.large"     # SageMaker endpoint instance
 
     def __post_init__(self):
         if not 0 <= self.hr_threshold <= 1: raise ConfigError(f"hr_threshold must be in [0, 1], got {self.hr_threshold}")
@@ -239,7 +239,7 @@ def deploy_local(registry, group:str, version:int, endpoint_url:str) -> str:
     "Make an approved version the production one, swapping it into a running local endpoint."
     from ncf.serve.app import current_version, swap_model
     v = registry.get(group, version)
-    if v.status != "Approved": raise NCFError(f"{group} v{version} is {v.status}: only an Approved version can be deployed")
+    check_deployable(v)
     if current_version(endpoint_url) is None: note = f"no endpoint answers at {endpoint_url}: it will serve v{version} when started"
     else: note = f"endpoint {endpoint_url} now serves model {swap_model(endpoint_url, v.model_uri)}"
     registry.set_production(group, version)

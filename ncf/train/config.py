@@ -4,34 +4,36 @@
 
 # %% ../../nbs/api/31_train.config.ipynb #ffd637fb
 from __future__ import annotations
-import argparse, dataclasses, math
+import dataclasses, math
 from dataclasses import dataclass
+from typing import Literal
 from ..core import ConfigError
 from ..model.nets import MODELS, dropout_steps
+from ..options import Parser, add_fields, from_fields
 
 # %% auto #0
-__all__ = ['TrainConfig', 'config_arguments', 'config_from_args', 'config_from_flags']
+__all__ = ['TrainConfig', 'check_config', 'config_from_flags']
 
 # %% ../../nbs/api/31_train.config.ipynb #8ef08313
 @dataclass(frozen=True)
 class TrainConfig:
     "Training hyperparameters and run options. Validated on construction."
-    model:str="NeuMF"
-    epochs:int=10
-    lr:float=0.001
-    batch_size:int=256
-    top_k:int=10
-    dropout:float=0.3
-    factor_num:int=32
-    num_layers:int=3
+    model:Literal[MODELS]="NeuMF"  # the network: GMF, MLP or NeuMF (both, fused)
+    epochs:int=10                # passes over the training set
+    lr:float=0.001               # Adam's learning rate at batch 256 (see lr_scaling)
+    batch_size:int=256           # training examples (positives and their negatives) per step
+    top_k:int=10                 # K of HR@K and NDCG@K
+    dropout:float=0.3            # dropout rate of the MLP tower, in steps of 1/256
+    factor_num:int=32            # embedding size of GMF, and of the MLP tower's last layer
+    num_layers:int=3             # layers of the MLP tower
     num_ng:int=4                 # sampled negatives per positive, re-drawn every epoch
-    weight_decay:float=0.0
-    lr_scaling:str="none"        # none | sqrt | linear: scale lr by (batch_size/256)^p
+    weight_decay:float=0.0       # Adam's L2 penalty
+    lr_scaling:Literal["none", "sqrt", "linear"]="none"  # scale lr by (batch_size/256)^p: p = 0, 1/2 or 1
     sparse:bool=False            # sparse embedding gradients (SparseAdam on embeddings): for large catalogues
-    precision:str="auto"         # auto (bf16 where measured faster: large NeuMF/MLP batches on bf16 CPUs) | bf16 | fp32
+    precision:Literal["auto", "bf16", "fp32"]="auto"  # auto: bf16 where measured faster (large NeuMF/MLP batches on bf16 CPUs)
     patience:int=0               # early stopping: stop after this many epochs without a better validation HR (0: off)
-    seed:int=42
-    device:str="auto"            # auto | cpu | cuda
+    seed:int=42                  # seed of initialisation, negatives and dropout
+    device:Literal["auto", "cpu", "cuda"]="auto"  # auto: CUDA when available
     threads:int=0                # torch CPU threads (0: torch's default)
     pretrain:bool=False          # NeuMF: pre-train a GMF and an MLP with these hyperparameters first (the paper's recipe)
     gmf_pretrain:str|None=None   # NeuMF pre-training from directories instead: a trained GMF model directory
@@ -42,61 +44,43 @@ class TrainConfig:
     recency_window:int=10        # each user's this many latest training interactions ...
     recency_weight:float=8.0     # ... weigh this much in the loss (1: every positive weighs the same)
 
-    def __post_init__(self):
-        def need(ok, msg):
-            if not ok: raise ConfigError(msg)
-        need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
-        need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        dropout_steps(self.dropout)
-        need(self.factor_num >= 1, f"factor_num must be >= 1, got {self.factor_num}")
-        need(1 <= self.num_layers <= 8, f"num_layers must be in 1..8, got {self.num_layers}")
-        need(self.num_ng >= 1, f"num_ng must be >= 1, got {self.num_ng}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(self.lr_scaling in ("none", "sqrt", "linear"), f"lr_scaling must be none, sqrt or linear, got {self.lr_scaling!r}")
-        need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.patience >= 0 and self.threads >= 0, "patience and threads must be >= 0")
-        need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
-        need(isinstance(self.recency_window, int) and self.recency_window >= 0, f"recency_window must be >= 0, got {self.recency_window}")
-        need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")
-        need((self.gmf_pretrain is None) == (self.mlp_pretrain is None), "NeuMF pre-training needs both gmf_pretrain and mlp_pretrain")
-        need(self.gmf_pretrain is None or self.model == "NeuMF", "gmf_pretrain/mlp_pretrain apply to --model NeuMF only")
-        need(not self.pretrain or self.model == "NeuMF", "pretrain applies to --model NeuMF only")
-        need(not (self.pretrain and self.gmf_pretrain), "pretrain trains its own GMF and MLP: do not also pass gmf_pretrain/mlp_pretrain")
-        need(not (self.sparse and self.weight_decay), "sparse embeddings do not support weight_decay")
+    def __post_init__(self): check_config(self)
 
     @property
     def effective_lr(self) -> float:
+        "The learning rate after `lr_scaling`."
         p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
         return self.lr*(self.batch_size/256)**p
 
+# %% ../../nbs/api/31_train.config.ipynb
+def check_config(self:TrainConfig):
+    "Raise a `ConfigError` naming the first field of `self` that is out of range or inconsistent with another."
+    def need(ok, msg):
+        if not ok: raise ConfigError(msg)
+    need(self.model in MODELS, f"model must be one of {MODELS}, got {self.model!r}")
+    need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+    need(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
+    need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+    need(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+    dropout_steps(self.dropout)
+    need(self.factor_num >= 1, f"factor_num must be >= 1, got {self.factor_num}")
+    need(1 <= self.num_layers <= 8, f"num_layers must be in 1..8, got {self.num_layers}")
+    need(self.num_ng >= 1, f"num_ng must be >= 1, got {self.num_ng}")
+    need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+    need(self.lr_scaling in ("none", "sqrt", "linear"), f"lr_scaling must be none, sqrt or linear, got {self.lr_scaling!r}")
+    need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+    need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+    need(self.patience >= 0 and self.threads >= 0, "patience and threads must be >= 0")
+    need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+    need(isinstance(self.recency_window, int) and self.recency_window >= 0, f"recency_window must be >= 0, got {self.recency_window}")
+    need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")
+    need((self.gmf_pretrain is None) == (self.mlp_pretrain is None), "NeuMF pre-training needs both gmf_pretrain and mlp_pretrain")
+    need(self.gmf_pretrain is None or self.model == "NeuMF", "gmf_pretrain/mlp_pretrain apply to --model NeuMF only")
+    need(not self.pretrain or self.model == "NeuMF", "pretrain applies to --model NeuMF only")
+    need(not (self.pretrain and self.gmf_pretrain), "pretrain trains its own GMF and MLP: do not also pass gmf_pretrain/mlp_pretrain")
+    need(not (self.sparse and self.weight_decay), "sparse embeddings do not support weight_decay")
+
 # %% ../../nbs/api/31_train.config.ipynb #8296bb00
-def _bool(s) -> bool:
-    if isinstance(s, bool): return s
-    if str(s).lower() in ("1", "true", "yes", "y"): return True
-    if str(s).lower() in ("0", "false", "no", "n"): return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-def _opt_str(s): return None if s in ("", "None", "none", None) else s
-
-def config_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add one `--NAME` flag per `TrainConfig` field to `p`, typed by the field's default; return `p`."
-    d = TrainConfig()
-    types = {bool: _bool, int: int, float: float, str: str}
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(d, f.name)
-        t = _opt_str if default is None else types[type(default)]
-        kw = dict(nargs="?", const=True) if isinstance(default, bool) else {}
-        p.add_argument(f"--{f.name}", type=t, default=default, **kw)
-    return p
-
-def config_from_args(args) -> TrainConfig:
-    "The `TrainConfig` of parsed flags (`args` may hold other arguments too)."
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-
 def config_from_flags(flags:list) -> TrainConfig:
-    "The `TrainConfig` of `--NAME VALUE` flags, read exactly as `ncf_train` reads them."
-    return config_from_args(config_arguments(argparse.ArgumentParser(prog="ncf_train")).parse_args(flags))
+    "The `TrainConfig` of `--name VALUE` flags, read exactly as `ncf_train` reads them."
+    return from_fields(TrainConfig, add_fields(Parser("ncf_train", "training hyperparameters"), TrainConfig).parse_args(flags))
