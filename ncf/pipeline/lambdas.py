@@ -9,9 +9,9 @@ from dataclasses import dataclass, asdict
 from datetime import date
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'BUSY', 'DataObject', 'data_object', 'object_events', 'claim_key', 'claim', 'build_overrides',
-           'trigger_handler', 'DeployError', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config',
-           'deploy', 'wait_in_service', 'deploy_handler']
+__all__ = ['DATA_SUFFIXES', 'DEFAULT_INSTANCE_TYPE', 'BUSY', 'DataObject', 'data_object', 'object_events', 'claim_key', 'claim',
+           'build_overrides', 'trigger_handler', 'DeployError', 'endpoint_config_name', 'describe_endpoint',
+           'ensure_endpoint_config', 'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/55_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -118,6 +118,7 @@ def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=No
 class DeployError(RuntimeError):
     "The endpoint cannot be deployed now, or a deployment failed."
 
+DEFAULT_INSTANCE_TYPE = "ml.m5.large"   # = PipelineParams.endpoint_instance_type (this module imports no ncf code; a test checks)
 BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "UpdateRollbackFailed", "Deleting")
 
 def endpoint_config_name(endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1) -> str:
@@ -196,7 +197,7 @@ def deploy_handler(event:dict, context=None, *, sagemaker=None) -> dict:
     missing = [k for k in ("endpoint_name", "model_name") if not event.get(k)]
     if missing: raise ValueError(f"deploy event lacks {missing}; got keys {sorted(event)}")
     sm = sagemaker or _client("sagemaker")
-    instance_type = event.get("instance_type") or os.environ.get("NCF_ENDPOINT_INSTANCE_TYPE", "ml.m5.large")
+    instance_type = event.get("instance_type") or os.environ.get("NCF_ENDPOINT_INSTANCE_TYPE", DEFAULT_INSTANCE_TYPE)
     r = deploy(sm, event["endpoint_name"], event["model_name"], instance_type, int(event.get("instance_count") or 1))
     print(json.dumps({"deploy": r, "model_package_arn": event.get("model_package_arn")}))
     return {k: str(v) for k, v in r.items()}

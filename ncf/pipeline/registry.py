@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Protocol
 from ..core import NCFError, ConfigError, RegistryError, read_json
-from ..model.modeldir import verify_model_dir, read_metrics
+from ..model.layout import CONFIG, verify_model_dir, read_metrics
 
 # %% auto #0
 __all__ = ['STATUSES', 'ModelVersion', 'Registry', 'check_status', 'check_deployable', 'LocalRegistry']
@@ -87,7 +87,7 @@ class LocalRegistry:
         "Copy a verified model directory into the registry as the group's next version."
         check_status(status)
         manifest = verify_model_dir(model_dir)
-        config = read_json(Path(model_dir)/"config.json")
+        config = read_json(Path(model_dir)/CONFIG)
         metrics = {**read_metrics(model_dir), **(extra_metrics or {})}
         staged = self.root/"models"/group/f".staged-{uuid.uuid4().hex[:8]}"
         shutil.copytree(model_dir, staged)

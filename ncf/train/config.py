@@ -12,7 +12,7 @@ from ..model.nets import MODELS, dropout_steps
 from ..options import Parser, add_fields, from_fields
 
 # %% auto #0
-__all__ = ['TrainConfig', 'check_config', 'config_from_flags']
+__all__ = ['METRIC_DEFINITIONS', 'TrainConfig', 'check_config', 'config_from_flags', 'metric_line']
 
 # %% ../../nbs/api/31_train.config.ipynb #8ef08313
 @dataclass(frozen=True)
@@ -84,3 +84,10 @@ def check_config(self:TrainConfig):
 def config_from_flags(flags:list) -> TrainConfig:
     "The `TrainConfig` of `--name VALUE` flags, read exactly as `ncf_train` reads them."
     return from_fields(TrainConfig, add_fields(Parser("ncf_train", "training hyperparameters"), TrainConfig).parse_args(flags))
+
+# %% ../../nbs/api/31_train.config.ipynb
+METRIC_DEFINITIONS = [("HR", r"HR=(.*?);"), ("NDCG", r"NDCG=(.*?);"), ("Loss", r"Loss=(.*?);")]   # (name, regex) as SageMaker reads them
+
+def metric_line(hr:float, ndcg:float, loss:float) -> str:
+    "An epoch's metrics as the training log prints them, for `METRIC_DEFINITIONS` to read."
+    return f"HR={hr:.4f}; NDCG={ndcg:.4f}; Loss={loss:.4f};"
