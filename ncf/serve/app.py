@@ -22,17 +22,20 @@ _log = logging.getLogger("ncf.serve")
 # %% auto #0
 __all__ = ['MAX_BODY', 'QUERY_PARAMS', 'json_response', 'error_response', 'read_body', 'ModelSlot', 'is_loopback', 'endpoint',
            'ping', 'invocations', 'query_args', 'recommendations_get', 'recommendations_post', 'admin_model',
-           'make_app', 'worker_app', 'current_version', 'swap_model', 'free_port', 'launch']
+           'make_app', 'worker_app', 'free_port', 'current_version', 'swap_model', 'launch']
 
-# %% ../../nbs/api/42_serve.app.ipynb #a4db6d57
+# %% ../../nbs/api/42_serve.app.ipynb #c48d1705
 MAX_BODY = 1 << 20
 
 def json_response(obj, version:str, status:int=200) -> Response:
+    "`obj` as a JSON response from the model `version` (its `X-Model-Version` header)."
     return Response(json_dumps(obj), status, {"X-Model-Version": version}, "application/json")
 
 def error_response(status:int, message:str, version:str) -> Response:
+    "The JSON answer to an error, `{'error': message, 'status': status}`, with that HTTP status."
     return json_response({"error": message, "status": status}, version, status)
 
+# %% ../../nbs/api/42_serve.app.ipynb #f2f4f05d
 async def read_body(request:Request, limit:int) -> bytes:
     "The request body, or a 413 `RequestError` once it is longer than `limit` bytes."
     n = request.headers.get("content-length")
@@ -56,13 +59,14 @@ class ModelSlot:
             old, self.rec = self.rec, new
             return old, new
 
+# %% ../../nbs/api/42_serve.app.ipynb #827911f7
 def is_loopback(host:str|None) -> bool:
     "Whether a client address is the loopback interface (IPv4, IPv6 or IPv4-mapped IPv6)."
     try: ip = ipaddress.ip_address(host or "")
     except ValueError: return False
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
-# %% ../../nbs/api/42_serve.app.ipynb #4d5f894a
+# %% ../../nbs/api/42_serve.app.ipynb #e96ff9bb
 def endpoint(fn):
     "A route handler that gets the request's model and answers every error in JSON with X-Model-Version."
     async def handle(request:Request) -> Response:
@@ -75,6 +79,7 @@ def endpoint(fn):
     handle.__name__ = fn.__name__
     return handle
 
+# %% ../../nbs/api/42_serve.app.ipynb #12f7504d
 async def ping(request, rec): return json_response({"status": "healthy", "model_version": rec.version}, rec.version)
 
 async def invocations(request, rec):
@@ -82,7 +87,7 @@ async def invocations(request, rec):
     out = output_fn(predict_fn(input_fn(body, request.headers.get("content-type")), rec), request.headers.get("accept"))
     return Response(out, 200, {"X-Model-Version": rec.version}, "application/json")
 
-# %% ../../nbs/api/42_serve.app.ipynb #8db9ebed
+# %% ../../nbs/api/42_serve.app.ipynb #0191b798
 QUERY_PARAMS = {"k": "k", "category": "categories", "exclude": "exclude", "items": "items"}
 
 def query_args(user_id:str, params) -> dict:
@@ -100,6 +105,7 @@ def query_args(user_id:str, params) -> dict:
         elif p == "items" and p in params: raise RequestError("items, when given, must list at least one item id")
     return kw
 
+# %% ../../nbs/api/42_serve.app.ipynb #d4502902
 async def recommendations_get(request, rec):
     user = request.path_params["user_id"]
     if not user: raise RequestError("no user id: GET /recommendations/{user_id}", 404)
@@ -159,7 +165,17 @@ def worker_app() -> Starlette:
     _one_thread()
     return make_app(Recommender.load(cfg["model_dir"]), cfg["max_body"], swappable=False)
 
-# %% ../../nbs/api/42_serve.app.ipynb #4e36e828
+# %% ../../nbs/api/42_serve.app.ipynb #30195734
+def free_port(host:str="127.0.0.1") -> int:
+    "A TCP port that is free on `host` right now."
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0)); return s.getsockname()[1]
+
+def _url(host:str, port:int) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+# %% ../../nbs/api/42_serve.app.ipynb #261818ea
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 def _http(method:str, url:str, body:dict|None=None, timeout:float=5.0) -> tuple[int, dict, bytes]:
@@ -175,6 +191,7 @@ def current_version(base_url:str) -> str|None:
     except (OSError, ValueError): return None
     return {k.lower(): v for k, v in headers.items()}.get("x-model-version") if status == 200 else None
 
+# %% ../../nbs/api/42_serve.app.ipynb #b6a3d342
 def swap_model(base_url:str, model_dir, timeout:float=300.0) -> str:
     "Make the server at `base_url` load and serve `model_dir`; return the new version. `NCFError` if refused."
     p = Path(model_dir)
@@ -186,15 +203,7 @@ def swap_model(base_url:str, model_dir, timeout:float=300.0) -> str:
     if status != 200: raise NCFError(f"{base_url} refused model {target} (HTTP {status}): {doc.get('error')}")
     return doc["model_version"]
 
-def free_port(host:str="127.0.0.1") -> int:
-    "A TCP port that is free on `host` right now."
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0)); return s.getsockname()[1]
-
-def _url(host:str, port:int) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
+# %% ../../nbs/api/42_serve.app.ipynb #dd541885
 def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log_path=None, workers:int=1) -> subprocess.Popen:
     "Start `ncf_serve` on `model_dir` in a subprocess; return it once `/ping` answers. `NCFError` (process killed) otherwise."
     port = port or free_port(host)

@@ -11,11 +11,12 @@ import numpy as np, pandas as pd, torch
 from ..core import RequestError
 from ..model.nets import NCF, item_tables
 from ..model.modeldir import ModelDir, load_model_dir
+from . import _patch as patch   # fastcore's `patch`, which the serving container lacks (see `ncf.serve`)
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',
            'IdIndex', 'category_index', 'seen_csr', 'Recommender', 'Query', 'Batch', 'parse_query', 'media_type',
-           'parse_json', 'parse_recommendation', 'Prediction', 'model_fn', 'input_fn', 'predict_fn', 'accepts_json',
+           'parse_json', 'parse_recommendation', 'model_fn', 'input_fn', 'Prediction', 'predict_fn', 'accepts_json',
            'output_fn']
 
 # %% ../../nbs/api/41_serve.inference.ipynb #41694e23
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover
     json_loads = json.loads
     def json_dumps(obj) -> bytes: return json.dumps(obj, separators=(",", ":")).encode()
 
-# %% ../../nbs/api/41_serve.inference.ipynb #17a12a2c
+# %% ../../nbs/api/41_serve.inference.ipynb #d7ca567c
 @dataclass
 class Scorer:
     "A trained NCF model exported to numpy: `logits(u, items)` scores one user against many items."
@@ -41,6 +42,7 @@ class Scorer:
     @classmethod
     @torch.no_grad()
     def from_model(cls, model:NCF) -> Scorer:
+        "The numpy tables of `model` (GMF, MLP or NeuMF); a branch the model lacks is None."
         cfg, f = model.cfg, model.cfg.factor_num
         np32 = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.float32).copy()
         w = model.predict_layer.weight[0]
@@ -55,21 +57,23 @@ class Scorer:
                    [(np32(l.weight.T), np32(l.bias)) for l in upper], np32(w_mlp) if mlp else None,
                    float(model.predict_layer.bias[0]))
 
-    def logits(self, u:int, items:np.ndarray|None=None) -> np.ndarray:
-        "Logits of user index `u` against item indexes `items` (every item when None)."
-        sel = slice(None) if items is None else items
-        s = None
-        if self.user_mlp is not None:
-            h = self.item_mlp[sel] + self.user_mlp[u]
-            np.maximum(h, 0, out=h)
-            for W, b in self.layers:
-                h = h @ W; h += b; np.maximum(h, 0, out=h)
-            s = h @ self.w_mlp
-        if self.user_gmf is not None:
-            g = self.item_gmf[sel] @ self.user_gmf[u]
-            s = g if s is None else s + g
-        s += self.bias
-        return s
+# %% ../../nbs/api/41_serve.inference.ipynb #5b98f9d2
+@patch
+def logits(self:Scorer, u:int, items:np.ndarray|None=None) -> np.ndarray:
+    "Logits of user index `u` against item indexes `items` (every item when None)."
+    sel = slice(None) if items is None else items
+    s = None
+    if self.user_mlp is not None:
+        h = self.item_mlp[sel] + self.user_mlp[u]
+        np.maximum(h, 0, out=h)
+        for W, b in self.layers:
+            h = h @ W; h += b; np.maximum(h, 0, out=h)
+        s = h @ self.w_mlp
+    if self.user_gmf is not None:
+        g = self.item_gmf[sel] @ self.user_gmf[u]
+        s = g if s is None else s + g
+    s += self.bias
+    return s
 
 # %% ../../nbs/api/41_serve.inference.ipynb #cd04e740
 MAX_ITEMS = 10_000   # candidate (or excluded) items in one query
@@ -120,7 +124,7 @@ class IdIndex:
                 raise RequestError(f"unknown {self.what} id(s) {_show(unknown)}: not in this model's catalogue")
         return np.fromiter(out, np.int64, len(out))
 
-# %% ../../nbs/api/41_serve.inference.ipynb #1bc95833
+# %% ../../nbs/api/41_serve.inference.ipynb #6782ea68
 def category_index(items:pd.DataFrame) -> dict[str, np.ndarray]:
     "Category name (casefolded) -> sorted item indexes, from the metadata columns of `CATEGORY_COLUMNS`."
     cats = {}
@@ -132,6 +136,7 @@ def category_index(items:pd.DataFrame) -> dict[str, np.ndarray]:
                 if tok := tok.strip().casefold(): cats.setdefault(tok, set()).add(i)
     return {c: np.array(sorted(s), dtype=np.int64) for c, s in cats.items()}
 
+# %% ../../nbs/api/41_serve.inference.ipynb #1bc95833
 def seen_csr(seen:pd.DataFrame, n_users:int) -> tuple[np.ndarray, np.ndarray]:
     "Each user's training items as `(items, ptr)`: user `u`'s are `items[ptr[u]:ptr[u+1]]`."
     su, si = seen["user"].to_numpy(np.int64), seen["item"].to_numpy(np.int64)
@@ -158,52 +163,60 @@ class Recommender:
 
     def seen(self, u:int) -> np.ndarray: return self.seen_items[self.seen_ptr[u]:self.seen_ptr[u + 1]]
 
-    def rank(self, user, items:list, top_k:int|None=None, return_scores:bool=False):
-        "The seed contract: `items` (ids) ranked for `user`, best first; unknown ids are a `RequestError`."
-        u = self.users.indexes([user])[0]
-        idx = self.items.indexes(items)
-        s = self.scorer.logits(u, idx)
-        order = np.argsort(-s, kind="stable")[:top_k]
-        ids = self.items.ids
-        ranked = [ids[i] for i in idx[order].tolist()]
-        return {"items": ranked, "scores": _sigmoid(s[order]).tolist()} if return_scores else ranked
+# %% ../../nbs/api/41_serve.inference.ipynb #c9a6fa4a
+@patch
+def rank(self:Recommender, user, items:list, top_k:int|None=None, return_scores:bool=False):
+    "The seed contract: `items` (ids) ranked for `user`, best first; unknown ids are a `RequestError`."
+    u = self.users.indexes([user])[0]
+    idx = self.items.indexes(items)
+    s = self.scorer.logits(u, idx)
+    order = np.argsort(-s, kind="stable")[:top_k]
+    ids = self.items.ids
+    ranked = [ids[i] for i in idx[order].tolist()]
+    return {"items": ranked, "scores": _sigmoid(s[order]).tolist()} if return_scores else ranked
 
-    def category_items(self, categories:list[str]) -> np.ndarray:
-        "Item indexes in any of `categories`; `RequestError` for a category no item has."
-        if not self.categories: raise RequestError("this model's items have no category metadata: drop the category filter")
-        if unknown := [c for c in categories if c.casefold() not in self.categories]:
-            known = sorted(self.categories)
-            raise RequestError(f"unknown category {_show(unknown)}; known: {_show(known, 30)}")
-        return np.unique(np.concatenate([self.categories[c.casefold()] for c in categories]))
+# %% ../../nbs/api/41_serve.inference.ipynb #e5b56f19
+@patch
+def category_items(self:Recommender, categories:list[str]) -> np.ndarray:
+    "Item indexes in any of `categories`; `RequestError` for a category no item has."
+    if not self.categories: raise RequestError("this model's items have no category metadata: drop the category filter")
+    if unknown := [c for c in categories if c.casefold() not in self.categories]:
+        known = sorted(self.categories)
+        raise RequestError(f"unknown category {_show(unknown)}; known: {_show(known, 30)}")
+    return np.unique(np.concatenate([self.categories[c.casefold()] for c in categories]))
 
-    def recommend(self, user, k:int=10, items:list|None=None, categories:list[str]|None=None, exclude:list|None=None) -> dict:
-        "Top-`k` items for `user`, without their training items or `exclude`; popularity for unknown users."
-        if type(k) is not int or not 1 <= k <= MAX_K: raise RequestError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
-        u = self.users.get(user)
-        cand = None if items is None else np.unique(self.items.indexes(items))
-        if categories: cs = self.category_items(categories); cand = cs if cand is None else cand[np.isin(cand, cs)]
-        drop = [self.seen(u)] if u is not None else []
-        if exclude: drop.append(np.fromiter((i for i in map(self.items.get, exclude) if i is not None), np.int64))
-        drop = np.concatenate(drop) if drop else np.empty(0, np.int64)
-        if cand is None:  # the whole catalogue
-            s = self.scorer.logits(u) if u is not None else self.popularity.copy()
-            s[drop] = -np.inf
-            best = top_k(s, k); chosen = best
-        else:
-            if len(drop): cand = cand[~np.isin(cand, drop)]
-            s = self.scorer.logits(u, cand) if u is not None else self.popularity[cand]
-            best = top_k(s, k) if len(cand) else cand; chosen = cand[best]
-        ids = self.items.ids
-        return {"user": self.users.ids[u] if u is not None else user, "items": [ids[i] for i in chosen.tolist()],
-                "scores": (_sigmoid(s[best]) if u is not None else s[best]).tolist(), "cold_start": u is None}
+# %% ../../nbs/api/41_serve.inference.ipynb #dbe52d71
+@patch
+def recommend(self:Recommender, user, k:int=10, items:list|None=None, categories:list[str]|None=None, exclude:list|None=None) -> dict:
+    "Top-`k` items for `user`, without their training items or `exclude`; popularity for unknown users."
+    if type(k) is not int or not 1 <= k <= MAX_K: raise RequestError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+    u = self.users.get(user)
+    cand = None if items is None else np.unique(self.items.indexes(items))
+    if categories: cs = self.category_items(categories); cand = cs if cand is None else cand[np.isin(cand, cs)]
+    drop = [self.seen(u)] if u is not None else []
+    if exclude: drop.append(np.fromiter((i for i in map(self.items.get, exclude) if i is not None), np.int64))
+    drop = np.concatenate(drop) if drop else np.empty(0, np.int64)
+    if cand is None:  # the whole catalogue
+        s = self.scorer.logits(u) if u is not None else self.popularity.copy()
+        s[drop] = -np.inf
+        best = top_k(s, k); chosen = best
+    else:
+        if len(drop): cand = cand[~np.isin(cand, drop)]
+        s = self.scorer.logits(u, cand) if u is not None else self.popularity[cand]
+        best = top_k(s, k) if len(cand) else cand; chosen = cand[best]
+    ids = self.items.ids
+    return {"user": self.users.ids[u] if u is not None else user, "items": [ids[i] for i in chosen.tolist()],
+            "scores": (_sigmoid(s[best]) if u is not None else s[best]).tolist(), "cold_start": u is None}
 
-    def info(self) -> dict:
-        "What is being served, for the admin API and logs."
-        return {"model_version": self.version, "model_dir": str(self.md.path), "model": self.md.model.cfg.model,
-                "data_version": self.md.data_version, "n_users": len(self.users), "n_items": len(self.items),
-                "categories": len(self.categories)}
+# %% ../../nbs/api/41_serve.inference.ipynb #52a2c004
+@patch
+def info(self:Recommender) -> dict:
+    "What is being served, for the admin API and logs."
+    return {"model_version": self.version, "model_dir": str(self.md.path), "model": self.md.model.cfg.model,
+            "data_version": self.md.data_version, "n_users": len(self.users), "n_items": len(self.items),
+            "categories": len(self.categories)}
 
-# %% ../../nbs/api/41_serve.inference.ipynb #73e97116
+# %% ../../nbs/api/41_serve.inference.ipynb #9e2e9298
 @dataclass(frozen=True)
 class Query:
     "One user's candidates to rank: the seed contract, validated."
@@ -214,11 +227,13 @@ class Query:
 
 @dataclass(frozen=True)
 class Batch:
+    "The validated queries of one request body; `batch`: whether it was an array, to be answered by an array."
     queries:list
     batch:bool   # the body was an array: answer with an array
 
 QUERY_FIELDS = ("user", "item", "top_k", "return_scores")
 
+# %% ../../nbs/api/41_serve.inference.ipynb #db105930
 def _type(x) -> str: return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
                              dict: "an object", type(None): "null"}.get(type(x), type(x).__name__)
 
@@ -230,6 +245,7 @@ def _ids(v, field:str, where:str) -> list:
         raise RequestError(f"{where}'{field}' ids must be integers or strings, got {_type(bad)} ({json.dumps(bad)[:50]})")
     return v
 
+# %% ../../nbs/api/41_serve.inference.ipynb #61b07850
 def parse_query(q, where:str="") -> Query:
     "Validate one request object of the seed contract."
     if not isinstance(q, dict): raise RequestError(f"{where or 'body: '}expected an object with 'user' and 'item', got {_type(q)}")
@@ -248,6 +264,7 @@ def parse_query(q, where:str="") -> Query:
     if type(scores) is not bool: raise RequestError(f"{where}'return_scores' must be true or false, got {_type(scores)}")
     return Query(user, items, top, scores)
 
+# %% ../../nbs/api/41_serve.inference.ipynb #da234600
 def media_type(header:str|None) -> str: return (header or "").split(";")[0].strip().lower()
 
 def parse_json(body, content_type:str|None):
@@ -278,16 +295,12 @@ def parse_recommendation(q) -> dict:
         out["categories"] = cats
     return out
 
-# %% ../../nbs/api/41_serve.inference.ipynb #b58c27d6
-@dataclass(frozen=True)
-class Prediction:
-    results:list
-    batch:bool
-
+# %% ../../nbs/api/41_serve.inference.ipynb #5c8ced14
 def model_fn(model_dir) -> Recommender:
     "Load the model directory (verified) for serving."
     return Recommender.load(model_dir)
 
+# %% ../../nbs/api/41_serve.inference.ipynb #e89a7a63
 def input_fn(body, content_type:str="application/json") -> Batch:
     "Parse and validate a request body: one query object, or a non-empty array of them."
     doc = parse_json(body, content_type)
@@ -295,6 +308,13 @@ def input_fn(body, content_type:str="application/json") -> Batch:
     if not doc: raise RequestError("empty batch: send a query object, or a non-empty array of them")
     if len(doc) > MAX_BATCH: raise RequestError(f"batch of {len(doc):,} queries; at most {MAX_BATCH:,} per call")
     return Batch([parse_query(q, f"[{i}]: ") for i, q in enumerate(doc)], True)
+
+# %% ../../nbs/api/41_serve.inference.ipynb #f7e095db
+@dataclass(frozen=True)
+class Prediction:
+    "What `predict_fn` found: one result per query, and whether to answer with an array."
+    results:list
+    batch:bool
 
 def predict_fn(data:Batch, model:Recommender) -> Prediction:
     "Rank every query's candidates; unknown user or item ids are a `RequestError` naming them."
@@ -306,6 +326,7 @@ def predict_fn(data:Batch, model:Recommender) -> Prediction:
             raise
     return Prediction(out, data.batch)
 
+# %% ../../nbs/api/41_serve.inference.ipynb #2da544ab
 def accepts_json(accept:str|None) -> bool:
     "Whether an Accept header admits `application/json`."
     return not accept or any(media_type(a) in ("application/json", "application/*", "*/*") for a in accept.split(","))

@@ -16,6 +16,7 @@ __all__ = ['REQUIREMENTS', 'ENTRY_POINT', 'module_closure', 'package_model']
 # %% ../../nbs/api/43_serve.package.ipynb #ee9c4839
 REQUIREMENTS = ("pandas>=2.0,<3", "pyarrow>=14", "safetensors>=0.4", "orjson>=3.9")
 
+# %% ../../nbs/api/43_serve.package.ipynb #0feb7d5e
 ENTRY_POINT = '''"""SageMaker entry point, written by ncf_package: the handler functions of ncf.serve.inference.
 
 The ncf package travels beside this file (code/ncf), so the container needs no install of it. A client
@@ -57,7 +58,7 @@ def output_fn(prediction, accept):
     except RequestError as e: raise _client_error(e) from None
 '''
 
-# %% ../../nbs/api/43_serve.package.ipynb #f00a376d
+# %% ../../nbs/api/43_serve.package.ipynb #f87438db
 def _internal_imports(src:str, module:str, is_package:bool=False) -> set[str]:
     "The dotted names of `ncf` that the source `src` of `module` imports (some are names in a module, not modules)."
     out, parts = set(), module.split(".")
@@ -71,6 +72,7 @@ def _internal_imports(src:str, module:str, is_package:bool=False) -> set[str]:
             out |= {base} | {f"{base}.{a.name}" for a in node.names}
     return {n for n in out if n == "ncf" or n.startswith("ncf.")}
 
+# %% ../../nbs/api/43_serve.package.ipynb #d8021077
 def _module_path(pkg_dir:Path, name:str) -> str|None:
     "The file of module `name` in the package directory, relative and without `.py` (`serve/inference`, `model/__init__`)."
     rel = "/".join(name.split(".")[1:])
@@ -91,7 +93,7 @@ def module_closure(pkg_dir, start:str="serve.inference") -> list[str]:
         todo += _internal_imports((pkg_dir/f"{path}.py").read_text(), name, path.endswith("__init__"))
     return sorted(seen)
 
-# %% ../../nbs/api/43_serve.package.ipynb #ede99555
+# %% ../../nbs/api/43_serve.package.ipynb #104621e3
 def _add(tar:tarfile.TarFile, name:str, data:bytes):
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0
@@ -102,6 +104,7 @@ def _add_file(tar:tarfile.TarFile, name:str, path:Path):
     info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
     with open(path, "rb") as f: tar.addfile(info, f)
 
+# %% ../../nbs/api/43_serve.package.ipynb #0c0f067b
 def package_model(model_dir, out) -> dict:
     "Verify `model_dir` and write SageMaker's `model.tar.gz` to `out` (a file, or a directory to hold one)."
     model_dir, out = Path(model_dir), Path(out)
