@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ncf.serve.app import launch
+from ncf.serve.client import launch
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = {"seed": ("SeedUser", 2500, 20), "topk": ("TopKUser", 1000, 50)}  # class, target req/s, target p99 ms

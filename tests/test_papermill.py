@@ -10,7 +10,7 @@ from conftest import ROOT, venv_bin
 from helpers import SMALL_SHOP
 from ncf.model.modeldir import validate_metrics
 from ncf.pipeline.registry import LocalRegistry
-from ncf.serve.app import free_port
+from ncf.serve.client import free_port
 from ncf.data.synthetic import next_day, write_days
 
 

@@ -41,7 +41,7 @@ def steps(result) -> dict:
 
 
 def test_retrain_cycle(shop):
-    from ncf.serve.app import launch
+    from ncf.serve.client import launch
     reg = LocalRegistry(shop / "registry")
     first = run_local(params(shop))
     assert first.passed and first.version.version == 1 and first.version.status == "Approved"

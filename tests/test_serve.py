@@ -15,8 +15,9 @@ from starlette.testclient import TestClient
 
 from ncf.core import NCFError
 from ncf.serve.inference import MAX_K, Recommender
-from ncf.serve.app import MAX_BODY, current_version, free_port, make_app, swap_model
-from ncf.serve.app import launch as _launch
+from ncf.serve.app import MAX_BODY, make_app
+from ncf.serve.client import current_version, free_port, swap_model
+from ncf.serve.client import launch as _launch
 from serve_helpers import damaged_copy, trained_models, workdir
 
 JSON = {"content-type": "application/json"}

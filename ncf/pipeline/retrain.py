@@ -17,6 +17,7 @@ from ..train.config import TrainConfig, config_from_flags
 from ..train.trainer import fit
 from .evaluate import evaluate
 from .registry import LocalRegistry, check_deployable
+from ..serve.client import current_version, swap_model
 
 # %% auto #0
 __all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'PipelineParams', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord',
@@ -231,13 +232,11 @@ STEP_FUNCTIONS = {"Preprocess": _step_preprocess, "Train": _step_train, "Evaluat
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #8079b82d
 def _endpoint_differs(url:str, v) -> bool:
-    from ncf.serve.app import current_version   # the serving extra (Starlette), only when deploying
     live = current_version(url)
     return live is not None and live != v.model_version
 
 def deploy_local(registry, group:str, version:int, endpoint_url:str) -> str:
     "Make an approved version the production one, swapping it into a running local endpoint."
-    from ncf.serve.app import current_version, swap_model
     v = registry.get(group, version)
     check_deployable(v)
     if current_version(endpoint_url) is None: note = f"no endpoint answers at {endpoint_url}: it will serve v{version} when started"

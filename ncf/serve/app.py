@@ -4,8 +4,7 @@
 
 # %% ../../nbs/api/42_serve.app.ipynb #ea09ff6a
 from __future__ import annotations
-import asyncio, ipaddress, json, logging, os, signal, socket, subprocess, sys, tempfile, time
-import urllib.error, urllib.request
+import asyncio, ipaddress, json, logging, os
 from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +21,7 @@ _log = logging.getLogger("ncf.serve")
 # %% auto #0
 __all__ = ['MAX_BODY', 'QUERY_PARAMS', 'json_response', 'error_response', 'read_body', 'ModelSlot', 'is_loopback', 'endpoint',
            'ping', 'invocations', 'query_args', 'recommendations_get', 'recommendations_post', 'admin_model',
-           'make_app', 'worker_app', 'free_port', 'current_version', 'swap_model', 'launch']
+           'make_app', 'worker_app']
 
 # %% ../../nbs/api/42_serve.app.ipynb #c48d1705
 MAX_BODY = 1 << 20
@@ -164,63 +163,3 @@ def worker_app() -> Starlette:
     cfg = json.loads(os.environ[_WORKER_ENV])
     _one_thread()
     return make_app(Recommender.load(cfg["model_dir"]), cfg["max_body"], swappable=False)
-
-# %% ../../nbs/api/42_serve.app.ipynb #30195734
-def free_port(host:str="127.0.0.1") -> int:
-    "A TCP port that is free on `host` right now."
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0)); return s.getsockname()[1]
-
-def _url(host:str, port:int) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-# %% ../../nbs/api/42_serve.app.ipynb #261818ea
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-def _http(method:str, url:str, body:dict|None=None, timeout:float=5.0) -> tuple[int, dict, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {})
-    try:
-        with _opener.open(req, timeout=timeout) as r: return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e: return e.code, dict(e.headers), e.read()
-
-def current_version(base_url:str) -> str|None:
-    "The model version `base_url` serves, or None when nothing answers there."
-    try: status, headers, _ = _http("GET", base_url.rstrip("/") + "/ping", timeout=2.0)
-    except (OSError, ValueError): return None
-    return {k.lower(): v for k, v in headers.items()}.get("x-model-version") if status == 200 else None
-
-# %% ../../nbs/api/42_serve.app.ipynb #b6a3d342
-def swap_model(base_url:str, model_dir, timeout:float=300.0) -> str:
-    "Make the server at `base_url` load and serve `model_dir`; return the new version. `NCFError` if refused."
-    p = Path(model_dir)
-    target = str(p.resolve()) if p.exists() else str(model_dir)
-    try: status, _, body = _http("POST", base_url.rstrip("/") + "/admin/model", {"model_dir": target}, timeout)
-    except (OSError, ValueError) as e: raise NCFError(f"model swap at {base_url} failed: {e}") from None
-    try: doc = json.loads(body)
-    except ValueError: doc = {"error": body[:200].decode(errors="replace")}
-    if status != 200: raise NCFError(f"{base_url} refused model {target} (HTTP {status}): {doc.get('error')}")
-    return doc["model_version"]
-
-# %% ../../nbs/api/42_serve.app.ipynb #dd541885
-def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log_path=None, workers:int=1) -> subprocess.Popen:
-    "Start `ncf_serve` on `model_dir` in a subprocess; return it once `/ping` answers. `NCFError` (process killed) otherwise."
-    port = port or free_port(host)
-    url = _url(host, port)
-    if current_version(url) is not None: raise NCFError(f"{url} already answers: another server holds port {port}")
-    log_path = Path(log_path or tempfile.mkstemp(prefix=f"ncf-serve-{port}-", suffix=".log")[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "ncf.cli.serve", "--model-dir", str(model_dir), "--host", host, "--port", str(port),
-                                 "--workers", str(workers)],
-                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    proc.url, proc.port, proc.log_path = url, port, log_path
-    deadline = time.monotonic() + timeout
-    while (rc := proc.poll()) is None and time.monotonic() < deadline:
-        if current_version(url) is not None: return proc
-        time.sleep(0.1)
-    if rc is None: os.killpg(proc.pid, signal.SIGKILL); proc.wait()   # its own session: workers included
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    why = f"exited with status {rc}" if rc is not None else f"did not answer {url}/ping within {timeout:g} s"
-    raise NCFError(f"ncf_serve on {model_dir} {why}: " + (" | ".join(tail) or "no output"))
