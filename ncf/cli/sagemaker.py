@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, tarfile, tempfile
 from pathlib import Path
 from ..core import NCFError
+from ..options import command
 from ..data import storage
 from ..serve import package
 from ..train.trainer import resolve_data
@@ -19,6 +20,7 @@ from .evaluate import main as evaluate_main
 __all__ = ['GATE', 'preprocess_entry', 'evaluate_entry']
 
 # %% ../../nbs/api/67_cli.sagemaker.ipynb #77b830dc
+@command("preprocess.py")
 def preprocess_entry(argv=None) -> int:
     "Processing container: `preprocess.py --data-uri S3 [--run-date D] [--days N] [--data-version V]` → `ncf.cli.preprocess`."
     p = argparse.ArgumentParser(prog="preprocess.py")
@@ -47,6 +49,7 @@ def _archive_in(path) -> Path:
 
 GATE = PipelineParams()   # the gate's defaults: one place, `PipelineParams`
 
+@command("evaluate.py")
 def evaluate_entry(argv=None) -> int:
     "Processing container: unpack the new (and production) model, run `ncf.cli.evaluate`, write the serving archive."
     p = argparse.ArgumentParser(prog="evaluate.py")

@@ -15,22 +15,7 @@ from .nets import NCF, ModelConfig
 from ..data import storage
 
 # %% auto #0
-__all__ = ['ModelDir', 'write_model_dir', 'load_model_dir', 'random_model_dir']
-
-# %% ../../nbs/api/24_model.modeldir.ipynb
-@dataclass
-class ModelDir:
-    "A loaded, verified model directory."
-    path:Path
-    model:NCF
-    config:dict
-    users:pd.DataFrame
-    items:pd.DataFrame
-    seen:pd.DataFrame
-    metrics:dict
-    version:str
-    @property
-    def data_version(self) -> str: return self.config["data_version"]
+__all__ = ['write_model_dir', 'ModelDir', 'load_model_dir', 'random_model_dir']
 
 # %% ../../nbs/api/24_model.modeldir.ipynb #47cdd541
 def write_model_dir(dest, model:NCF, users:pd.DataFrame, items:pd.DataFrame, seen:pd.DataFrame,
@@ -51,6 +36,21 @@ def write_model_dir(dest, model:NCF, users:pd.DataFrame, items:pd.DataFrame, see
         write_json(tmp/MANIFEST, manifest)
         storage.publish_dir(tmp, dest)
     return manifest
+
+# %% ../../nbs/api/24_model.modeldir.ipynb
+@dataclass
+class ModelDir:
+    "A loaded, verified model directory."
+    path:Path
+    model:NCF
+    config:dict
+    users:pd.DataFrame
+    items:pd.DataFrame
+    seen:pd.DataFrame
+    metrics:dict
+    version:str
+    @property
+    def data_version(self) -> str: return self.config["data_version"]
 
 # %% ../../nbs/api/24_model.modeldir.ipynb
 def load_model_dir(path, device="cpu") -> ModelDir:
