@@ -9,7 +9,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['EXTRAS', 'SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RegistryError',
-           'MissingExtra', 'RequestError', 'extra', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
+           'MissingExtra', 'RequestError', 'extra', 'requirements', 'sha256_file', 'write_atomic', 'write_json',
+           'read_json', 'small']
 
 # %% ../nbs/api/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -49,6 +50,18 @@ def extra(module:str, why:str):
         if missing not in EXTRAS and missing != module.split(".")[0]: raise   # something else is broken: not ours to explain
         name = EXTRAS.get(missing, missing)
         raise MissingExtra(f"{why} needs {missing}, from the '{name}' extra: pip install 'ncf[{name}]'") from None
+
+# %% ../nbs/api/00_core.ipynb
+def requirements(extra:str|None=None) -> tuple[str, ...]:
+    "The requirements `settings.ini` declares (the core ones, or one extra's), from the installed package's metadata."
+    import re
+    from importlib.metadata import requires
+    out = []
+    for r in requires("ncf") or []:
+        spec, _, marker = r.partition(";")
+        m = re.search(r'extra\s*==\s*"([^"]+)"', marker)
+        if (m.group(1) if m else None) == extra: out.append(spec.strip())
+    return tuple(out)
 
 # %% ../nbs/api/00_core.ipynb #e4e3cb7d
 def sha256_file(path, # file to hash

@@ -4,17 +4,19 @@
 
 # %% ../../nbs/api/43_serve.package.ipynb #54bccb98
 from __future__ import annotations
-import ast, gzip, io, os, tarfile, tempfile
+import ast, gzip, io, os, re, tarfile, tempfile
 from pathlib import Path
 import ncf
-from ..core import NCFError, sha256_file
-from ..model.modeldir import FILES, MANIFEST, load_model_dir
+from ..core import NCFError, sha256_file, requirements
+from ..model.layout import FILES, MANIFEST
+from ..model.modeldir import load_model_dir
 
 # %% auto #0
-__all__ = ['REQUIREMENTS', 'ENTRY_POINT', 'module_closure', 'package_model']
+__all__ = ['SERVING_PACKAGES', 'REQUIREMENTS', 'ENTRY_POINT', 'module_closure', 'package_model']
 
 # %% ../../nbs/api/43_serve.package.ipynb #ee9c4839
-REQUIREMENTS = ("pandas>=2.0,<3", "pyarrow>=14", "safetensors>=0.4", "orjson>=3.9")
+SERVING_PACKAGES = ("pandas", "pyarrow", "safetensors", "orjson")   # what the inference code imports beyond the image's torch and numpy
+REQUIREMENTS = tuple(r for r in requirements() + requirements("serve") if re.split(r"[<>=!~\[ ;]", r)[0] in SERVING_PACKAGES)
 
 # %% ../../nbs/api/43_serve.package.ipynb #0feb7d5e
 ENTRY_POINT = '''"""SageMaker entry point, written by ncf_package: the handler functions of ncf.serve.inference.
