@@ -16,12 +16,13 @@ from .registry import LocalRegistry
 # %% auto #0
 __all__ = ['fetch_json', 'show_recommendations', 'demo']
 
-# %% ../../nbs/api/57_pipeline.demo.ipynb #05e171d7
+# %% ../../nbs/api/57_pipeline.demo.ipynb #e8a3c59f
 def fetch_json(url:str, timeout:float=10) -> tuple[dict, dict]:
     "GET a JSON document; return it and the response headers."
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read()), dict(r.headers)
 
+# %% ../../nbs/api/57_pipeline.demo.ipynb #c43d2834
 def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
     "What the customer did lately, and what the endpoint recommends, readably."
     body, headers = fetch_json(f"{url}/recommendations/{user_id}?k={k}")
@@ -37,7 +38,13 @@ def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
         lines.append(f"   {rank:>2}. {item:<12} {items.get(item, ''):<8}" + (f" score {score:.3f}" if score is not None else ""))
     return "\n".join(lines)
 
-# %% ../../nbs/api/57_pipeline.demo.ipynb #34b116e6
+# %% ../../nbs/api/57_pipeline.demo.ipynb #15451829
+def _busiest_customer(model_dir) -> str:
+    "The original id of the customer with the most training interactions in a model directory (`seen.parquet`)."
+    seen = pd.read_parquet(Path(model_dir)/"seen.parquet"); users = pd.read_parquet(Path(model_dir)/"users.parquet")
+    return str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
+
+# %% ../../nbs/api/57_pipeline.demo.ipynb #f36c1683
 def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=None, user:str|None=None) -> int:
     "Deliver a day of logs, run the local retrain pipeline, serve, and print one customer's recommendations."
     from ncf.serve.app import current_version, launch   # the serving extra (Starlette)
@@ -61,9 +68,7 @@ def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=N
         server = launch(prod.model_uri, port=port)
     else: print(f"== the endpoint on {url} is already running; it serves {current_version(url)}")
     try:
-        if user is None:
-            seen = pd.read_parquet(Path(prod.model_uri)/"seen.parquet"); users = pd.read_parquet(Path(prod.model_uri)/"users.parquet")
-            user = str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
+        if user is None: user = _busiest_customer(prod.model_uri)
         print(show_recommendations(url, raw, user))
     finally:
         if server is not None and not keep_serving:

@@ -15,12 +15,13 @@ from ..model.modeldir import load_model_dir, ModelDir
 # %% auto #0
 __all__ = ['to_model_index', 'score_held_out', 'gate', 'evaluate']
 
-# %% ../../nbs/api/51_pipeline.evaluate.ipynb #73363367
+# %% ../../nbs/api/51_pipeline.evaluate.ipynb #30909c4c
 def to_model_index(ids:np.ndarray, index:pd.DataFrame, name:str) -> np.ndarray:
     "Map original ids to a model's index; -1 where the model does not know the id."
     lookup = pd.Series(index[name].to_numpy(np.int64), index=index[f"{name}_id"].to_numpy())
     return lookup.reindex(ids).fillna(-1).to_numpy(np.int64)
 
+# %% ../../nbs/api/51_pipeline.evaluate.ipynb #a09f7297
 @torch.no_grad()
 def score_held_out(md:ModelDir, held:HeldOut, data_users:pd.DataFrame, data_items:pd.DataFrame, k:int=10) -> dict:
     "HR@k / NDCG@k of a model on a data set's held-out rows (data indexes), through original ids."

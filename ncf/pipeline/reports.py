@@ -21,13 +21,15 @@ __all__ = ['BACKENDS', 'check_backend', 'retrain_data', 'daily_events', 'RunRepo
            'write_metrics', 'data_summary', 'plot_history', 'comparison', 'plot_comparison', 'verdict', 'open_registry',
            'registry_table']
 
-# %% ../../nbs/api/56_pipeline.reports.ipynb #12e438b4
+# %% ../../nbs/api/56_pipeline.reports.ipynb #d212a06a
 BACKENDS = ("local", "sagemaker")
 
 def check_backend(backend:str) -> str:
+    "`backend` if it is one this package can run on; a `ConfigError` naming the choices otherwise."
     if backend not in BACKENDS: raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #9ab0e2f0
 def retrain_data(data_uri:str|None, work_dir, backend:str="local") -> str:
     "Where a retrain run reads its logs: `data_uri`, or the built-in synthetic shop in `WORK/raw`."
     check_backend(backend)
@@ -37,6 +39,7 @@ def retrain_data(data_uri:str|None, work_dir, backend:str="local") -> str:
     if not any(raw.glob("dt=*")): next_day(raw)
     return str(raw)
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #6a11756e
 def daily_events(data_uri, days:int|None=None, end:str|None=None) -> pd.DataFrame|None:
     "Events, customers and items per day of a local `dt=YYYY-MM-DD` log root (None for other sources)."
     p = Path(str(data_uri))
@@ -45,7 +48,7 @@ def daily_events(data_uri, days:int|None=None, end:str|None=None) -> pd.DataFram
     day = pd.to_datetime(df["timestamp"], unit="s").dt.date.astype(str).rename("day")
     return df.groupby(day).agg(events=("user", "size"), customers=("user", "nunique"), items=("item", "nunique"))
 
-# %% ../../nbs/api/56_pipeline.reports.ipynb #bfd80441
+# %% ../../nbs/api/56_pipeline.reports.ipynb #363c5245
 @dataclass
 class RunReport:
     "One retrain run, as recorded: its steps, data set, model metrics, evaluation and registry version."
@@ -67,6 +70,7 @@ class RunReport:
         "The gate's verdict; None when it is not known here."
         return None if self.evaluation is None else bool(self.evaluation["gate"]["passed"])
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #e6264371
 def _outputs(run:dict, step:str) -> dict:
     return next((s["outputs"] for s in run.get("steps", []) if s["name"] == step and s["status"] != "failed"), {})
 
@@ -90,11 +94,12 @@ def write_metrics(report:RunReport, path) -> Path|None:
     if report.metrics is None: return None
     write_json(path, report_metrics(report)); return Path(path)
 
-# %% ../../nbs/api/56_pipeline.reports.ipynb #049a44e1
+# %% ../../nbs/api/56_pipeline.reports.ipynb #ac1bb443
 def data_summary(report:RunReport) -> str:
     "The preprocessing summary of the run's data set."
     return summary(report.data) if report.data else f"data: preprocessed by {report.where or 'the remote pipeline'}"
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #1ae1c564
 def plot_history(metrics:dict|None):
     "Training loss and validation HR/NDCG per epoch, with the selected epoch and the popularity bar; None without history."
     import matplotlib.pyplot as plt
@@ -112,12 +117,14 @@ def plot_history(metrics:dict|None):
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #24563c2c
 def comparison(evaluation:dict|None) -> pd.DataFrame:
     "HR@k and NDCG@k of the new and the production model on the same new test set."
     cols = ["model_version", "hr", "ndcg", "k", "rows", "unknown_rows"]
     rows = {name: {c: m.get(c) for c in cols} for name in ("new", "production") if (m := (evaluation or {}).get(name))}
     return pd.DataFrame.from_dict(rows, orient="index", columns=cols)
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #a6807734
 def plot_comparison(evaluation:dict|None):
     "New vs production HR and NDCG as bars, with the gate's HR threshold; None without an evaluation."
     import matplotlib.pyplot as plt
@@ -130,6 +137,7 @@ def plot_comparison(evaluation:dict|None):
     fig.tight_layout()
     return fig
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #62f7e4df
 def verdict(report:RunReport) -> str:
     "The quality gate's verdict and its reasons, and what the run did about it."
     if report.evaluation is None: return f"verdict: decided by the pipeline at {report.where}; see its QualityGate step"
@@ -137,13 +145,14 @@ def verdict(report:RunReport) -> str:
     v = f" -> registered as v{report.registered['version']} [{report.registered['status']}]" if report.registered else ""
     return ("APPROVED" if g["passed"] else "REJECTED") + ": " + "; ".join(g["reasons"]) + v
 
-# %% ../../nbs/api/56_pipeline.reports.ipynb #324911d5
+# %% ../../nbs/api/56_pipeline.reports.ipynb #f3fddb6d
 def open_registry(backend:str="local", work_dir=".demo", endpoint_name:str="ncf", instance_type:str="ml.m5.large"):
     "The model registry of a backend: the local one in `WORK/registry`, or SageMaker's."
     if check_backend(backend) == "local":
         return LocalRegistry(Path(work_dir)/"registry")
     return SageMakerRegistry(endpoint_name, instance_type=instance_type)
 
+# %% ../../nbs/api/56_pipeline.reports.ipynb #334e1742
 def registry_table(registry, group:str="ncf") -> pd.DataFrame:
     "Every version of a model group, with its test metrics; `production` marks the one that serves."
     prod = registry.production(group)

@@ -19,8 +19,8 @@ from .lambdas import describe_endpoint, deploy, wait_in_service
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS',
            'SERVING_ENV', 'SDK_TYPES', 'AwsSettings', 'Param', 'pipeline_parameters', 'execution_parameters',
-           'stage_code', 'build_pipeline', 'step_graph', 'check_definition', 'masked', 'has_credentials', 'aws_context',
-           'definition', 'upsert', 'start', 'parse_package_arn', 'SageMakerRegistry', 'deploy_version']
+           'stage_code', 'has_credentials', 'aws_context', 'build_pipeline', 'step_graph', 'check_definition', 'masked',
+           'definition', 'upsert', 'parse_package_arn', 'SageMakerRegistry', 'start', 'deploy_version']
 
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #a286d282
 @dataclass(frozen=True)
@@ -41,15 +41,17 @@ class AwsSettings:
                  "pipeline_name": "NCF_PIPELINE_NAME", "deploy_lambda_arn": "NCF_DEPLOY_LAMBDA_ARN"}
         return cls(**{f: env[v] for f, v in names.items() if env.get(v)})
 
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #ddf9d0d1
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #a7eaca83
 COMMON_HYPERPARAMETERS = ("model", "epochs", "lr", "batch_size", "factor_num", "num_layers", "num_ng", "dropout")
 
 @dataclass(frozen=True)
 class Param:
+    "One pipeline parameter, as plain data: `build_pipeline` makes it an SDK parameter of the same name and type."
     name:str
     type:str      # String | Integer | Float
     default:object
 
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #d08c0ec8
 def _hp_type(default) -> str:
     return "Integer" if type(default) is int else "Float" if type(default) is float else "String"
 
@@ -101,186 +103,7 @@ def stage_code(dest) -> Path:
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #8385b9c6
 PROCESSING = "/opt/ml/processing"
 
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #638e214c
-TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-METRICS = [("HR", r"HR=(.*?);"), ("NDCG", r"NDCG=(.*?);"), ("Loss", r"Loss=(.*?);")]
-SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
-
-def _images(region:str, s:AwsSettings, train_type:str, endpoint_type:str) -> tuple[str, str]:
-    "PyTorch DLC images: training (also used for processing) and inference."
-    from sagemaker.core import image_uris
-    get = lambda scope, it: image_uris.retrieve(framework="pytorch", region=region, version=s.framework_version,
-                                                py_version=s.py_version, instance_type=it, image_scope=scope)
-    return get("training", train_type), get("inference", endpoint_type)
-
-def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, session=None, role_arn:str|None=None, code_dir=None):
-    "The SageMaker `Pipeline` for `params` (SDK v3 objects; uploads the code to S3, creates nothing else)."
-    from sagemaker.core.workflow.pipeline_context import PipelineSession
-    from sagemaker.core.workflow.parameters import ParameterString, ParameterInteger, ParameterFloat
-    from sagemaker.core.workflow.properties import PropertyFile
-    from sagemaker.core.workflow.functions import JsonGet, Join
-    from sagemaker.core.workflow.conditions import ConditionEquals
-    from sagemaker.core.workflow.execution_variables import ExecutionVariables
-    from sagemaker.core.processing import FrameworkProcessor
-    from sagemaker.core.shapes import MetricDefinition, ProcessingInput, ProcessingS3Input, ProcessingOutput, ProcessingS3Output
-    from sagemaker.core.training.configs import SourceCode, Compute, InputData
-    from sagemaker.core.model_metrics import ModelMetrics, MetricsSource
-    from sagemaker.core.lambda_helper import Lambda
-    from sagemaker.train import ModelTrainer
-    from sagemaker.serve.model_builder import ModelBuilder
-    from sagemaker.mlops.workflow.pipeline import Pipeline
-    from sagemaker.mlops.workflow.steps import ProcessingStep, TrainingStep, CacheConfig
-    from sagemaker.mlops.workflow.model_step import ModelStep
-    from sagemaker.mlops.workflow.condition_step import ConditionStep
-    from sagemaker.mlops.workflow.lambda_step import LambdaStep, LambdaOutput, LambdaOutputTypeEnum
-    from sagemaker.mlops.workflow.fail_step import FailStep
-
-    s = settings or AwsSettings.from_env()
-    sess = session or PipelineSession(default_bucket=s.bucket, sagemaker_config=TELEMETRY_OFF)
-    region, bucket = sess.boto_region_name, sess.default_bucket()
-    account = sess.account_id()
-    role = role_arn or s.role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-pipeline"
-    lambda_arn = s.deploy_lambda_arn or f"arn:aws:lambda:{region}:{account}:function:ncf-deploy"
-    root = f"s3://{bucket}/{s.prefix}"
-    code = code_version()
-    train_image, serve_image = _images(region, s, params.train_instance_type, params.endpoint_instance_type)
-
-    P = {"String": ParameterString, "Integer": ParameterInteger, "Float": ParameterFloat}
-    par = {p.name: P[p.type](name=p.name, default_value=p.default) for p in pipeline_parameters(params, f"{root}/raw/")}
-    run_dir = lambda name: Join(on="/", values=[f"{root}/runs", ExecutionVariables.PIPELINE_EXECUTION_ID, name])
-    cache = CacheConfig(enable_caching=True, expire_after="P30D")
-    # The SDK packs the code when the definition is rendered: `code_dir` must live until `.definition()` returns.
-    staged = stage_code(Path(code_dir or tempfile.mkdtemp(prefix="ncf-sagemaker-code-"))/"code")
-    tag = code.replace("+", "-").replace(".", "-")[:40]
-
-    def processor(name):
-        return FrameworkProcessor(image_uri=train_image, role=role, instance_count=1, instance_type=par["ProcessingInstanceType"],
-                                  sagemaker_session=sess, base_job_name=f"ncf-{name}", code_location=f"{root}/code")
-    def output(name):
-        return ProcessingOutput(output_name=name, s3_output=ProcessingS3Output(s3_uri=run_dir(name), local_path=f"{PROCESSING}/{name}", s3_upload_mode="EndOfJob"))
-    def input(name, uri):
-        return ProcessingInput(input_name=name, s3_input=ProcessingS3Input(s3_uri=uri, local_path=f"{PROCESSING}/{name}", s3_data_type="S3Prefix", s3_input_mode="File"))
-
-    steps = {}
-    steps["Preprocess"] = ProcessingStep(name="Preprocess", cache_config=cache, step_args=processor("preprocess").run(
-        code="preprocess.py", source_dir=str(staged), requirements="requirements.txt", job_name=f"ncf-preprocess-{tag}",
-        outputs=[output("data")], arguments=["--data-uri", par["DataUri"], "--run-date", par["RunDate"], "--days", par["Days"],
-                                             "--data-version", par["DataVersion"]]))
-    data_uri = steps["Preprocess"].properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
-
-    hps = {p.name[3:]: par[p.name] for p in pipeline_parameters(params) if p.name.startswith("hp_")}
-    trainer = ModelTrainer(training_image=train_image, role=role, sagemaker_session=sess, base_job_name="ncf-train",
-                           source_code=SourceCode(source_dir=str(staged), entry_script="train.py", requirements="requirements.txt"),
-                           compute=Compute(instance_type=par["TrainInstanceType"], instance_count=1), hyperparameters=hps,
-                           input_data_config=[InputData(channel_name="train", data_source=data_uri)])
-    trainer = trainer.with_metric_definitions([MetricDefinition(name=n, regex=r) for n, r in METRICS])
-    steps["Train"] = TrainingStep(name="Train", step_args=trainer.train(), cache_config=cache)
-    model_tar = steps["Train"].properties.ModelArtifacts.S3ModelArtifacts
-
-    evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
-    steps["Evaluate"] = ProcessingStep(name="Evaluate", cache_config=cache, property_files=[evaluation], step_args=processor("evaluate").run(
-        code="evaluate.py", source_dir=str(staged), requirements="requirements.txt", job_name=f"ncf-evaluate-{tag}",
-        inputs=[input("model", model_tar), input("data", data_uri)], outputs=[output("evaluation"), output("package")],
-        arguments=["--production-uri", par["ProductionModelUri"], "--hr-threshold", par["HrThreshold"], "--tolerance", par["Tolerance"]]))
-    ev = lambda path: JsonGet(step_name="Evaluate", property_file=evaluation, json_path=path)
-    text = lambda path: Join(on="", values=[ev(path)])  # customer metadata values are strings
-    outputs = steps["Evaluate"].properties.ProcessingOutputConfig.Outputs
-    serving_tar = Join(on="/", values=[outputs["package"].S3Output.S3Uri, "model.tar.gz"])
-    evaluation_json = Join(on="/", values=[outputs["evaluation"].S3Output.S3Uri, "evaluation.json"])
-
-    def register(name, status):
-        builder = ModelBuilder(s3_model_data_url=serving_tar, image_uri=serve_image, env_vars=dict(SERVING_ENV),
-                               sagemaker_session=sess, role_arn=role)
-        return ModelStep(name=name, step_args=builder.register(
-            model_package_group_name=params.model_group, approval_status=status,
-            content_types=["application/json"], response_types=["application/json"],
-            inference_instances=[params.endpoint_instance_type], transform_instances=[params.endpoint_instance_type],
-            model_metrics=ModelMetrics(model_statistics=MetricsSource(content_type="application/json", s3_uri=evaluation_json)),
-            customer_metadata_properties={"model_version": text("new.model_version"), "data_version": text("data_version"),
-                                          "code_version": code, "hr": text("new.hr"), "ndcg": text("new.ndcg"), "k": text("new.k"),
-                                          "reason": text("gate.reasons[0]")}))
-    steps["RegisterApproved"] = register("RegisterApproved", "Approved")
-    steps["RegisterRejected"] = register("RegisterRejected", "Rejected")
-
-    create = ModelBuilder(s3_model_data_url=serving_tar, image_uri=serve_image, env_vars=dict(SERVING_ENV),
-                          sagemaker_session=sess, role_arn=role).build()
-    # Create the model from the registered package, so the endpoint's model names the version it serves.
-    create.create_model_request["PrimaryContainer"] = {"ModelPackageName": steps["RegisterApproved"].properties.ModelPackageArn}
-    steps["CreateModel"] = ModelStep(name="CreateModel", step_args=create)
-
-    steps["Deploy"] = LambdaStep(name="Deploy", lambda_func=Lambda(function_arn=lambda_arn, session=sess),
-        inputs={"endpoint_name": params.endpoint_name, "model_name": steps["CreateModel"].properties.ModelName,
-                "model_package_arn": steps["RegisterApproved"].properties.ModelPackageArn,
-                "instance_type": par["EndpointInstanceType"], "instance_count": 1},
-        outputs=[LambdaOutput(output_name=n, output_type=LambdaOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
-    steps["Fail"] = FailStep(name="Fail", error_message=Join(on=" ", values=["The quality gate rejected the new model:", ev("gate.reasons[0]")]))
-
-    # Explicit order where no property reference implies it (PIPELINE's `after`).
-    for st in PIPELINE:
-        if st.kind in ("model", "lambda", "fail"): steps[st.name].add_depends_on([steps[a] for a in st.after])
-    branch = lambda b: [steps[st.name] for st in PIPELINE if st.branch is b]
-    gate = next(st for st in PIPELINE if st.kind == "condition")
-    steps[gate.name] = ConditionStep(name=gate.name, conditions=[ConditionEquals(left=ev("gate.passed"), right=True)],
-                                     if_steps=branch(True), else_steps=branch(False))
-    missing = [st.name for st in PIPELINE if st.name not in steps]
-    assert not missing, f"no SageMaker step for {missing}"
-    return Pipeline(name=s.pipeline_name, parameters=list(par.values()), sagemaker_session=sess,
-                    steps=[steps[st.name] for st in PIPELINE if st.branch is None])
-
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #1401268e
-SDK_TYPES = {"processing": "Processing", "training": "Training", "condition": "Condition", "register": "RegisterModel",
-             "model": "Model", "lambda": "Lambda", "fail": "Fail"}
-
-def _refs(obj) -> set:
-    if isinstance(obj, dict):
-        out = set().union(*map(_refs, obj.values())) if obj else set()
-        if isinstance(obj.get("Get"), str) and obj["Get"].startswith("Steps."): out.add(obj["Get"].split(".")[1])
-        return out
-    if isinstance(obj, list): return set().union(*map(_refs, obj)) if obj else set()
-    return set()
-
-def step_graph(definition) -> dict:
-    "`{name: {'type', 'after', 'branch'}}` of a pipeline definition (JSON text or dict)."
-    d = json.loads(definition) if isinstance(definition, str) else definition
-    out = {}
-    def walk(steps, branch=None, parent=None):
-        for st in steps:
-            args = {"Conditions": st["Arguments"].get("Conditions", [])} if st["Type"] == "Condition" else st.get("Arguments", {})
-            after = set(st.get("DependsOn", [])) | _refs(args)
-            if parent: after.add(parent)
-            out[st["Name"]] = {"type": st["Type"], "after": after - {st["Name"]}, "branch": branch}
-            if st["Type"] == "Condition":
-                walk(st["Arguments"]["IfSteps"], True, st["Name"]); walk(st["Arguments"]["ElseSteps"], False, st["Name"])
-    walk(d["Steps"])
-    return out
-
-def check_definition(definition) -> dict:
-    "Raise `NCFError` unless the definition has exactly `PIPELINE`'s steps, types, branches and dependencies."
-    g = step_graph(definition)
-    problems = []
-    if set(g) != {s.name for s in PIPELINE}: problems.append(f"steps {sorted(g)} != {sorted(s.name for s in PIPELINE)}")
-    for s in PIPELINE:
-        if s.name not in g: continue
-        got = g[s.name]
-        if got["type"] != SDK_TYPES[s.kind]: problems.append(f"{s.name} is a {got['type']} step, expected {SDK_TYPES[s.kind]}")
-        if got["branch"] is not s.branch: problems.append(f"{s.name} is on branch {got['branch']}, expected {s.branch}")
-        if missing := set(s.after) - got["after"]: problems.append(f"{s.name} does not depend on {sorted(missing)}")
-    if problems: raise NCFError("the SageMaker definition does not match PIPELINE: " + "; ".join(problems))
-    return g
-
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #f3bdb5f8
-_STAMP = re.compile(r"\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}|(?<=-)\d{14}(?=[/\"-]|$)")
-
-def masked(definition:str) -> str:
-    "The definition with the SDK's timestamps in names and S3 keys replaced by `<ts>`."
-    return _STAMP.sub("<ts>", definition)
-
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #c23c9b64
-def has_credentials() -> bool:
-    "Whether boto3 finds AWS credentials (environment, profile, SSO, instance role...)."
-    import boto3
-    return boto3.Session().get_credentials() is not None
-
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #d2dd7017
 @contextlib.contextmanager
 def _env(**values):
     old = {k: os.environ.get(k) for k in values}
@@ -291,6 +114,12 @@ def _env(**values):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+def has_credentials() -> bool:
+    "Whether boto3 finds AWS credentials (environment, profile, SSO, instance role...)."
+    import boto3
+    return boto3.Session().get_credentials() is not None
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #1605e89e
 @contextlib.contextmanager
 def _quiet_sdk():
     "Silence the SDK's INFO/WARNING chatter (it configures its own loggers) and its warnings; errors still show."
@@ -320,7 +149,231 @@ def aws_context(offline:bool|None=None, log=lambda m: print(m, file=sys.stderr))
               AWS_SESSION_TOKEN="testing", SAGEMAKER_VALIDATE_ROLE="false"), mock_aws(), _quiet_sdk():
         yield True
 
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #a4bd7373
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #c96f92f5
+TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+METRICS = [("HR", r"HR=(.*?);"), ("NDCG", r"NDCG=(.*?);"), ("Loss", r"Loss=(.*?);")]
+SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
+
+def _images(region:str, s:AwsSettings, train_type:str, endpoint_type:str) -> tuple[str, str]:
+    "PyTorch DLC images: training (also used for processing) and inference."
+    from sagemaker.core import image_uris
+    get = lambda scope, it: image_uris.retrieve(framework="pytorch", region=region, version=s.framework_version,
+                                                py_version=s.py_version, instance_type=it, image_scope=scope)
+    return get("training", train_type), get("inference", endpoint_type)
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #e97a05c4
+@dataclass
+class _Build:
+    params:PipelineParams
+    settings:AwsSettings
+    sess:object               # the PipelineSession
+    role:str
+    lambda_arn:str            # the deploy Lambda
+    root:str                  # s3://BUCKET/PREFIX
+    code:str                  # code_version()
+    train_image:str           # also used for processing
+    serve_image:str
+    par:dict                  # the SDK pipeline parameters, by name
+    staged:Path               # the staged source directory
+    tag:str                   # the code version as it may appear in a job name
+    cache:object              # the step cache of the three jobs
+
+    def run_dir(self, name):
+        from sagemaker.core.workflow.functions import Join
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        return Join(on="/", values=[f"{self.root}/runs", ExecutionVariables.PIPELINE_EXECUTION_ID, name])
+    def processor(self, name):
+        from sagemaker.core.processing import FrameworkProcessor
+        return FrameworkProcessor(image_uri=self.train_image, role=self.role, instance_count=1, instance_type=self.par["ProcessingInstanceType"],
+                                  sagemaker_session=self.sess, base_job_name=f"ncf-{name}", code_location=f"{self.root}/code")
+    def output(self, name):
+        from sagemaker.core.shapes import ProcessingOutput, ProcessingS3Output
+        return ProcessingOutput(output_name=name, s3_output=ProcessingS3Output(s3_uri=self.run_dir(name), local_path=f"{PROCESSING}/{name}", s3_upload_mode="EndOfJob"))
+    def input(self, name, uri):
+        from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input
+        return ProcessingInput(input_name=name, s3_input=ProcessingS3Input(s3_uri=uri, local_path=f"{PROCESSING}/{name}", s3_data_type="S3Prefix", s3_input_mode="File"))
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #e9ebd68b
+def _context(params:PipelineParams, s:AwsSettings, sess, role_arn:str|None, code_dir) -> _Build:
+    "Resolve the account's names and the images, make the SDK parameters, and stage the code."
+    from sagemaker.core.workflow.parameters import ParameterString, ParameterInteger, ParameterFloat
+    from sagemaker.mlops.workflow.steps import CacheConfig
+    region, bucket = sess.boto_region_name, sess.default_bucket()
+    account = sess.account_id()
+    role = role_arn or s.role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-pipeline"
+    lambda_arn = s.deploy_lambda_arn or f"arn:aws:lambda:{region}:{account}:function:ncf-deploy"
+    root = f"s3://{bucket}/{s.prefix}"
+    code = code_version()
+    train_image, serve_image = _images(region, s, params.train_instance_type, params.endpoint_instance_type)
+
+    P = {"String": ParameterString, "Integer": ParameterInteger, "Float": ParameterFloat}
+    par = {p.name: P[p.type](name=p.name, default_value=p.default) for p in pipeline_parameters(params, f"{root}/raw/")}
+    cache = CacheConfig(enable_caching=True, expire_after="P30D")
+    # The SDK packs the code when the definition is rendered: `code_dir` must live until `.definition()` returns.
+    staged = stage_code(Path(code_dir or tempfile.mkdtemp(prefix="ncf-sagemaker-code-"))/"code")
+    tag = code.replace("+", "-").replace(".", "-")[:40]
+    return _Build(params, s, sess, role, lambda_arn, root, code, train_image, serve_image, par, staged, tag, cache)
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #3f5e4c69
+def _preprocess_step(b:_Build):
+    from sagemaker.mlops.workflow.steps import ProcessingStep
+    return ProcessingStep(name="Preprocess", cache_config=b.cache, step_args=b.processor("preprocess").run(
+        code="preprocess.py", source_dir=str(b.staged), requirements="requirements.txt", job_name=f"ncf-preprocess-{b.tag}",
+        outputs=[b.output("data")], arguments=["--data-uri", b.par["DataUri"], "--run-date", b.par["RunDate"], "--days", b.par["Days"],
+                                             "--data-version", b.par["DataVersion"]]))
+
+def _train_step(b:_Build, data_uri):
+    from sagemaker.core.shapes import MetricDefinition
+    from sagemaker.core.training.configs import SourceCode, Compute, InputData
+    from sagemaker.train import ModelTrainer
+    from sagemaker.mlops.workflow.steps import TrainingStep
+    hps = {p.name[3:]: b.par[p.name] for p in pipeline_parameters(b.params) if p.name.startswith("hp_")}
+    trainer = ModelTrainer(training_image=b.train_image, role=b.role, sagemaker_session=b.sess, base_job_name="ncf-train",
+                           source_code=SourceCode(source_dir=str(b.staged), entry_script="train.py", requirements="requirements.txt"),
+                           compute=Compute(instance_type=b.par["TrainInstanceType"], instance_count=1), hyperparameters=hps,
+                           input_data_config=[InputData(channel_name="train", data_source=data_uri)])
+    trainer = trainer.with_metric_definitions([MetricDefinition(name=n, regex=r) for n, r in METRICS])
+    return TrainingStep(name="Train", step_args=trainer.train(), cache_config=b.cache)
+
+def _evaluate_step(b:_Build, data_uri, model_tar):
+    "The Evaluate step, and its `evaluation.json` as a PropertyFile."
+    from sagemaker.core.workflow.properties import PropertyFile
+    from sagemaker.mlops.workflow.steps import ProcessingStep
+    evaluation = PropertyFile(name="Evaluation", output_name="evaluation", path="evaluation.json")
+    step = ProcessingStep(name="Evaluate", cache_config=b.cache, property_files=[evaluation], step_args=b.processor("evaluate").run(
+        code="evaluate.py", source_dir=str(b.staged), requirements="requirements.txt", job_name=f"ncf-evaluate-{b.tag}",
+        inputs=[b.input("model", model_tar), b.input("data", data_uri)], outputs=[b.output("evaluation"), b.output("package")],
+        arguments=["--production-uri", b.par["ProductionModelUri"], "--hr-threshold", b.par["HrThreshold"], "--tolerance", b.par["Tolerance"]]))
+    return step, evaluation
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #12bdd761
+def _register_step(b:_Build, name:str, status:str, serving_tar, evaluation_json, ev):
+    from sagemaker.core.workflow.functions import Join
+    from sagemaker.core.model_metrics import ModelMetrics, MetricsSource
+    from sagemaker.serve.model_builder import ModelBuilder
+    from sagemaker.mlops.workflow.model_step import ModelStep
+    text = lambda path: Join(on="", values=[ev(path)])  # customer metadata values are strings
+    builder = ModelBuilder(s3_model_data_url=serving_tar, image_uri=b.serve_image, env_vars=dict(SERVING_ENV),
+                           sagemaker_session=b.sess, role_arn=b.role)
+    return ModelStep(name=name, step_args=builder.register(
+        model_package_group_name=b.params.model_group, approval_status=status,
+        content_types=["application/json"], response_types=["application/json"],
+        inference_instances=[b.params.endpoint_instance_type], transform_instances=[b.params.endpoint_instance_type],
+        model_metrics=ModelMetrics(model_statistics=MetricsSource(content_type="application/json", s3_uri=evaluation_json)),
+        customer_metadata_properties={"model_version": text("new.model_version"), "data_version": text("data_version"),
+                                      "code_version": b.code, "hr": text("new.hr"), "ndcg": text("new.ndcg"), "k": text("new.k"),
+                                      "reason": text("gate.reasons[0]")}))
+
+def _deploy_steps(b:_Build, serving_tar, approved) -> tuple:
+    "CreateModel, from the package `approved` registers, and Deploy, the deploy Lambda."
+    from sagemaker.core.lambda_helper import Lambda
+    from sagemaker.serve.model_builder import ModelBuilder
+    from sagemaker.mlops.workflow.model_step import ModelStep
+    from sagemaker.mlops.workflow.lambda_step import LambdaStep, LambdaOutput, LambdaOutputTypeEnum
+    create = ModelBuilder(s3_model_data_url=serving_tar, image_uri=b.serve_image, env_vars=dict(SERVING_ENV),
+                          sagemaker_session=b.sess, role_arn=b.role).build()
+    # Create the model from the registered package, so the endpoint's model names the version it serves.
+    create.create_model_request["PrimaryContainer"] = {"ModelPackageName": approved.properties.ModelPackageArn}
+    model = ModelStep(name="CreateModel", step_args=create)
+    deploy = LambdaStep(name="Deploy", lambda_func=Lambda(function_arn=b.lambda_arn, session=b.sess),
+        inputs={"endpoint_name": b.params.endpoint_name, "model_name": model.properties.ModelName,
+                "model_package_arn": approved.properties.ModelPackageArn,
+                "instance_type": b.par["EndpointInstanceType"], "instance_count": 1},
+        outputs=[LambdaOutput(output_name=n, output_type=LambdaOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
+    return model, deploy
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #19639d55
+def _gated(steps:dict, ev) -> list:
+    "Add `PIPELINE`'s explicit dependencies and the QualityGate ConditionStep to `steps`; return the top-level steps."
+    from sagemaker.core.workflow.conditions import ConditionEquals
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+    # Explicit order where no property reference implies it (PIPELINE's `after`).
+    for st in PIPELINE:
+        if st.kind in ("model", "lambda", "fail"): steps[st.name].add_depends_on([steps[a] for a in st.after])
+    branch = lambda b: [steps[st.name] for st in PIPELINE if st.branch is b]
+    gate = next(st for st in PIPELINE if st.kind == "condition")
+    steps[gate.name] = ConditionStep(name=gate.name, conditions=[ConditionEquals(left=ev("gate.passed"), right=True)],
+                                     if_steps=branch(True), else_steps=branch(False))
+    missing = [st.name for st in PIPELINE if st.name not in steps]
+    assert not missing, f"no SageMaker step for {missing}"
+    return [steps[st.name] for st in PIPELINE if st.branch is None]
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #5ef75bf6
+def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, session=None, role_arn:str|None=None, code_dir=None):
+    "The SageMaker `Pipeline` for `params` (SDK v3 objects; uploads the code to S3, creates nothing else)."
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+    from sagemaker.core.workflow.functions import JsonGet, Join
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+    from sagemaker.mlops.workflow.fail_step import FailStep
+
+    s = settings or AwsSettings.from_env()
+    sess = session or PipelineSession(default_bucket=s.bucket, sagemaker_config=TELEMETRY_OFF)
+    b = _context(params, s, sess, role_arn, code_dir)
+    steps = {"Preprocess": _preprocess_step(b)}
+    data_uri = steps["Preprocess"].properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
+    steps["Train"] = _train_step(b, data_uri)
+    steps["Evaluate"], evaluation = _evaluate_step(b, data_uri, steps["Train"].properties.ModelArtifacts.S3ModelArtifacts)
+
+    ev = lambda path: JsonGet(step_name="Evaluate", property_file=evaluation, json_path=path)
+    outputs = steps["Evaluate"].properties.ProcessingOutputConfig.Outputs
+    serving_tar = Join(on="/", values=[outputs["package"].S3Output.S3Uri, "model.tar.gz"])
+    evaluation_json = Join(on="/", values=[outputs["evaluation"].S3Output.S3Uri, "evaluation.json"])
+    for name, status in (("RegisterApproved", "Approved"), ("RegisterRejected", "Rejected")):
+        steps[name] = _register_step(b, name, status, serving_tar, evaluation_json, ev)
+    steps["CreateModel"], steps["Deploy"] = _deploy_steps(b, serving_tar, steps["RegisterApproved"])
+    steps["Fail"] = FailStep(name="Fail", error_message=Join(on=" ", values=["The quality gate rejected the new model:", ev("gate.reasons[0]")]))
+    return Pipeline(name=s.pipeline_name, parameters=list(b.par.values()), sagemaker_session=sess, steps=_gated(steps, ev))
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #80aebbfb
+SDK_TYPES = {"processing": "Processing", "training": "Training", "condition": "Condition", "register": "RegisterModel",
+             "model": "Model", "lambda": "Lambda", "fail": "Fail"}
+
+def _refs(obj) -> set:
+    if isinstance(obj, dict):
+        out = set().union(*map(_refs, obj.values())) if obj else set()
+        if isinstance(obj.get("Get"), str) and obj["Get"].startswith("Steps."): out.add(obj["Get"].split(".")[1])
+        return out
+    if isinstance(obj, list): return set().union(*map(_refs, obj)) if obj else set()
+    return set()
+
+def step_graph(definition) -> dict:
+    "`{name: {'type', 'after', 'branch'}}` of a pipeline definition (JSON text or dict)."
+    d = json.loads(definition) if isinstance(definition, str) else definition
+    out = {}
+    def walk(steps, branch=None, parent=None):
+        for st in steps:
+            args = {"Conditions": st["Arguments"].get("Conditions", [])} if st["Type"] == "Condition" else st.get("Arguments", {})
+            after = set(st.get("DependsOn", [])) | _refs(args)
+            if parent: after.add(parent)
+            out[st["Name"]] = {"type": st["Type"], "after": after - {st["Name"]}, "branch": branch}
+            if st["Type"] == "Condition":
+                walk(st["Arguments"]["IfSteps"], True, st["Name"]); walk(st["Arguments"]["ElseSteps"], False, st["Name"])
+    walk(d["Steps"])
+    return out
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #e4f36ae3
+def check_definition(definition) -> dict:
+    "Raise `NCFError` unless the definition has exactly `PIPELINE`'s steps, types, branches and dependencies."
+    g = step_graph(definition)
+    problems = []
+    if set(g) != {s.name for s in PIPELINE}: problems.append(f"steps {sorted(g)} != {sorted(s.name for s in PIPELINE)}")
+    for s in PIPELINE:
+        if s.name not in g: continue
+        got = g[s.name]
+        if got["type"] != SDK_TYPES[s.kind]: problems.append(f"{s.name} is a {got['type']} step, expected {SDK_TYPES[s.kind]}")
+        if got["branch"] is not s.branch: problems.append(f"{s.name} is on branch {got['branch']}, expected {s.branch}")
+        if missing := set(s.after) - got["after"]: problems.append(f"{s.name} does not depend on {sorted(missing)}")
+    if problems: raise NCFError("the SageMaker definition does not match PIPELINE: " + "; ".join(problems))
+    return g
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #f3bdb5f8
+_STAMP = re.compile(r"\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-\d{3}|(?<=-)\d{14}(?=[/\"-]|$)")
+
+def masked(definition:str) -> str:
+    "The definition with the SDK's timestamps in names and S3 keys replaced by `<ts>`."
+    return _STAMP.sub("<ts>", definition)
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #c76845d4
 def definition(params:PipelineParams|None=None, settings:AwsSettings|None=None) -> str:
     "The pipeline definition JSON, checked against `PIPELINE`; offline (moto) when no credentials are configured."
     with aws_context(), tempfile.TemporaryDirectory(prefix="ncf-sagemaker-code-") as code:
@@ -328,6 +381,7 @@ def definition(params:PipelineParams|None=None, settings:AwsSettings|None=None) 
     check_definition(d)
     return json.dumps(json.loads(d), indent=2)
 
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #b3e34dc5
 def _description(d:str) -> str:
     return f"NCF retrain pipeline; code {code_version()}; definition {hashlib.sha256(masked(d).encode()).hexdigest()[:16]}"
 
@@ -339,6 +393,7 @@ def _not_found(e) -> bool:
     "A missing pipeline: ResourceNotFound on SageMaker, a ValidationException on moto."
     return _client_error(e, "ResourceNotFound") or any(_client_error(e, "ValidationException", t) for t in ("does not exist", "could not find"))
 
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #444900e3
 def _upsert(sm, params:PipelineParams, role:str, s:AwsSettings) -> tuple[str, str]:
     "Inside an AWS context: create, update or leave the pipeline; `(arn, 'created'|'updated'|'unchanged')`."
     from botocore.exceptions import ClientError
@@ -369,59 +424,32 @@ def upsert(params:PipelineParams|None=None, role_arn:str|None=None, settings:Aws
     print(f"pipeline {s.pipeline_name}: {what}", file=sys.stderr)
     return arn
 
-def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsSettings|None=None,
-          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None) -> str:
-    "Start a pipeline execution with the run's parameters (creating the pipeline if missing); return the execution ARN."
-    params, s = params or PipelineParams(), settings or AwsSettings.from_env()
-    data_version = data_version or os.environ.get("NCF_DATA_VERSION") or None
-    with aws_context(offline):
-        import boto3
-        from botocore.exceptions import ClientError
-        sm = sagemaker or boto3.client("sagemaker")
-        try: sm.describe_pipeline(PipelineName=s.pipeline_name)
-        except ClientError as e:
-            if not _not_found(e): raise
-            _upsert(sm, params, _role(role_arn, s), s)
-        prod = (registry or SageMakerRegistry(params.endpoint_name, s, sagemaker=sm)).production(params.model_group)
-        values = execution_parameters(params, prod.model_uri if prod else None, data_version)
-        # Same data and parameters, same token: a retried trigger starts no second execution.
-        token = digest(s.pipeline_name, values)[:40] if data_version else uuid.uuid4().hex
-        run = f"dt={params.run_date}" if params.run_date else "latest data"
-        r = sm.start_pipeline_execution(
-            PipelineName=s.pipeline_name, PipelineParameters=values, ClientRequestToken=token,
-            PipelineExecutionDisplayName=f"ncf-{params.run_date or 'latest'}-{token[:8]}",
-            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + (f", version {data_version}" if data_version else "") +
-                                         (f"; compared with production v{prod.version}" if prod else "; no production model yet"))
-    return r["PipelineExecutionArn"]
-
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #628bc740
 def parse_package_arn(arn:str) -> tuple[str, int]|None:
     "`arn:aws:sagemaker:R:A:model-package/GROUP/VERSION` -> `(GROUP, VERSION)`; None for other ARNs."
     m = re.search(r":model-package/([^/]+)/(\d+)$", arn or "")
     return (m.group(1), int(m.group(2))) if m else None
 
-# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #7e126bab
-class SageMakerRegistry:
-    "`ncf.pipeline.registry.Registry` on SageMaker model package groups; production is the version the endpoint serves."
-    def __init__(self, endpoint_name:str="ncf", settings:AwsSettings|None=None, sagemaker=None, s3=None,
-                 instance_type:str="ml.m5.large", instance_count:int=1, wait_timeout_s:float=1800):
-        self.endpoint_name, self.settings = endpoint_name, settings or AwsSettings.from_env()
-        self.instance_type, self.instance_count, self.wait_timeout_s = instance_type, instance_count, wait_timeout_s
-        self._sm, self._s3, self._groups = sagemaker, s3, {}
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #3781a33b
+def _package_version(d:dict) -> ModelVersion:
+    "A `describe_model_package` response as a `ModelVersion`."
+    meta = d.get("CustomerMetadataProperties") or {}
+    group, version = parse_package_arn(d["ModelPackageArn"])
+    metrics = {}
+    if meta.get("hr"):
+        metrics["test"] = {"hr": float(meta["hr"]), "ndcg": float(meta.get("ndcg") or "nan"), "k": int(float(meta.get("k") or 10))}
+    stats = (((d.get("ModelMetrics") or {}).get("ModelQuality") or {}).get("Statistics") or {}).get("S3Uri")
+    if stats: metrics["evaluation_uri"] = stats
+    created = d.get("CreationTime")
+    return ModelVersion(group, version, d["ModelApprovalStatus"],
+                        d["InferenceSpecification"]["Containers"][0].get("ModelDataUrl", ""),
+                        meta.get("model_version", ""), meta.get("data_version", ""), meta.get("code_version", ""), metrics,
+                        created.isoformat(timespec="seconds") if hasattr(created, "isoformat") else str(created or ""),
+                        d.get("ApprovalDescription") or meta.get("reason", ""))
 
-    @property
-    def sm(self):
-        if self._sm is None:
-            import boto3; self._sm = boto3.client("sagemaker")
-        return self._sm
-
-    @property
-    def s3(self):
-        if self._s3 is None:
-            import boto3; self._s3 = boto3.client("s3")
-        return self._s3
-
-    # -- reading --------------------------------------------------------------------------------
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #8e4bf790
+class _PackageReads:
+    "`SageMakerRegistry` reading a model package group: `versions`, `get`, `find`, `latest_approved`."
     def _group_arn(self, group) -> str|None:
         from botocore.exceptions import ClientError
         if group not in self._groups:
@@ -431,24 +459,8 @@ class SageMakerRegistry:
                 raise
         return self._groups[group]
 
-    @staticmethod
-    def _version(d:dict) -> ModelVersion:
-        meta = d.get("CustomerMetadataProperties") or {}
-        group, version = parse_package_arn(d["ModelPackageArn"])
-        metrics = {}
-        if meta.get("hr"):
-            metrics["test"] = {"hr": float(meta["hr"]), "ndcg": float(meta.get("ndcg") or "nan"), "k": int(float(meta.get("k") or 10))}
-        stats = (((d.get("ModelMetrics") or {}).get("ModelQuality") or {}).get("Statistics") or {}).get("S3Uri")
-        if stats: metrics["evaluation_uri"] = stats
-        created = d.get("CreationTime")
-        return ModelVersion(group, version, d["ModelApprovalStatus"],
-                            d["InferenceSpecification"]["Containers"][0].get("ModelDataUrl", ""),
-                            meta.get("model_version", ""), meta.get("data_version", ""), meta.get("code_version", ""), metrics,
-                            created.isoformat(timespec="seconds") if hasattr(created, "isoformat") else str(created or ""),
-                            d.get("ApprovalDescription") or meta.get("reason", ""))
-
     def _describe(self, arn) -> ModelVersion:
-        return self._version(self.sm.describe_model_package(ModelPackageName=arn))
+        return _package_version(self.sm.describe_model_package(ModelPackageName=arn))
 
     def _arns(self, group, **filters) -> list[str]:
         if self._group_arn(group) is None: return []
@@ -475,6 +487,9 @@ class SageMakerRegistry:
         arns = self._arns(group, ModelApprovalStatus="Approved")
         return max((self._describe(a) for a in arns), key=lambda v: v.version, default=None)
 
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #62abc348
+class _Serving:
+    "`SageMakerRegistry` reading the endpoint: what it serves, and so which version is in production."
     def serving(self) -> dict|None:
         "What the endpoint serves now: `{'endpoint_config_name', 'model_name', 'model_package_arn', 'role_arn'}`, or None."
         ep = describe_endpoint(self.sm, self.endpoint_name)
@@ -492,7 +507,22 @@ class SageMakerRegistry:
         gv = parse_package_arn(now["model_package_arn"]) if now else None
         return self.get(*gv) if gv and gv[0] == group else None
 
-    # -- writing --------------------------------------------------------------------------------
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #6b4c2133
+def _package_request(group:str, mv:str, status:str, meta:dict, image:str, uri:str, instance_type:str) -> dict:
+    "The `create_model_package` request for model `mv`, whose archive and metrics are under `uri`."
+    return dict(
+        ModelPackageGroupName=group, ModelApprovalStatus=status, ModelPackageDescription=f"model {mv}",
+        ClientToken=hashlib.sha256(f"{group}:{mv}:{status}".encode()).hexdigest()[:36],
+        InferenceSpecification={"Containers": [{"Image": image, "ModelDataUrl": f"{uri}/model.tar.gz",
+                                                "Environment": dict(SERVING_ENV)}],
+                                "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"],
+                                "SupportedRealtimeInferenceInstanceTypes": [instance_type]},
+        ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": f"{uri}/metrics.json"}}},
+        CustomerMetadataProperties={k: v for k, v in meta.items() if v})
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #0b6f0936
+class _Registering:
+    "`SageMakerRegistry` writing: `set_status`, and `register` for a local model directory."
     def set_status(self, group, version, status, reason="") -> ModelVersion:
         check_status(status); self.get(group, version)
         pkg = self._group_arn(group).replace(":model-package-group/", ":model-package/") + f"/{int(version)}"
@@ -525,17 +555,12 @@ class SageMakerRegistry:
             self._groups.pop(group, None)
         meta = {"model_version": mv, "data_version": data_version, "code_version": code_version, "reason": reason[:256],
                 **{k: str(metrics.get("test", {}).get(k, "")) for k in ("hr", "ndcg", "k")}}
-        r = self.sm.create_model_package(
-            ModelPackageGroupName=group, ModelApprovalStatus=status, ModelPackageDescription=f"model {mv}",
-            ClientToken=hashlib.sha256(f"{group}:{mv}:{status}".encode()).hexdigest()[:36],
-            InferenceSpecification={"Containers": [{"Image": self.inference_image(), "ModelDataUrl": f"s3://{bucket}/{key}/model.tar.gz",
-                                                    "Environment": dict(SERVING_ENV)}],
-                                    "SupportedContentTypes": ["application/json"], "SupportedResponseMIMETypes": ["application/json"],
-                                    "SupportedRealtimeInferenceInstanceTypes": [self.instance_type]},
-            ModelMetrics={"ModelQuality": {"Statistics": {"ContentType": "application/json", "S3Uri": f"s3://{bucket}/{key}/metrics.json"}}},
-            CustomerMetadataProperties={k: v for k, v in meta.items() if v})
+        r = self.sm.create_model_package(**_package_request(group, mv, status, meta, self.inference_image(), f"s3://{bucket}/{key}", self.instance_type))
         return self.get(group, parse_package_arn(r["ModelPackageArn"])[1])
 
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #5db03281
+class _Deploying:
+    "`SageMakerRegistry` changing production: `set_production`, and the model and image it needs."
     def inference_image(self) -> str:
         "The PyTorch inference container for this region and instance type."
         from sagemaker.core import image_uris
@@ -568,6 +593,53 @@ class SageMakerRegistry:
         self.sm.create_model(ModelName=name, PrimaryContainer={"ModelPackageName": arn}, ExecutionRoleArn=role,
                              Tags=[{"Key": "ncf:model-package", "Value": arn}])
         return name
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #24c717b7
+class SageMakerRegistry(_PackageReads, _Serving, _Registering, _Deploying):
+    "`ncf.pipeline.registry.Registry` on SageMaker model package groups; production is the version the endpoint serves."
+    def __init__(self, endpoint_name:str="ncf", settings:AwsSettings|None=None, sagemaker=None, s3=None,
+                 instance_type:str="ml.m5.large", instance_count:int=1, wait_timeout_s:float=1800):
+        self.endpoint_name, self.settings = endpoint_name, settings or AwsSettings.from_env()
+        self.instance_type, self.instance_count, self.wait_timeout_s = instance_type, instance_count, wait_timeout_s
+        self._sm, self._s3, self._groups = sagemaker, s3, {}
+
+    @property
+    def sm(self):
+        if self._sm is None:
+            import boto3; self._sm = boto3.client("sagemaker")
+        return self._sm
+
+    @property
+    def s3(self):
+        if self._s3 is None:
+            import boto3; self._s3 = boto3.client("s3")
+        return self._s3
+
+# %% ../../nbs/api/54_pipeline.sagemaker.ipynb #94637bce
+def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsSettings|None=None,
+          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None) -> str:
+    "Start a pipeline execution with the run's parameters (creating the pipeline if missing); return the execution ARN."
+    params, s = params or PipelineParams(), settings or AwsSettings.from_env()
+    data_version = data_version or os.environ.get("NCF_DATA_VERSION") or None
+    with aws_context(offline):
+        import boto3
+        from botocore.exceptions import ClientError
+        sm = sagemaker or boto3.client("sagemaker")
+        try: sm.describe_pipeline(PipelineName=s.pipeline_name)
+        except ClientError as e:
+            if not _not_found(e): raise
+            _upsert(sm, params, _role(role_arn, s), s)
+        prod = (registry or SageMakerRegistry(params.endpoint_name, s, sagemaker=sm)).production(params.model_group)
+        values = execution_parameters(params, prod.model_uri if prod else None, data_version)
+        # Same data and parameters, same token: a retried trigger starts no second execution.
+        token = digest(s.pipeline_name, values)[:40] if data_version else uuid.uuid4().hex
+        run = f"dt={params.run_date}" if params.run_date else "latest data"
+        r = sm.start_pipeline_execution(
+            PipelineName=s.pipeline_name, PipelineParameters=values, ClientRequestToken=token,
+            PipelineExecutionDisplayName=f"ncf-{params.run_date or 'latest'}-{token[:8]}",
+            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + (f", version {data_version}" if data_version else "") +
+                                         (f"; compared with production v{prod.version}" if prod else "; no production model yet"))
+    return r["PipelineExecutionArn"]
 
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #9aa9ad58
 def deploy_version(params:PipelineParams, version:int, registry=None, wait:bool=True) -> str:
