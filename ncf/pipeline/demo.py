@@ -4,14 +4,14 @@
 
 # %% ../../nbs/api/57_pipeline.demo.ipynb #c2ecaac1
 from __future__ import annotations
-import json, os, sys, time, urllib.request
+import json, urllib.request
 from pathlib import Path
 import pandas as pd
-from ..core import NCFError
 from ..data.synthetic import next_day
-from ..model.modeldir import load_model_dir
+from ..model.layout import SEEN, USERS
 from .retrain import PipelineParams, run_local
 from .registry import LocalRegistry
+from ..serve.client import current_version, launch
 
 # %% auto #0
 __all__ = ['fetch_json', 'show_recommendations', 'demo']
@@ -41,13 +41,12 @@ def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
 # %% ../../nbs/api/57_pipeline.demo.ipynb #15451829
 def _busiest_customer(model_dir) -> str:
     "The original id of the customer with the most training interactions in a model directory (`seen.parquet`)."
-    seen = pd.read_parquet(Path(model_dir)/"seen.parquet"); users = pd.read_parquet(Path(model_dir)/"users.parquet")
+    seen = pd.read_parquet(Path(model_dir)/SEEN); users = pd.read_parquet(Path(model_dir)/USERS)
     return str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
 
 # %% ../../nbs/api/57_pipeline.demo.ipynb #f36c1683
 def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=None, user:str|None=None) -> int:
     "Deliver a day of logs, run the local retrain pipeline, serve, and print one customer's recommendations."
-    from ncf.serve.app import current_version, launch   # the serving extra (Starlette)
     work = Path(work); raw = work/"raw"
     days = next_day(raw)
     print(f"== new data: {len(days)} day(s) of logs delivered to {raw} ({days[0].parent.name} .. {days[-1].parent.name})")

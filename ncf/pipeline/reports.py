@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import pandas as pd
-from ..core import ConfigError, read_json, write_json
+from ..core import ConfigError, read_json, write_json, extra
 from ..data.synthetic import next_day
 from ..data.readers import read_partitioned
 from ..data.dataset import MANIFEST
 from ..data.preprocess import summary
-from ..model.modeldir import read_metrics, validate_metrics
+from ..model.layout import read_metrics, validate_metrics
 from .registry import LocalRegistry
+from .retrain import PipelineParams
 from .sagemaker import SageMakerRegistry
 
 # %% auto #0
@@ -102,7 +103,7 @@ def data_summary(report:RunReport) -> str:
 # %% ../../nbs/api/56_pipeline.reports.ipynb #1ae1c564
 def plot_history(metrics:dict|None):
     "Training loss and validation HR/NDCG per epoch, with the selected epoch and the popularity bar; None without history."
-    import matplotlib.pyplot as plt
+    plt = extra("matplotlib.pyplot", "the report's plots")
     h = (metrics or {}).get("history") or []
     if not h: return None
     k, ep = metrics.get("k", 10), [r["epoch"] for r in h]
@@ -127,7 +128,7 @@ def comparison(evaluation:dict|None) -> pd.DataFrame:
 # %% ../../nbs/api/56_pipeline.reports.ipynb #a6807734
 def plot_comparison(evaluation:dict|None):
     "New vs production HR and NDCG as bars, with the gate's HR threshold; None without an evaluation."
-    import matplotlib.pyplot as plt
+    plt = extra("matplotlib.pyplot", "the report's plots")
     t = comparison(evaluation)
     if t.empty: return None
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -146,7 +147,7 @@ def verdict(report:RunReport) -> str:
     return ("APPROVED" if g["passed"] else "REJECTED") + ": " + "; ".join(g["reasons"]) + v
 
 # %% ../../nbs/api/56_pipeline.reports.ipynb #f3fddb6d
-def open_registry(backend:str="local", work_dir=".demo", endpoint_name:str="ncf", instance_type:str="ml.m5.large"):
+def open_registry(backend:str="local", work_dir=".demo", endpoint_name:str="ncf", instance_type:str=PipelineParams.endpoint_instance_type):
     "The model registry of a backend: the local one in `WORK/registry`, or SageMaker's."
     if check_backend(backend) == "local":
         return LocalRegistry(Path(work_dir)/"registry")

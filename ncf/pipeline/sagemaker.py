@@ -8,12 +8,12 @@ import contextlib, dataclasses, hashlib, json, os, re, shutil, sys, tempfile, uu
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
-from ..core import NCFError, ConfigError, RegistryError, read_json
-from ..model.modeldir import verify_model_dir, read_metrics
+from ..core import NCFError, ConfigError, RegistryError, read_json, requirements
+from ..model.layout import CONFIG, verify_model_dir, read_metrics
 from ..serve import package
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, METRIC_DEFINITIONS
 from .retrain import PIPELINE, PipelineParams, code_version, digest
-from .registry import ModelVersion, check_status
+from .registry import ModelVersion, check_status, check_deployable
 from .lambdas import describe_endpoint, deploy, wait_in_service
 
 # %% auto #0
@@ -83,7 +83,7 @@ def execution_parameters(params:PipelineParams, production_uri:str|None=None, da
 
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #1a78e5c7
 # The core requirements of settings.ini without torch, which the container image provides.
-CONTAINER_REQUIREMENTS = ("numpy>=1.26", "pandas>=2.2", "pyarrow>=15", "safetensors>=0.4", "tqdm>=4.60")
+CONTAINER_REQUIREMENTS = tuple(r for r in requirements() if not r.startswith("torch"))   # settings.ini's; the image has torch
 
 ENTRY_SCRIPTS = {
     "train.py": "import sys\nfrom ncf.cli.train import main\nsys.exit(main())\n",
@@ -151,7 +151,7 @@ def aws_context(offline:bool|None=None, log=lambda m: print(m, file=sys.stderr))
 
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #c96f92f5
 TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-METRICS = [("HR", r"HR=(.*?);"), ("NDCG", r"NDCG=(.*?);"), ("Loss", r"Loss=(.*?);")]
+METRICS = METRIC_DEFINITIONS   # the regexes that read the trainer's own epoch line (ncf.train.config)
 SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
 
 def _images(region:str, s:AwsSettings, train_type:str, endpoint_type:str) -> tuple[str, str]:
@@ -295,7 +295,7 @@ def _gated(steps:dict, ev) -> list:
     steps[gate.name] = ConditionStep(name=gate.name, conditions=[ConditionEquals(left=ev("gate.passed"), right=True)],
                                      if_steps=branch(True), else_steps=branch(False))
     missing = [st.name for st in PIPELINE if st.name not in steps]
-    assert not missing, f"no SageMaker step for {missing}"
+    if missing: raise NCFError(f"the SageMaker pipeline has no step for {missing}: ncf.pipeline.retrain.PIPELINE and this builder disagree")
     return [steps[st.name] for st in PIPELINE if st.branch is None]
 
 # %% ../../nbs/api/54_pipeline.sagemaker.ipynb #5ef75bf6
@@ -539,7 +539,7 @@ class _Registering:
         "Package a verified model directory (ncf_package), upload it and register it as the group's next version."
         check_status(status)
         manifest = verify_model_dir(model_dir)
-        mv, data_version = manifest["model_version"], read_json(Path(model_dir)/"config.json")["data_version"]
+        mv, data_version = manifest["model_version"], read_json(Path(model_dir)/CONFIG)["data_version"]
         metrics = {**read_metrics(model_dir), **(extra_metrics or {})}
         bucket, key = self._bucket(), f"{self.settings.prefix}/registry/{group}/{mv}"
         with tempfile.TemporaryDirectory() as d:
@@ -571,7 +571,7 @@ class _Deploying:
     def set_production(self, group, version, wait:bool=True) -> ModelVersion:
         "Deploy an Approved version to the endpoint (create or update) and, by default, wait until it serves."
         v = self.get(group, version)
-        if v.status != "Approved": raise RegistryError(f"{group} v{version} is {v.status}; only an Approved version can go to production")
+        check_deployable(v)
         model_name = self.ensure_model(v)
         r = deploy(self.sm, self.endpoint_name, model_name, self.instance_type, self.instance_count)
         if wait and r["action"] != "unchanged":
@@ -598,7 +598,7 @@ class _Deploying:
 class SageMakerRegistry(_PackageReads, _Serving, _Registering, _Deploying):
     "`ncf.pipeline.registry.Registry` on SageMaker model package groups; production is the version the endpoint serves."
     def __init__(self, endpoint_name:str="ncf", settings:AwsSettings|None=None, sagemaker=None, s3=None,
-                 instance_type:str="ml.m5.large", instance_count:int=1, wait_timeout_s:float=1800):
+                 instance_type:str=PipelineParams.endpoint_instance_type, instance_count:int=1, wait_timeout_s:float=1800):
         self.endpoint_name, self.settings = endpoint_name, settings or AwsSettings.from_env()
         self.instance_type, self.instance_count, self.wait_timeout_s = instance_type, instance_count, wait_timeout_s
         self._sm, self._s3, self._groups = sagemaker, s3, {}
