@@ -325,11 +325,3 @@ def test_training_entry_script_and_evaluation_entry(shop_data, tmp_path):
     assert run(str(prod)) == 0
     ev = read_json(out / "evaluation.json")
     assert ev["production"]["model_version"] == ev["new"]["model_version"] and ev["production"]["hr"] == ev["new"]["hr"]
-
-
-def test_container_requirements_follow_settings(root):
-    "The containers get the core requirements of settings.ini, except torch, which the image has."
-    import configparser
-    cfg = configparser.ConfigParser(); cfg.read(root / "settings.ini")
-    core = {r for r in cfg["DEFAULT"]["requirements"].split() if not r.startswith("torch")}
-    assert set(nsm.CONTAINER_REQUIREMENTS) == core
