@@ -9,9 +9,9 @@ from dataclasses import dataclass, asdict
 from datetime import date
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'DEFAULT_INSTANCE_TYPE', 'BUSY', 'DataObject', 'data_object', 'object_events', 'claim_key', 'claim',
-           'build_overrides', 'trigger_handler', 'DeployError', 'endpoint_config_name', 'describe_endpoint',
-           'ensure_endpoint_config', 'deploy', 'wait_in_service', 'deploy_handler']
+__all__ = ['DATA_SUFFIXES', 'BUSY', 'DEFAULT_INSTANCE_TYPE', 'DataObject', 'data_object', 'object_events', 'claim_key', 'claim',
+           'build_overrides', 'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config',
+           'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/55_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -86,6 +86,7 @@ def build_overrides(obj:DataObject) -> list[dict]:
            "NCF_TRIGGER_OBJECT": f"s3://{obj.bucket}/{obj.key}"}
     return [{"name": k, "value": v, "type": "PLAINTEXT"} for k, v in env.items()]
 
+# %% ../../nbs/api/55_pipeline.lambdas.ipynb #2fe3c999
 def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=None) -> dict:
     "S3/EventBridge object-created event → one CodeBuild run per new data object (duplicates and non-data ignored)."
     env = os.environ if env is None else env
@@ -115,17 +116,12 @@ def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=No
     return {"results": results}
 
 # %% ../../nbs/api/55_pipeline.lambdas.ipynb #f0eda1a6
-class DeployError(RuntimeError):
-    "The endpoint cannot be deployed now, or a deployment failed."
-
-DEFAULT_INSTANCE_TYPE = "ml.m5.large"   # = PipelineParams.endpoint_instance_type (this module imports no ncf code; a test checks)
-BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "UpdateRollbackFailed", "Deleting")
-
 def endpoint_config_name(endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1) -> str:
     "A config name that is the same for the same model and fleet (at most 63 characters)."
     h = hashlib.sha256(f"{model_name}|{instance_type}|{int(instance_count)}".encode()).hexdigest()[:12]
     return f"{endpoint_name[:50]}-{h}"
 
+# %% ../../nbs/api/55_pipeline.lambdas.ipynb #f2216b86
 def _not_found(e, what:str) -> bool:
     err = e.response.get("Error", {})
     return err.get("Code") in ("ValidationException", "ResourceNotFound") and f"could not find {what}" in err.get("Message", "").lower()
@@ -138,6 +134,7 @@ def describe_endpoint(sm, endpoint_name:str) -> dict|None:
         if _not_found(e, "endpoint"): return None
         raise
 
+# %% ../../nbs/api/55_pipeline.lambdas.ipynb #d7efdc73
 def ensure_endpoint_config(sm, name:str, model_name:str, instance_type:str, instance_count:int=1) -> bool:
     "Create the endpoint config unless it exists; True if this call created it."
     from botocore.exceptions import ClientError
@@ -153,6 +150,12 @@ def ensure_endpoint_config(sm, name:str, model_name:str, instance_type:str, inst
     except ClientError as e:
         if "already exist" in e.response.get("Error", {}).get("Message", "").lower(): return False  # a concurrent call made it
         raise
+
+# %% ../../nbs/api/55_pipeline.lambdas.ipynb #f0eda1a7
+class DeployError(RuntimeError):
+    "The endpoint cannot be deployed now, or a deployment failed."
+
+BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "UpdateRollbackFailed", "Deleting")
 
 def deploy(sm, endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1) -> dict:
     "Make the endpoint serve `model_name`: create it, update it, or leave it. Starts the change and returns."
@@ -192,6 +195,8 @@ def wait_in_service(sm, endpoint_name:str, endpoint_config_name:str|None=None, t
         sleep(poll_s)
 
 # %% ../../nbs/api/55_pipeline.lambdas.ipynb #a260571c
+DEFAULT_INSTANCE_TYPE = "ml.m5.large"   # = PipelineParams.endpoint_instance_type (this module imports no ncf code; a test checks)
+
 def deploy_handler(event:dict, context=None, *, sagemaker=None) -> dict:
     "LambdaStep: deploy `event['model_name']` to `event['endpoint_name']`; returns the action and the endpoint config."
     missing = [k for k in ("endpoint_name", "model_name") if not event.get(k)]

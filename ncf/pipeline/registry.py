@@ -8,6 +8,7 @@ import datetime as dt, json, shutil, sqlite3, uuid
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Protocol
+from fastcore.basics import patch
 from ..core import NCFError, ConfigError, RegistryError, read_json
 from ..model.layout import CONFIG, verify_model_dir, read_metrics
 
@@ -35,6 +36,7 @@ class ModelVersion:
         return (f"{self.group} v{self.version} [{self.status}] model {self.model_version} data {self.data_version[:12]} "
                 f"HR@{t.get('k', '?')} {t.get('hr', float('nan')):.4f}" + (f" ({self.reason})" if self.reason else ""))
 
+# %% ../../nbs/api/52_pipeline.registry.ipynb #f3dc2568
 class Registry(Protocol):
     "What the pipeline needs from a model registry."
     def register(self, group:str, model_dir, status:str, reason:str="", code_version:str="", extra_metrics:dict|None=None) -> ModelVersion: ...
@@ -46,6 +48,7 @@ class Registry(Protocol):
     def production(self, group:str) -> ModelVersion|None: ...
     def set_production(self, group:str, version:int) -> ModelVersion: ...
 
+# %% ../../nbs/api/52_pipeline.registry.ipynb #3ffe5096
 def check_status(status:str):
     "A `RegistryError` unless `status` is one of `STATUSES`."
     if status not in STATUSES: raise RegistryError(f"status must be one of {STATUSES}, got {status!r}")
@@ -67,6 +70,16 @@ CREATE TABLE IF NOT EXISTS deployments (grp TEXT NOT NULL, version INTEGER NOT N
 
 def _now(): return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
+class _Tx:
+    "A connection that commits on success, rolls back on error and always closes."
+    def __init__(self, db): self.db = db
+    def __enter__(self): return self.db
+    def __exit__(self, exc_type, *_):
+        try:
+            if self.db.in_transaction: self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally: self.db.close()
+
+# %% ../../nbs/api/52_pipeline.registry.ipynb #90adfa61
 class LocalRegistry:
     "A registry in a local directory: `registry.db` (SQLite) and `models/GROUP/VERSION/` copies of the model directories."
     def __init__(self, root):
@@ -83,78 +96,81 @@ class LocalRegistry:
         return ModelVersion(r["grp"], r["version"], r["status"], r["model_uri"], r["model_version"], r["data_version"],
                             r["code_version"], json.loads(r["metrics"]), r["created_at"], r["reason"])
 
-    def register(self, group, model_dir, status="PendingManualApproval", reason="", code_version="", extra_metrics=None) -> ModelVersion:
-        "Copy a verified model directory into the registry as the group's next version."
-        check_status(status)
-        manifest = verify_model_dir(model_dir)
-        config = read_json(Path(model_dir)/CONFIG)
-        metrics = {**read_metrics(model_dir), **(extra_metrics or {})}
-        staged = self.root/"models"/group/f".staged-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(model_dir, staged)
-        try:
-            with self._db() as db:
-                db.execute("BEGIN IMMEDIATE")
-                version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE grp = ?", (group,)).fetchone()[0]
-                dest = self.root/"models"/group/str(version)
-                if dest.exists(): shutil.rmtree(dest)  # debris of a run that died before committing
-                staged.rename(dest)
-                db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?)",
-                           (group, version, status, str(dest), manifest["model_version"], config["data_version"],
-                            code_version, json.dumps(metrics, default=str), _now(), reason))
-        finally: shutil.rmtree(staged, ignore_errors=True)
-        return self.get(group, version)
-
-    def versions(self, group) -> list[ModelVersion]:
-        with self._db() as db:
-            return [self._row(r) for r in db.execute("SELECT * FROM versions WHERE grp = ? ORDER BY version", (group,))]
-
     def get(self, group, version) -> ModelVersion:
         with self._db() as db:
             r = db.execute("SELECT * FROM versions WHERE grp = ? AND version = ?", (group, int(version))).fetchone()
         if r is None: raise RegistryError(f"model group {group!r} has no version {version}")
         return self._row(r)
 
-    def find(self, group, model_version) -> ModelVersion|None:
-        "The version holding exactly this model (by content), if any."
-        with self._db() as db:
-            r = db.execute("SELECT * FROM versions WHERE grp = ? AND model_version = ? ORDER BY version DESC", (group, model_version)).fetchone()
-        return None if r is None else self._row(r)
-
-    def set_status(self, group, version, status, reason="") -> ModelVersion:
-        check_status(status); self.get(group, version)
-        with self._db() as db:
-            db.execute("UPDATE versions SET status = ?, reason = ? WHERE grp = ? AND version = ?", (status, reason, group, int(version)))
-        return self.get(group, version)
-
-    def latest_approved(self, group) -> ModelVersion|None:
-        approved = [v for v in self.versions(group) if v.status == "Approved"]
-        return approved[-1] if approved else None
-
-    def production(self, group) -> ModelVersion|None:
-        with self._db() as db:
-            r = db.execute("SELECT version FROM production WHERE grp = ?", (group,)).fetchone()
-        return None if r is None else self.get(group, r[0])
-
-    def set_production(self, group, version) -> ModelVersion:
-        "Record that `version` now serves. Only an approved version may."
-        v = self.get(group, version)
-        check_deployable(v)
+# %% ../../nbs/api/52_pipeline.registry.ipynb #ce60ac39
+@patch
+def register(self:LocalRegistry, group, model_dir, status="PendingManualApproval", reason="", code_version="", extra_metrics=None) -> ModelVersion:
+    "Copy a verified model directory into the registry as the group's next version."
+    check_status(status)
+    manifest = verify_model_dir(model_dir)
+    config = read_json(Path(model_dir)/CONFIG)
+    metrics = {**read_metrics(model_dir), **(extra_metrics or {})}
+    staged = self.root/"models"/group/f".staged-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(model_dir, staged)
+    try:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO production VALUES (?,?,?) ON CONFLICT(grp) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                       (group, v.version, _now()))
-            db.execute("INSERT INTO deployments VALUES (?,?,?)", (group, v.version, _now()))
-        return v
+            version = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE grp = ?", (group,)).fetchone()[0]
+            dest = self.root/"models"/group/str(version)
+            if dest.exists(): shutil.rmtree(dest)  # debris of a run that died before committing
+            staged.rename(dest)
+            db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (group, version, status, str(dest), manifest["model_version"], config["data_version"],
+                        code_version, json.dumps(metrics, default=str), _now(), reason))
+    finally: shutil.rmtree(staged, ignore_errors=True)
+    return self.get(group, version)
 
-    def deployments(self, group) -> list[tuple[int, str]]:
-        with self._db() as db:
-            return [(r[0], r[1]) for r in db.execute("SELECT version, at FROM deployments WHERE grp = ? ORDER BY rowid", (group,))]
+# %% ../../nbs/api/52_pipeline.registry.ipynb #6a24fce9
+@patch
+def versions(self:LocalRegistry, group) -> list[ModelVersion]:
+    with self._db() as db:
+        return [self._row(r) for r in db.execute("SELECT * FROM versions WHERE grp = ? ORDER BY version", (group,))]
 
-class _Tx:
-    "A connection that commits on success, rolls back on error and always closes."
-    def __init__(self, db): self.db = db
-    def __enter__(self): return self.db
-    def __exit__(self, exc_type, *_):
-        try:
-            if self.db.in_transaction: self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally: self.db.close()
+@patch
+def find(self:LocalRegistry, group, model_version) -> ModelVersion|None:
+    "The version holding exactly this model (by content), if any."
+    with self._db() as db:
+        r = db.execute("SELECT * FROM versions WHERE grp = ? AND model_version = ? ORDER BY version DESC", (group, model_version)).fetchone()
+    return None if r is None else self._row(r)
+
+# %% ../../nbs/api/52_pipeline.registry.ipynb #05fbcd0d
+@patch
+def set_status(self:LocalRegistry, group, version, status, reason="") -> ModelVersion:
+    check_status(status); self.get(group, version)
+    with self._db() as db:
+        db.execute("UPDATE versions SET status = ?, reason = ? WHERE grp = ? AND version = ?", (status, reason, group, int(version)))
+    return self.get(group, version)
+
+@patch
+def latest_approved(self:LocalRegistry, group) -> ModelVersion|None:
+    approved = [v for v in self.versions(group) if v.status == "Approved"]
+    return approved[-1] if approved else None
+
+# %% ../../nbs/api/52_pipeline.registry.ipynb #ae7b1ab0
+@patch
+def production(self:LocalRegistry, group) -> ModelVersion|None:
+    with self._db() as db:
+        r = db.execute("SELECT version FROM production WHERE grp = ?", (group,)).fetchone()
+    return None if r is None else self.get(group, r[0])
+
+@patch
+def set_production(self:LocalRegistry, group, version) -> ModelVersion:
+    "Record that `version` now serves. Only an approved version may."
+    v = self.get(group, version)
+    check_deployable(v)
+    with self._db() as db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO production VALUES (?,?,?) ON CONFLICT(grp) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+                   (group, v.version, _now()))
+        db.execute("INSERT INTO deployments VALUES (?,?,?)", (group, v.version, _now()))
+    return v
+
+@patch
+def deployments(self:LocalRegistry, group) -> list[tuple[int, str]]:
+    with self._db() as db:
+        return [(r[0], r[1]) for r in db.execute("SELECT version, at FROM deployments WHERE grp = ? ORDER BY rowid", (group,))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses, datetime as dt, hashlib, json, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from fastcore.basics import patch
 import ncf
 from ..core import NCFError, ConfigError, DataError, sha256_file, write_json, read_json
 from ..data.readers import partitions, window, _data_files
@@ -78,8 +79,10 @@ class PipelineParams:
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #0224441c
 def digest(*parts) -> str:
+    "SHA-256 of `parts` as JSON: dictionaries in key order, anything JSON does not know as its `str`."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #191ccbfb
 def code_version() -> str:
     "`VERSION+HASH`: the package version and a hash of its source files, every module of every subpackage."
     root = Path(ncf.__file__).parent
@@ -87,6 +90,7 @@ def code_version() -> str:
     for name in sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")): h.update(name.encode()); h.update((root/name).read_bytes())
     return f"{ncf.__version__}+{h.hexdigest()[:10]}"
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #0ac50be4
 def raw_data_fingerprint(uri, days:int|None=None, end:str|None=None) -> dict:
     "Which raw files a run reads and a hash of their content (local paths)."
     p = Path(uri)
@@ -102,6 +106,7 @@ def raw_data_fingerprint(uri, days:int|None=None, end:str|None=None) -> dict:
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #40c90121
 @dataclass
 class StepRecord:
+    "One step of a run, as `run.json` records it."
     name:str
     status:str                  # ran | cached | skipped | failed
     inputs:dict=field(default_factory=dict)
@@ -109,6 +114,7 @@ class StepRecord:
     seconds:float=0.0
     note:str=""
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #e8e55941
 class StepCache:
     "Step outputs by cache key, in `WORK/cache.json`: a step whose key is known and whose outputs exist is skipped."
     def __init__(self, path:Path):
@@ -121,7 +127,9 @@ class StepCache:
         self.entries[f"{step}:{key}"] = {**outputs, "_paths": [str(p) for p in paths]}
         write_json(self.path, self.entries)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #224cb439
 class LocalRun:
+    "The state of one local run: its directory, registry and cache, the steps' records, and what each step hands the next (`state`)."
     def __init__(self, params:PipelineParams, registry=None, log=print):
         self.p, self.log = params, log
         self.work = Path(params.work_dir)
@@ -133,20 +141,23 @@ class LocalRun:
         self.records:list[StepRecord] = []
         self.state:dict = {}
 
-    def cached(self, step:str, key:str, inputs:dict, fn) -> dict:
-        "Run `fn() -> (outputs, paths)` unless the cache has this step's key; record either way."
-        t0 = time.perf_counter()
-        if (hit := self.cache.get(step, key)) is not None:
-            out = {k: v for k, v in hit.items() if k != "_paths"}
-            self.records.append(StepRecord(step, "cached", inputs, out, note="inputs unchanged: reused the earlier result"))
-            return out
-        out, paths = fn()
-        self.cache.put(step, key, out, paths)
-        self.records.append(StepRecord(step, "ran", inputs, out, round(time.perf_counter() - t0, 2)))
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #04f039ac
+@patch
+def cached(self:LocalRun, step:str, key:str, inputs:dict, fn) -> dict:
+    "Run `fn() -> (outputs, paths)` unless the cache has this step's key; record either way."
+    t0 = time.perf_counter()
+    if (hit := self.cache.get(step, key)) is not None:
+        out = {k: v for k, v in hit.items() if k != "_paths"}
+        self.records.append(StepRecord(step, "cached", inputs, out, note="inputs unchanged: reused the earlier result"))
         return out
+    out, paths = fn()
+    self.cache.put(step, key, out, paths)
+    self.records.append(StepRecord(step, "ran", inputs, out, round(time.perf_counter() - t0, 2)))
+    return out
 
-    def record(self, step, status, inputs=None, outputs=None, note="", t0=None):
-        self.records.append(StepRecord(step, status, inputs or {}, outputs or {}, round(time.perf_counter() - t0, 2) if t0 else 0.0, note))
+@patch
+def record(self:LocalRun, step, status, inputs=None, outputs=None, note="", t0=None):
+    self.records.append(StepRecord(step, status, inputs or {}, outputs or {}, round(time.perf_counter() - t0, 2) if t0 else 0.0, note))
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #a3b32e86
 def _step_preprocess(run:LocalRun):
@@ -175,6 +186,7 @@ def _step_train(run:LocalRun):
         return {"model_dir": str(model_dir), "model_version": verify_model_dir(model_dir)["model_version"]}, [model_dir]
     run.state["model"] = run.cached("Train", key, inputs, go)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #719918ef
 def _step_evaluate(run:LocalRun):
     p, data, model = run.p, run.state["data"], run.state["model"]
     prod = run.registry.production(p.model_group)
@@ -194,6 +206,7 @@ def _step_gate(run:LocalRun):
     run.record("QualityGate", "ran", {"hr_threshold": run.p.hr_threshold, "tolerance": run.p.tolerance},
                {"passed": g["passed"]}, "; ".join(g["reasons"]))
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #8114c94e
 def _register(run:LocalRun, step:str, status:str):
     t0 = time.perf_counter()
     model, ev = run.state["model"], run.state["evaluation"]
@@ -214,6 +227,7 @@ def _step_create_model(run:LocalRun):
     md = load_model_dir(v.model_uri)
     run.record("CreateModel", "ran", {"model_uri": v.model_uri}, {"model_version": md.version}, t0=t0)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #35b4cccd
 def _step_deploy(run:LocalRun):
     t0 = time.perf_counter(); v = run.state["version"]
     prod = run.registry.production(run.p.model_group)
@@ -252,6 +266,7 @@ def _short(v):
 
 @dataclass
 class RunResult:
+    "What `run_local` returns: the run's records, the gate's verdict, and the version it registered or found."
     run_id:str
     run_dir:Path
     records:list
@@ -266,6 +281,7 @@ class RunResult:
         lines.append(f"result: {verdict}" + (f" ({self.version.summary()})" if self.version else ""))
         return "\n".join(lines)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #9e2eff10
 def run_local(params:PipelineParams|None=None, registry=None, log=print) -> RunResult:
     "Run the retrain pipeline on this machine; every step is recorded in `WORK/runs/RUN_ID/run.json`."
     params = params or PipelineParams()
