@@ -152,7 +152,8 @@ def test_changing_the_repository_tooling_keeps_the_retrain_cached(tmp_path):
     shutil.copytree(small_dataset(tmp_path / "d", days=20).parent.parent / "raw", tmp_path / "raw")
     script = textwrap.dedent(f"""
         import json
-        from ncf.pipeline.retrain import PipelineParams, run_local
+        from ncf.pipeline.retrain import run_local
+        from ncf.pipeline.params import PipelineParams
         r = run_local(PipelineParams(data_uri={str(tmp_path / 'raw')!r}, work_dir={str(tmp_path / 'work')!r}, endpoint_url="http://127.0.0.1:9",
                                      hr_threshold=0, tolerance=1, hyperparameters={{"epochs": 1, "full_ranking": False, "precision": "fp32"}}), log=lambda *a: None)
         print(json.dumps({{s.name: s.status for s in r.records}}))""")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from ncf.pipeline.retrain import PipelineParams
+from ncf.pipeline.params import PipelineParams
 
 DEFAULTS = PipelineParams()
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from helpers import SMALL_SHOP
-from ncf.pipeline.retrain import PipelineParams, deploy_local, run_local
+from ncf.pipeline.retrain import deploy_local, run_local
+from ncf.pipeline.params import PipelineParams
 from ncf.pipeline.registry import LocalRegistry
 from ncf.data.synthetic import next_day, write_days
 

@@ -10,7 +10,7 @@ from moto import mock_aws
 from conftest import venv_bin
 from helpers import SMALL_SHOP, small_dataset
 from ncf.core import ConfigError, read_json
-from ncf.pipeline.retrain import PipelineParams
+from ncf.pipeline.params import PipelineParams
 from ncf.pipeline import sagemaker as nsm
 from ncf.cli.sagemaker import evaluate_entry, preprocess_entry
 from ncf.pipeline.sagemaker import AwsSettings, SageMakerRegistry, check_definition, deploy_version

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core import write_json
 from ..options import Parser, command
 from ..pipeline.evaluate import evaluate
-from ..pipeline.retrain import PipelineParams
+from ..pipeline.params import PipelineParams
 
 # %% auto #0
 __all__ = ['parser', 'main']

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from ..core import ConfigError
 from ..options import Parser, add_fields, from_fields, command
-from ..pipeline.retrain import PipelineParams, run_local, deploy_local
+from ..pipeline.retrain import run_local, deploy_local
+from ..pipeline.params import PipelineParams
 from ..pipeline.registry import LocalRegistry
 from ..pipeline.reports import open_registry
 from ..pipeline.lambdas import DeployError

@@ -12,7 +12,7 @@ from ..data import storage
 from ..serve import package
 from ..train.trainer import resolve_data
 from ..pipeline.sagemaker import PROCESSING
-from ..pipeline.retrain import PipelineParams
+from ..pipeline.params import PipelineParams
 from .preprocess import main as preprocess_main
 from .evaluate import main as evaluate_main
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 from ..data.synthetic import next_day
 from ..model.layout import SEEN, USERS
-from .retrain import PipelineParams, run_local
+from .retrain import run_local
+from .params import PipelineParams
 from .registry import LocalRegistry
 from ..serve.client import current_version, launch
 

@@ -11,6 +11,7 @@ from ..core import NCFError, ConfigError, write_json
 from ..data.dataset import load_splits, HeldOut
 from ..model.metrics import ranks_among, hit_ndcg
 from ..model.modeldir import load_model_dir, ModelDir
+from .params import HR_THRESHOLD, TOLERANCE
 
 # %% auto #0
 __all__ = ['to_model_index', 'score_held_out', 'gate', 'evaluate']
@@ -49,7 +50,7 @@ def gate(new:dict, production:dict|None, hr_threshold:float, tolerance:float) ->
     return {"passed": passed, "reasons": reasons, "hr_threshold": hr_threshold, "tolerance": tolerance}
 
 # %% ../../nbs/api/51_pipeline.evaluate.ipynb #8a8ee584
-def evaluate(model_dir, data, production_dir=None, hr_threshold:float=0.5, tolerance:float=0.02, k:int=10) -> dict:
+def evaluate(model_dir, data, production_dir=None, hr_threshold:float=HR_THRESHOLD, tolerance:float=TOLERANCE, k:int=10) -> dict:
     "Score the new model and (when given) the production model on the data's test set; add the gate's verdict."
     splits = load_splits(data)
     new = load_model_dir(model_dir)

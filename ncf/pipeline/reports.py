@@ -14,7 +14,7 @@ from ..data.dataset import MANIFEST
 from ..data.preprocess import summary
 from ..model.layout import read_metrics, validate_metrics
 from .registry import LocalRegistry
-from .retrain import PipelineParams
+from .params import PipelineParams
 from .sagemaker import SageMakerRegistry
 
 # %% auto #0

@@ -15,14 +15,15 @@ from ..data.split import PreprocessParams
 from ..data.preprocess import preprocess
 from ..model.modeldir import verify_model_dir, load_model_dir
 from ..train.config import TrainConfig, config_from_flags
+from .params import PipelineParams
 from ..train.trainer import fit
 from .evaluate import evaluate
 from .registry import LocalRegistry, check_deployable
 from ..serve.client import current_version, swap_model
 
 # %% auto #0
-__all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'PipelineParams', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord',
-           'StepCache', 'LocalRun', 'deploy_local', 'RunResult', 'run_local']
+__all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord', 'StepCache',
+           'LocalRun', 'deploy_local', 'RunResult', 'run_local']
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #b9d0d53f
 @dataclass(frozen=True)
@@ -44,38 +45,6 @@ PIPELINE = (
     Step("RegisterRejected", "register", ("QualityGate",), False),
     Step("Fail", "fail", ("RegisterRejected",), False),
 )
-
-# %% ../../nbs/api/53_pipeline.retrain.ipynb #6b692bcb
-@dataclass(frozen=True)
-class PipelineParams:
-    "Everything a retrain run needs to know."
-    data_uri:str=".demo/raw"                 # raw logs (dt=YYYY-MM-DD partitions) or a ratings file; path or s3://
-    work_dir:str=".demo"                     # local executor: data, models, runs and registry live here
-    run_date:str|None=None                   # partition date of the run (default: the newest log day, else today)
-    days:int|None=None                       # read only the last N days of logs
-    hyperparameters:dict=field(default_factory=dict)   # ncf_train flags, e.g. {"epochs": 10}
-    model_group:str="ncf"                    # the registry's model group (SageMaker model package group)
-    hr_threshold:float=0.5                   # quality gate: the new model's test HR@10 must reach this ...
-    tolerance:float=0.02                     # ... and lose at most this much HR@10 to the production model
-    endpoint_url:str="http://127.0.0.1:8080" # local endpoint (its admin swap is the local deployment)
-    endpoint_name:str="ncf"                  # SageMaker endpoint
-    train_instance_type:str="ml.m5.xlarge"   # SageMaker training job instance
-    processing_instance_type:str="ml.m5.large"   # SageMaker processing jobs (preprocess, evaluate)
-    endpoint_instance_type:str="ml.m5.large"     # SageMaker endpoint instance
-
-    def __post_init__(self):
-        if not 0 <= self.hr_threshold <= 1: raise ConfigError(f"hr_threshold must be in [0, 1], got {self.hr_threshold}")
-        if not 0 <= self.tolerance <= 1: raise ConfigError(f"tolerance must be in [0, 1], got {self.tolerance}")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        if bad := set(self.hyperparameters) - known: raise ConfigError(f"unknown hyperparameters {sorted(bad)}; known: {sorted(known)}")
-        TrainConfig(**self.hyperparameters)  # validates values now, not after preprocessing
-        if self.run_date is not None:
-            try: dt.date.fromisoformat(self.run_date)
-            except ValueError: raise ConfigError(f"run_date must be YYYY-MM-DD, got {self.run_date!r}") from None
-
-    def train_args(self) -> list[str]:
-        "The hyperparameters as `ncf_train` flags (the form SageMaker passes them in, too)."
-        return [a for k, v in sorted(self.hyperparameters.items()) for a in (f"--{k}", str(v))]
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #0224441c
 def digest(*parts) -> str:

@@ -12,7 +12,8 @@ from ..core import NCFError, ConfigError, RegistryError, read_json, requirements
 from ..model.layout import CONFIG, verify_model_dir, read_metrics
 from ..serve import package
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
-from .retrain import PIPELINE, PipelineParams, code_version, digest
+from .retrain import PIPELINE, code_version, digest
+from .params import PipelineParams
 from .registry import ModelVersion, check_status, check_deployable
 from .lambdas import describe_endpoint, deploy, wait_in_service
 
