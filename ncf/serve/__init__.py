@@ -8,13 +8,3 @@ __all__ = []
 # %% ../../nbs/api/40_serve.ipynb #9f90eb5d
 # The layer's modules are imported by their full names, e.g. `from ncf.serve.<module> import <name>`: importing
 # the package itself imports nothing.
-
-# %% ../../nbs/api/40_serve.ipynb #4b87ffc7
-def _patch(f):
-    "Decorator: add `f` to the class its first parameter is annotated with (fastcore's `patch`, without fastcore)."
-    cls = f.__annotations__[f.__code__.co_varnames[0]]
-    if isinstance(cls, str): cls = eval(cls, f.__globals__)   # `from __future__ import annotations`
-    f.__qualname__ = f"{cls.__name__}.{f.__name__}"
-    if hasattr(f.__code__, "co_qualname"): f.__code__ = f.__code__.replace(co_qualname=f.__qualname__)   # 3.11+: tracebacks name the method
-    setattr(cls, f.__name__, f)
-    return f.__globals__.get(f.__name__)   # the module keeps what the name meant before: no stray function

@@ -11,7 +11,7 @@ import numpy as np, pandas as pd, torch
 from ..core import RequestError
 from ..model.nets import NCF, item_tables
 from ..model.modeldir import ModelDir, load_model_dir
-from . import _patch as patch   # fastcore's `patch`, which the serving container lacks (see `ncf.serve`)
+from fastcore.basics import patch   # a class a method per cell; fastcore is a core requirement, installed in the container too
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',

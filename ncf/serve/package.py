@@ -15,7 +15,7 @@ from ..model.modeldir import load_model_dir
 __all__ = ['SERVING_PACKAGES', 'REQUIREMENTS', 'ENTRY_POINT', 'module_closure', 'package_model']
 
 # %% ../../nbs/api/43_serve.package.ipynb #ee9c4839
-SERVING_PACKAGES = ("pandas", "pyarrow", "safetensors", "orjson")   # what the inference code imports beyond the image's torch and numpy
+SERVING_PACKAGES = ("pandas", "pyarrow", "safetensors", "fastcore", "orjson")   # what the inference code imports beyond the image's torch and numpy
 REQUIREMENTS = tuple(r for r in requirements() + requirements("serve") if re.split(r"[<>=!~\[ ;]", r)[0] in SERVING_PACKAGES)
 
 # %% ../../nbs/api/43_serve.package.ipynb #0feb7d5e
