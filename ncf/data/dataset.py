@@ -12,7 +12,7 @@ from ..core import DataError, read_json
 from .storage import local_copy
 
 # %% auto #0
-__all__ = ['TABLES', 'MANIFEST', 'table_digest', 'data_version', 'HeldOut', 'Splits', 'held_out', 'read_tables', 'load_splits']
+__all__ = ['TABLES', 'MANIFEST', 'table_digest', 'data_version', 'HeldOut', 'held_out', 'read_tables', 'Splits', 'load_splits']
 
 # %% ../../nbs/api/14_data.dataset.ipynb #2717b29d
 TABLES = ("train", "validation", "test", "validation_negatives", "test_negatives", "users", "items")
@@ -31,6 +31,7 @@ def table_digest(df:pd.DataFrame, h=None):
     for c in df.columns: h.update(c.encode()); h.update(_column_bytes(df[c]))
     return h
 
+# %% ../../nbs/api/14_data.dataset.ipynb #aa5b35bc
 def data_version(tables:dict[str, pd.DataFrame]) -> str:
     "SHA-256 of the canonical content of a data set's tables (absent tables count as absent)."
     h = hashlib.sha256(b"ncf-data-v1")
@@ -51,22 +52,7 @@ class HeldOut:
         "`(n, 1+k)` items to rank: the positive first, then its negatives."
         return np.concatenate([self.items[:, None], self.negatives], axis=1)
 
-@dataclass
-class Splits:
-    "A preprocessed data set, ready for training and evaluation."
-    train_users:np.ndarray
-    train_items:np.ndarray
-    validation:HeldOut|None
-    test:HeldOut
-    n_users:int
-    n_items:int
-    users:pd.DataFrame     # user, user_id
-    items:pd.DataFrame     # item, item_id, train_count, metadata...
-    manifest:dict
-    train_times:np.ndarray|None=None   # timestamps of the training interactions, when the table has them
-    @property
-    def data_version(self) -> str: return self.manifest["data_version"]
-
+# %% ../../nbs/api/14_data.dataset.ipynb #6948e839
 def held_out(rows:pd.DataFrame, negatives:pd.DataFrame, path) -> HeldOut:
     "Join held-out rows with their negatives (every row must have the same number of them)."
     rows = rows.sort_values("user", ignore_index=True)
@@ -85,6 +71,23 @@ def read_tables(path) -> dict[str, pd.DataFrame]:
     path = Path(path)
     if not (path/MANIFEST).exists(): raise DataError(f"{path}: not a preprocessed data set (no {MANIFEST}; was preprocessing interrupted?)")
     return {n: pd.read_parquet(path/f"{n}.parquet") for n in TABLES if (path/f"{n}.parquet").exists()}
+
+# %% ../../nbs/api/14_data.dataset.ipynb #840d67dd
+@dataclass
+class Splits:
+    "A preprocessed data set, ready for training and evaluation."
+    train_users:np.ndarray
+    train_items:np.ndarray
+    validation:HeldOut|None
+    test:HeldOut
+    n_users:int
+    n_items:int
+    users:pd.DataFrame     # user, user_id
+    items:pd.DataFrame     # item, item_id, train_count, metadata...
+    manifest:dict
+    train_times:np.ndarray|None=None   # timestamps of the training interactions, when the table has them
+    @property
+    def data_version(self) -> str: return self.manifest["data_version"]
 
 def load_splits(path) -> Splits:
     "Load a preprocessed partition (local path or `s3://` URI) for training."

@@ -30,6 +30,7 @@ def implicit(df:pd.DataFrame, p:PreprocessParams, stats:dict) -> pd.DataFrame:
     stats["other_events"] = n - len(df)
     return df
 
+# %% ../../nbs/api/16_data.preprocess.ipynb #f7ad46dc
 def deduplicate(df:pd.DataFrame, stats:dict) -> pd.DataFrame:
     "One row per (user, item): the earliest."
     n = len(df)
@@ -37,6 +38,7 @@ def deduplicate(df:pd.DataFrame, stats:dict) -> pd.DataFrame:
     stats["duplicates"] = n - len(df)
     return df
 
+# %% ../../nbs/api/16_data.preprocess.ipynb #21215c35
 def min_count_filter(users:np.ndarray, items:np.ndarray, p:PreprocessParams, stats:dict) -> np.ndarray:
     "Mask of the rows kept by the minimum-interaction filters, iterated to a fixed point. `users`/`items` are codes."
     keep = np.ones(len(users), bool)
@@ -65,32 +67,44 @@ def index_table(codes_to_ids:np.ndarray, kept_codes:np.ndarray, name:str) -> tup
     table = pd.DataFrame({name: np.arange(len(order), dtype=np.int32), f"{name}_id": ids.to_numpy()[order]})
     return table, code_to_index
 
+# %% ../../nbs/api/16_data.preprocess.ipynb #9135ebe2
+def _coded(df:pd.DataFrame) -> tuple[pd.DataFrame, pd.Index, pd.Index]:
+    "Users and items as integer codes (`pd.factorize`), and the ids of the codes."
+    ucodes, uids = pd.factorize(df.user, sort=False); icodes, iids = pd.factorize(df.item, sort=False)
+    return pd.DataFrame({"user": ucodes, "item": icodes, "timestamp": df.timestamp.to_numpy()}), uids, iids
+
+def _indexed(df:pd.DataFrame, uids, iids) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "Codes to contiguous indexes: the interactions, the user index and the item index."
+    users, umap = index_table(np.asarray(uids), np.unique(df.user.to_numpy()), "user")
+    items, imap = index_table(np.asarray(iids), np.unique(df.item.to_numpy()), "item")
+    df = pd.DataFrame({"user": umap[df.user.to_numpy()].astype(np.int32), "item": imap[df.item.to_numpy()].astype(np.int32),
+                       "timestamp": df.timestamp.to_numpy(np.int64)})
+    return df, users, items
+
+def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
+    "Item metadata merged onto the item index by `item_id`, one row per item."
+    if meta is None: return items
+    meta = meta.rename(columns={"item": "item_id"})
+    meta = meta[[c for c in meta.columns if c not in ("item", "train_count")]]
+    try: return items.merge(meta, on="item_id", how="left", validate="one_to_one")
+    except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
+
+# %% ../../nbs/api/16_data.preprocess.ipynb #8cdc9d4c
 def preprocess_frame(data:Interactions, p:PreprocessParams=PreprocessParams(), progress=None) -> tuple[dict, dict]:
     "Tables of a data set, and the filter statistics, from validated interactions."
     step = progress or (lambda msg: None)
     stats = {"rows_read": len(data.df)}
-    df = implicit(data.df, p, stats)
-    ucodes, uids = pd.factorize(df.user, sort=False); icodes, iids = pd.factorize(df.item, sort=False)
-    df = pd.DataFrame({"user": ucodes, "item": icodes, "timestamp": df.timestamp.to_numpy()})
+    df, uids, iids = _coded(implicit(data.df, p, stats))
     df = deduplicate(df, stats); step("filtered")
-    keep = min_count_filter(df.user.to_numpy(), df.item.to_numpy(), p, stats)
-    df = df[keep]
+    df = df[min_count_filter(df.user.to_numpy(), df.item.to_numpy(), p, stats)]
     if df.empty: raise DataError(f"no interactions left after filtering ({json.dumps(stats)}); relax the filters")
-    users, umap = index_table(np.asarray(uids), np.unique(df.user.to_numpy()), "user")
-    items, imap = index_table(np.asarray(iids), np.unique(df.item.to_numpy()), "item")
-    df = pd.DataFrame({"user": umap[df.user.to_numpy()].astype(np.int32), "item": imap[df.item.to_numpy()].astype(np.int32),
-                       "timestamp": df.timestamp.to_numpy(np.int64)}); step("indexed")
+    df, users, items = _indexed(df, uids, iids); step("indexed")
     tables = split_by_time(df, p.validation); step("split")
     for name in ("validation", "test"):
         if name in tables: tables[f"{name}_negatives"] = negatives_for(tables[name], df, len(items), p, name)
     step("negatives")
     items["train_count"] = np.bincount(tables["train"].item, minlength=len(items)).astype(np.int64)
-    if data.items is not None:
-        meta = data.items.rename(columns={"item": "item_id"})
-        meta = meta[[c for c in meta.columns if c not in ("item", "train_count")]]
-        try: items = items.merge(meta, on="item_id", how="left", validate="one_to_one")
-        except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
-    tables.update(users=users, items=items)
+    tables.update(users=users, items=_attach_metadata(items, data.items))
     return tables, stats
 
 # %% ../../nbs/api/16_data.preprocess.ipynb #2d067851

@@ -13,7 +13,7 @@ from ..core import DataError, ConfigError
 # %% auto #0
 __all__ = ['SEPARATORS', 'ML_NAMES', 'ML_COLUMNS', 'FORMATS', 'Columns', 'Interactions', 'to_timestamps', 'to_numbers', 'to_ids',
            'canonical', 'sniff', 'read_text', 'read_movielens', 'read_csv_log', 'read_parquet_log', 'PaperFiles',
-           'read_paper', 'partitions', 'window', 'read_partitioned', 'read_item_metadata', 'detect_format', 'resolve',
+           'read_paper', 'partitions', 'window', 'read_item_metadata', 'read_partitioned', 'detect_format', 'resolve',
            'read_interactions']
 
 # %% ../../nbs/api/12_data.readers.ipynb #34c728f6
@@ -30,6 +30,7 @@ class Columns:
         "Source column -> canonical column, for the columns that are set."
         return {getattr(self, k): k for k in ("user", "item", "timestamp", "rating", "event", "weight") if getattr(self, k)}
 
+# %% ../../nbs/api/12_data.readers.ipynb #df529781
 @dataclass
 class Interactions:
     "A validated interaction log: canonical columns, plus where it came from."
@@ -50,17 +51,19 @@ def _show(v) -> str: return repr(v) if isinstance(v, str) else str(v)
 def _where(path, pos:int, line_of) -> str:
     return f"{path}: line {line_of(pos)}" if line_of else f"{path}: row {pos}"
 
+def _unix_seconds(when:pd.Series) -> pd.Series: return (when - pd.Timestamp(0, tz="UTC"))//pd.Timedelta(seconds=1)
+
 def to_timestamps(raw:pd.Series, path, line_of=None, allow_dates:bool=False) -> pd.Series:
     "Unix seconds as int64 from numbers (or, with `allow_dates`, ISO-8601 datetimes)."
     if pd.api.types.is_datetime64_any_dtype(raw):  # a typed datetime column (Parquet): convert, don't reinterpret
         when = raw.dt.tz_localize("UTC") if raw.dt.tz is None else raw
-        raw = ((when - pd.Timestamp(0, tz="UTC"))//pd.Timedelta(seconds=1)).rename(raw.name)
+        raw = _unix_seconds(when).rename(raw.name)
     num = pd.to_numeric(raw, errors="coerce")
     num = num.where(np.isfinite(num.astype(np.float64)) if len(num) else num)  # inf is not a time
     if allow_dates and num.isna().any() and raw.notna().any():
         rest = raw.where(num.isna())
         when = pd.to_datetime(rest, errors="coerce", utc=True, format="ISO8601")
-        num = num.fillna((when - pd.Timestamp(0, tz="UTC"))//pd.Timedelta(seconds=1))
+        num = num.fillna(_unix_seconds(when))
     if (bad := _first_bad(raw, num)) is not None:
         accepted = "a finite number (Unix seconds) or an ISO-8601 datetime" if allow_dates else "a finite number (Unix seconds)"
         raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': timestamp {_show(raw.iloc[bad])} is not {accepted}")
@@ -68,12 +71,14 @@ def to_timestamps(raw:pd.Series, path, line_of=None, allow_dates:bool=False) -> 
         raise DataError(f"{_where(path, int(np.flatnonzero(num.isna())[0]), line_of)}: column '{raw.name}' is empty")
     return num.astype(np.int64)
 
+# %% ../../nbs/api/12_data.readers.ipynb #d777b097
 def to_numbers(raw:pd.Series, path, line_of=None, what:str="rating") -> pd.Series:
     num = pd.to_numeric(raw, errors="coerce")
     if (bad := _first_bad(raw, num)) is not None:
         raise DataError(f"{_where(path, bad, line_of)}: column '{raw.name}': {what} {_show(raw.iloc[bad])} is not a number")
     return num.astype(np.float32)
 
+# %% ../../nbs/api/12_data.readers.ipynb #6842ae07
 def to_ids(raw:pd.Series, path, line_of=None) -> pd.Series:
     "Ids as int64 when every value is an integer, else as strings. Missing ids are an error."
     if raw.isna().any():
@@ -125,21 +130,26 @@ def sniff(path, n:int=50) -> tuple[str, bool]:
     header = not re.fullmatch(r"[-+\d.eE]+", lines[0][1].split(sep)[0].strip() or "0")
     return sep, header
 
-def read_text(path, sep:str, names:list[str]|None=None, header:bool=False, dtype=None) -> tuple[pd.DataFrame, callable]:
-    "Parse a delimited file; return the frame and a function mapping a row position to its file line."
-    path = Path(path)
-    if not path.exists(): raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0: raise DataError(f"{path}: file is empty (no interactions)")
+# %% ../../nbs/api/12_data.readers.ipynb #74d1cb36
+def _read_csv(path:Path, sep:str, header:bool, dtype) -> pd.DataFrame:
+    "pandas' C parser on one file, blank lines kept as empty rows; its failures as `DataError`s."
     pd_sep = ":" if sep == "::" else sep
     try:
-        df = pd.read_csv(path, sep=pd_sep, header=0 if header else None, dtype=dtype if sep != "::" else str,
-                         skip_blank_lines=False, engine="c", na_filter=True, keep_default_na=False, na_values=[""])
+        return pd.read_csv(path, sep=pd_sep, header=0 if header else None, dtype=dtype if sep != "::" else str,
+                           skip_blank_lines=False, engine="c", na_filter=True, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError: raise DataError(f"{path}: file is empty (no interactions)") from None
     except pd.errors.ParserError as e:
         m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
         n = (lambda k: (int(k) + 1)//2) if sep == "::" else int   # '::' was read as ':', so a::b is three fields
         detail = f"line {m.group(2)}: expected {n(m.group(1))} fields, saw {n(m.group(3))} (mixed separators?)" if m else str(e).strip()
         raise DataError(f"{path}: {detail}") from None
+
+def read_text(path, sep:str, names:list[str]|None=None, header:bool=False, dtype=None) -> tuple[pd.DataFrame, callable]:
+    "Parse a delimited file; return the frame and a function mapping a row position to its file line."
+    path = Path(path)
+    if not path.exists(): raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0: raise DataError(f"{path}: file is empty (no interactions)")
+    df = _read_csv(path, sep, header, dtype)
     if sep == "::":  # a::b::c -> a, '', b, '', c: keep every other field
         df = df.iloc[:, ::2]
     if names is not None:
@@ -171,6 +181,7 @@ def read_movielens(path, format:str) -> Interactions:
     else: raise ConfigError(f"unknown MovieLens format {format!r}")
     return Interactions(canonical(df, ML_COLUMNS, path, line_of, allow_dates=False), format, [str(path)])
 
+# %% ../../nbs/api/12_data.readers.ipynb #4676a657
 def read_csv_log(path, cols:Columns=Columns(), sep:str|None=None) -> Interactions:
     "A generic delimited log with a header row naming the columns in `cols`."
     sniffed, header = sniff(path)
@@ -179,6 +190,7 @@ def read_csv_log(path, cols:Columns=Columns(), sep:str|None=None) -> Interaction
     df, line_of = read_text(path, sep, header=True, dtype=str)
     return Interactions(canonical(df, cols, path, line_of), "csv", [str(path)])
 
+# %% ../../nbs/api/12_data.readers.ipynb #7c73da19
 def read_parquet_log(path, cols:Columns=Columns()) -> Interactions:
     "A generic Parquet log (a file or a directory of files)."
     import pyarrow as pa
@@ -194,6 +206,19 @@ class PaperFiles:
     test:Interactions
     test_negatives:pd.DataFrame   # user, item (the positive), negatives (list of 99)
 
+def _read_test_negatives(path:Path) -> pd.DataFrame:
+    "Lines `(user,item)\tneg1\tneg2...`: the user, the held-out positive and its negatives."
+    rows = []
+    with open(path) as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip(): continue
+            head, *negs = line.rstrip("\n").split("\t")
+            m = re.fullmatch(r"\((\d+),(\d+)\)", head)
+            if not m or not all(n.strip().lstrip("-").isdigit() for n in negs):
+                raise DataError(f"{path}: line {no}: expected '(user,item)' then tab-separated item ids")
+            rows.append((int(m.group(1)), int(m.group(2)), [int(n) for n in negs]))
+    return pd.DataFrame(rows, columns=["user", "item", "negatives"])
+
 def read_paper(path) -> PaperFiles:
     "`*.train.rating`, `*.test.rating` and `*.test.negative` of the NCF paper (give any one, or their stem)."
     path = Path(path)
@@ -204,16 +229,7 @@ def read_paper(path) -> PaperFiles:
     test, sl = read_text(files["test.rating"], "\t", ML_NAMES)
     train = Interactions(canonical(train, ML_COLUMNS, files["train.rating"], tl, False), "paper", [str(files["train.rating"])])
     test = Interactions(canonical(test, ML_COLUMNS, files["test.rating"], sl, False), "paper", [str(files["test.rating"])])
-    rows = []
-    with open(files["test.negative"]) as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip(): continue
-            head, *negs = line.rstrip("\n").split("\t")
-            m = re.fullmatch(r"\((\d+),(\d+)\)", head)
-            if not m or not all(n.strip().lstrip("-").isdigit() for n in negs):
-                raise DataError(f"{files['test.negative']}: line {no}: expected '(user,item)' then tab-separated item ids")
-            rows.append((int(m.group(1)), int(m.group(2)), [int(n) for n in negs]))
-    return PaperFiles(train, test, pd.DataFrame(rows, columns=["user", "item", "negatives"]))
+    return PaperFiles(train, test, _read_test_negatives(files["test.negative"]))
 
 # %% ../../nbs/api/12_data.readers.ipynb #df8b8521
 def partitions(root) -> dict[str, Path]:
@@ -234,6 +250,22 @@ def window(parts:dict, days:int|None=None, end:str|None=None) -> list[str]:
         dates = [d for d in dates if d >= first]
     return dates
 
+# %% ../../nbs/api/12_data.readers.ipynb #c200fd7e
+def read_item_metadata(path, item_col:str="item_id") -> pd.DataFrame|None:
+    "Item metadata from a file, or from `items.parquet`/`items.csv`/`items.tsv` in a directory; None if absent."
+    path = Path(path)
+    if path.is_dir():
+        path = next((path/n for n in ("items.parquet", "items.csv", "items.tsv") if (path/n).exists()), None)
+        if path is None: return None
+    if path.suffix == ".parquet": df = pd.read_parquet(path)
+    else: df = read_text(path, "\t" if path.suffix == ".tsv" else ",", header=True, dtype=str)[0]
+    col = item_col if item_col in df.columns else "item" if "item" in df.columns else None
+    if col is None: raise DataError(f"{path}: item metadata needs an '{item_col}' column; it has {list(df.columns)}")
+    df = df.rename(columns={col: "item"})
+    df["item"] = to_ids(df["item"], path)
+    return df.drop_duplicates("item", keep="last").reset_index(drop=True)
+
+# %% ../../nbs/api/12_data.readers.ipynb #189d5d5a
 def _data_files(d:Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith((".", "_")) and p.suffix in (".parquet", ".csv", ".tsv"))
 
@@ -250,21 +282,7 @@ def read_partitioned(root, cols:Columns=Columns(), days:int|None=None, end:str|N
         if len({f[c].dtype.kind for f in frames}) > 1: df[c] = df[c].astype(str)
     return Interactions(df, "partitioned", files, read_item_metadata(root))
 
-def read_item_metadata(path, item_col:str="item_id") -> pd.DataFrame|None:
-    "Item metadata from a file, or from `items.parquet`/`items.csv`/`items.tsv` in a directory; None if absent."
-    path = Path(path)
-    if path.is_dir():
-        path = next((path/n for n in ("items.parquet", "items.csv", "items.tsv") if (path/n).exists()), None)
-        if path is None: return None
-    if path.suffix == ".parquet": df = pd.read_parquet(path)
-    else: df = read_text(path, "\t" if path.suffix == ".tsv" else ",", header=True, dtype=str)[0]
-    col = item_col if item_col in df.columns else "item" if "item" in df.columns else None
-    if col is None: raise DataError(f"{path}: item metadata needs an '{item_col}' column; it has {list(df.columns)}")
-    df = df.rename(columns={col: "item"})
-    df["item"] = to_ids(df["item"], path)
-    return df.drop_duplicates("item", keep="last").reset_index(drop=True)
-
-# %% ../../nbs/api/12_data.readers.ipynb #8050e83c
+# %% ../../nbs/api/12_data.readers.ipynb #c56ead30
 FORMATS = ("ml-100k", "ml-1m", "ml-csv", "paper", "csv", "parquet", "partitioned")
 
 def detect_format(path) -> str:
@@ -290,6 +308,7 @@ def detect_format(path) -> str:
     if p.suffix in (".csv", ".tsv", ".txt", ".dat", ".data", ""): return "csv"
     raise DataError(f"{p}: cannot tell the format from the name; pass --format ({', '.join(FORMATS)})")
 
+# %% ../../nbs/api/12_data.readers.ipynb #50d83ed7
 def resolve(path, format:str) -> Path:
     "The file a directory-level format refers to."
     p = Path(path)
@@ -297,6 +316,7 @@ def resolve(path, format:str) -> Path:
         return p/{"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-csv": "ratings.csv"}[format]
     return p
 
+# %% ../../nbs/api/12_data.readers.ipynb #8bc102b2
 def read_interactions(path, format:str="auto", cols:Columns=Columns(), days:int|None=None, end:str|None=None,
                       items=None) -> Interactions:
     "Read an interaction log in any supported format (`paper` files: use `read_paper`)."

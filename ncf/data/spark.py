@@ -24,7 +24,7 @@ with warnings.catch_warnings():  # PySpark 4.3 warns that pandas 3 is not fully 
 # %% auto #0
 __all__ = ['SETTINGS', 'FLAGS', 'REREAD_BYTES', 'spark_session', 'to_pandas', 'is_remote', 'Source', 'text_source',
            'parquet_source', 'partitioned_sources', 'item_metadata', 'parsed', 'parse_text', 'parse_parquet', 'profile',
-           'fail', 'check', 'SparkInteractions', 'sources', 'read_spark', 'deduplicate', 'min_count_filter',
+           'fail', 'check', 'sources', 'SparkInteractions', 'read_spark', 'deduplicate', 'min_count_filter',
            'dense_index', 'by_whole_users', 'leave_one_out', 'negatives', 'preprocess_frames', 'write_tables',
            'preprocess_spark']
 
@@ -64,6 +64,7 @@ def is_remote(uri) -> bool:
     "Whether `uri` has a scheme other than `file://` (`s3://`, `hdfs://`, ...)."
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(uri))) and not str(uri).startswith("file://")
 
+# %% ../../nbs/api/17_data.spark.ipynb #3214da28
 def _hadoop(spark, uri):
     p = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(str(uri))
     return p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), p
@@ -103,6 +104,7 @@ def _join(uri, *parts) -> str:
     "Join path parts onto a local path or a remote URI (any scheme)."
     return "/".join([str(uri).rstrip("/"), *map(str, parts)]) if is_remote(uri) else str(Path(uri, *map(str, parts)))
 
+# %% ../../nbs/api/17_data.spark.ipynb #5507e722
 @contextlib.contextmanager
 def _head(spark, uri, nbytes:int=1<<20):
     "A local file for the pandas helpers: `uri` itself, or a copy of a remote file's first whole lines."
@@ -212,6 +214,7 @@ def partitioned_sources(spark, root, cols:Columns=Columns(), days:int|None=None,
     if not files: raise DataError(f"{root}: the selected partitions hold no data files")
     return [parquet_source(spark, f, cols) if f.endswith(".parquet") else text_source(spark, f, "csv", cols) for f in files]
 
+# %% ../../nbs/api/17_data.spark.ipynb #810926e6
 def item_metadata(spark, path, items=None) -> pd.DataFrame|None:
     "The item catalogue the pandas reader would attach: `items` if given, else the one beside a directory input."
     where = items if items is not None else path
@@ -288,6 +291,7 @@ def parse_text(spark, srcs:list[Source]) -> DataFrame:
                  more_fields=bad.isNotNull() & (F.size(F.split(bad, re.escape(s0.sep), -1)) > n), missing_field=missing)
     return parsed(raw.filter(~blank), s0, {name: (x, T.StringType()) for name, x in zip(s0.names, cells)}, extra)
 
+# %% ../../nbs/api/17_data.spark.ipynb #58f4166a
 def parse_parquet(spark, srcs:list[Source]) -> DataFrame:
     "Parse Parquet sources (files or directories)."
     raw = spark.read.parquet(*[s.path for s in srcs])
@@ -317,6 +321,7 @@ def profile(df:DataFrame, p:PreprocessParams|None=None) -> dict[str, dict]:
                  F.count_if(F.coalesce(keep, F.lit(False)) & ~F.coalesce(event, F.lit(False))).alias("other_events")]
     return {r["_file"]: r.asDict(recursive=True) for r in df.groupBy("_file").agg(*aggs).collect()}
 
+# %% ../../nbs/api/17_data.spark.ipynb #e525c035
 def _spark_message(src:Source, flag:str, file:str, example:dict) -> str:
     c, v, row = src.cols, example["value"], example["row"]
     at = f"{file}: row {row}" if src.kind == "parquet" else f"{file}: line unknown (Spark does not number lines)"
@@ -328,6 +333,7 @@ def _spark_message(src:Source, flag:str, file:str, example:dict) -> str:
         "bad_timestamp": f"column '{c.timestamp}': timestamp {v!r} is not {accepted}", "no_timestamp": f"column '{c.timestamp}' is empty",
         "bad_rating": f"column '{c.rating}': rating {v!r} is not a number", "bad_weight": f"column '{c.weight}': weight {v!r} is not a number"}[flag]
 
+# %% ../../nbs/api/17_data.spark.ipynb #2bb9dd48
 def fail(spark, src:Source, message:str):
     "Raise the pandas reader's own error for `src` if it is local and small enough to re-read, else `message`."
     if not is_remote(src.path) and _size(spark, src.path) <= REREAD_BYTES:
@@ -336,6 +342,7 @@ def fail(spark, src:Source, message:str):
         except Exception: pass  # pandas failed some other way: Spark's message is the better one
     raise DataError(message)
 
+# %% ../../nbs/api/17_data.spark.ipynb #9675a54b
 def check(spark, srcs:list[Source], prof:dict[str, dict]):
     "Raise the first error the pandas reader would raise for these sources, given Spark's per-file profile."
     for src in srcs:
@@ -349,6 +356,15 @@ def check(spark, srcs:list[Source], prof:dict[str, dict]):
                 fail(spark, src, _spark_message(src, flag, _spark_path(f) if not is_remote(f) else f, r[f"{flag}_example"]))
 
 # %% ../../nbs/api/17_data.spark.ipynb #f9a7356f
+def sources(spark, path, format:str, cols:Columns=Columns(), days:int|None=None, end:str|None=None) -> list[Source]:
+    "The sources of an input in a known format."
+    if format in ("ml-100k", "ml-1m", "ml-csv"): return [text_source(spark, path, format)]
+    if format == "csv": return [text_source(spark, path, "csv", cols)]
+    if format == "parquet": return [parquet_source(spark, path, cols)]
+    if format == "partitioned": return partitioned_sources(spark, path, cols, days, end)
+    raise ConfigError(f"format must be one of {FORMATS} (the paper's files: use ncf.data.preprocess), got {format!r}")
+
+# %% ../../nbs/api/17_data.spark.ipynb #73358961
 @dataclass
 class SparkInteractions:
     "Validated interactions as a Spark frame (`user, item, timestamp, rating, event`), and where they came from."
@@ -360,13 +376,14 @@ class SparkInteractions:
     items:pd.DataFrame|None=None    # item metadata, keyed by `item`
     implicit:dict|None=None         # rows the implicit-feedback filter drops, counted in the same pass
 
-def sources(spark, path, format:str, cols:Columns=Columns(), days:int|None=None, end:str|None=None) -> list[Source]:
-    "The sources of an input in a known format."
-    if format in ("ml-100k", "ml-1m", "ml-csv"): return [text_source(spark, path, format)]
-    if format == "csv": return [text_source(spark, path, "csv", cols)]
-    if format == "parquet": return [parquet_source(spark, path, cols)]
-    if format == "partitioned": return partitioned_sources(spark, path, cols, days, end)
-    raise ConfigError(f"format must be one of {FORMATS} (the paper's files: use ncf.data.preprocess), got {format!r}")
+def _parse(spark, srcs:list[Source]) -> DataFrame:
+    "One frame of the sources, parsed by one Spark read per layout."
+    groups = {}
+    for s in srcs: groups.setdefault(s.layout(), []).append(s)
+    frames = [(parse_text if g[0].kind == "text" else parse_parquet)(spark, g) for g in groups.values()]
+    df = frames[0]
+    for f in frames[1:]: df = df.unionByName(f)
+    return df
 
 def read_spark(spark, path, format:str, cols:Columns=Columns(), days:int|None=None, end:str|None=None, items=None,
                params:PreprocessParams|None=None) -> SparkInteractions:
@@ -375,11 +392,7 @@ def read_spark(spark, path, format:str, cols:Columns=Columns(), days:int|None=No
     srcs = sources(spark, path, format, cols, days, end)
     first_bad = next((i for i, s in enumerate(srcs) if s.error is not None), len(srcs))
     if first_bad == 0: raise srcs[0].error
-    groups = {}
-    for s in srcs[:first_bad]: groups.setdefault(s.layout(), []).append(s)
-    frames = [(parse_text if g[0].kind == "text" else parse_parquet)(spark, g) for g in groups.values()]
-    df = frames[0]
-    for f in frames[1:]: df = df.unionByName(f)
+    df = _parse(spark, srcs[:first_bad])
     prof = profile(df, params)
     check(spark, srcs, prof)
     user_int, item_int = (sum(r[f"{k}_not_int"] for r in prof.values()) == 0 for k in ("user", "item"))
@@ -396,6 +409,7 @@ def deduplicate(df:DataFrame) -> DataFrame:
     "One row per (user, item): the earliest timestamp."
     return df.groupBy("user", "item").agg(F.min("timestamp").alias("timestamp"))
 
+# %% ../../nbs/api/17_data.spark.ipynb #5f5a6d62
 def min_count_filter(df:DataFrame, p:PreprocessParams, stats:dict, keep:list) -> tuple[DataFrame, int, int]:
     "The rows kept by the minimum-interaction filters, iterated to a fixed point; their number of items; the rows given."
     dropped = dict(users_too_few_interactions=0, items_too_few_interactions=0, users_too_few_negatives=0)
@@ -480,50 +494,80 @@ def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame
     try: return items.merge(meta, on="item_id", how="left", validate="one_to_one")
     except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
 
-def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int, keep:list, lap=lambda step: None) -> tuple[dict, dict]:
-    "Tables of a data set (Spark frames; `items` in pandas), and the filter statistics, from validated interactions."
-    stats = {"rows_read": data.rows, **data.implicit}
+def _positives(data:SparkInteractions, p:PreprocessParams) -> DataFrame:
+    "The implicit-feedback filter: ratings over the threshold and the selected event types."
     if p.rating_threshold is not None and "rating" not in data.columns: raise ConfigError("rating_threshold is set but the input has no rating column")
     if p.events is not None and "event" not in data.columns: raise ConfigError("events is set but the input has no event column")
     df = data.df
     if p.rating_threshold is not None: df = df.filter(F.col("rating") >= p.rating_threshold)
     if p.events is not None: df = df.filter(F.col("event").isin(list(p.events)))
-    stats["duplicates"] = None  # counted by the filters, which count the deduplicated rows first
-    df, n_items, n_unique = min_count_filter(deduplicate(df), p, stats, keep)
-    stats["duplicates"] = data.rows - stats["below_rating_threshold"] - stats["other_events"] - n_unique; lap("filtered")
-    if n_items == 0: raise DataError(f"no interactions left after filtering ({json.dumps(stats)}); relax the filters")
+    return df
+
+def _indexed(df:DataFrame, keep:list) -> tuple[DataFrame, DataFrame, DataFrame]:
+    "Ids to contiguous indexes: the interactions (`user, item, timestamp`), the user index and the item index."
     users = dense_index(df.select("user").distinct(), "user", keep)
     items = dense_index(df.select("item").distinct(), "item", keep)
     df = (df.withColumnsRenamed({"user": "user_id", "item": "item_id"}).join(users, "user_id").join(F.broadcast(items), "item_id")
             .select("user", "item", "timestamp"))
-    x = leave_one_out(df, p.validation, partitions).persist(); keep.append(x); lap("indexed")
+    return df, users, items
+
+# %% ../../nbs/api/17_data.spark.ipynb #5bd182c8
+def _split_tables(x:DataFrame, n_items:int, p:PreprocessParams) -> dict:
+    "Train, test and validation tables of the labelled rows `x`, and the negatives of the held-out ones."
     cols = ["user", "item", "timestamp"]
     tables = {"train": x.filter(F.col("held") == 2).select(*cols), "test": x.filter(F.col("held") == 0).select(*cols)}
     if p.validation: tables["validation"] = x.filter(F.col("held") == 1).select(*cols)
     for name in ("validation", "test"):
         if name in tables: tables[f"{name}_negatives"] = negatives(x, n_items, p, name)
-    counts_ = tables["train"].groupBy("item").agg(F.count(F.lit(1)).alias("train_count"))
+    return tables
+
+def _items_table(items:DataFrame, train:DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
+    "The item index with each item's training count, in pandas, with the item metadata attached."
+    counts_ = train.groupBy("item").agg(F.count(F.lit(1)).alias("train_count"))
     it = to_pandas(items.join(counts_, "item", "left").select("item", "item_id", F.coalesce("train_count", F.lit(0)).alias("train_count"))
                    .orderBy("item"))
-    tables["items"] = _attach_metadata(it.astype({"item": np.int32, "train_count": np.int64}), data.items)
+    return _attach_metadata(it.astype({"item": np.int32, "train_count": np.int64}), meta)
+
+# %% ../../nbs/api/17_data.spark.ipynb #35d59278
+def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int, keep:list, lap=lambda step: None) -> tuple[dict, dict]:
+    "Tables of a data set (Spark frames; `items` in pandas), and the filter statistics, from validated interactions."
+    stats = {"rows_read": data.rows, **data.implicit}
+    df = _positives(data, p)
+    stats["duplicates"] = None  # counted by the filters, which count the deduplicated rows first
+    df, n_items, n_unique = min_count_filter(deduplicate(df), p, stats, keep)
+    stats["duplicates"] = data.rows - stats["below_rating_threshold"] - stats["other_events"] - n_unique; lap("filtered")
+    if n_items == 0: raise DataError(f"no interactions left after filtering ({json.dumps(stats)}); relax the filters")
+    df, users, items = _indexed(df, keep)
+    x = leave_one_out(df, p.validation, partitions).persist(); keep.append(x); lap("indexed")
+    tables = _split_tables(x, n_items, p)
+    tables["items"] = _items_table(items, tables["train"], data.items)
     tables["users"] = users.select("user", "user_id")
     return tables, stats
 
 # %% ../../nbs/api/17_data.spark.ipynb #73240487
+def _write(tables:dict, stage:str, tmp:Path):
+    "Each table to `stage`: Spark frames by Spark; pandas ones, small, into the local `tmp`."
+    for name, t in tables.items():
+        if isinstance(t, pd.DataFrame): t.to_parquet(tmp/f"{name}.parquet", index=False)
+        else: t.write.mode("overwrite").parquet(_join(stage, f"{name}.parquet"))
+
+def _read_back(spark, tables:dict, dest:str, tmp:Path, remote:bool) -> dict[str, pd.DataFrame]:
+    "The written tables, read back with pandas for the data version (remote ones through a local copy)."
+    def back(n):
+        local = tmp/f"{n}.parquet"
+        if remote and not isinstance(tables[n], pd.DataFrame): local = _fetch(spark, _join(dest, f"{n}.parquet"), tmp/"back"/f"{n}.parquet")
+        return pd.read_parquet(local)
+    return {n: back(n) for n in TABLES if n in tables}
+
+# %% ../../nbs/api/17_data.spark.ipynb #564d826c
 def write_tables(spark, tables:dict, dest:str, manifest:dict) -> dict:
     "Write the tables (Spark frames, or pandas for small ones) and `manifest.json` to partition `dest`; return the manifest."
     remote = is_remote(dest)
     with (tempfile.TemporaryDirectory(prefix="ncf-partition-") if remote else storage.staging_dir(dest)) as tmp:
         tmp = Path(tmp); stage = dest if remote else str(tmp)
         if remote: _delete(spark, dest)
-        for name, t in tables.items():
-            if isinstance(t, pd.DataFrame): t.to_parquet(tmp/f"{name}.parquet", index=False)
-            else: t.write.mode("overwrite").parquet(_join(stage, f"{name}.parquet"))
-        def back(n):
-            local = tmp/f"{n}.parquet"
-            if remote and not isinstance(tables[n], pd.DataFrame): local = _fetch(spark, _join(dest, f"{n}.parquet"), tmp/"back"/f"{n}.parquet")
-            return pd.read_parquet(local)
-        written = {n: back(n) for n in TABLES if n in tables}
+        _write(tables, stage, tmp)
+        written = _read_back(spark, tables, dest, tmp, remote)
         manifest = {**manifest, "data_version": data_version(written), "counts": counts(written),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "format_version": 1}
         write_json(tmp/MANIFEST, manifest)

@@ -58,6 +58,7 @@ def splitmix64(x:np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27)))*_M2
     return x ^ (x >> np.uint64(31))
 
+# %% ../../nbs/api/15_data.split.ipynb #9c4df31c
 def candidate_items(seed:int, stream:int, users:np.ndarray, j:np.ndarray, n_items:int) -> np.ndarray:
     "Item `j` of each user's candidate stream."
     with np.errstate(over="ignore"):
@@ -72,6 +73,7 @@ def tie_key(users, items) -> np.ndarray:
         h = splitmix64(np.asarray(users, np.uint64)*_GOLD ^ np.asarray(items, np.uint64))
     return (h >> np.uint64(1)).astype(np.int64)
 
+# %% ../../nbs/api/15_data.split.ipynb #0750f0c7
 def split_by_time(df:pd.DataFrame, validation:bool=True) -> dict[str, pd.DataFrame]:
     "Split indexed interactions (`user, item, timestamp`) into train / validation / test: last by `(timestamp, tie_key)`."
     df = df.assign(_tie=tie_key(df.user.to_numpy(), df.item.to_numpy()))
@@ -80,6 +82,29 @@ def split_by_time(df:pd.DataFrame, validation:bool=True) -> dict[str, pd.DataFra
     out = {"test": df[from_end == 0], "train": df[from_end >= (2 if validation else 1)]}
     if validation: out["validation"] = df[from_end == 1]
     return {k: v.reset_index(drop=True) for k, v in out.items()}
+
+# %% ../../nbs/api/15_data.split.ipynb #5bbf4ab6
+def _fresh(key:np.ndarray, seen_key:np.ndarray) -> np.ndarray:
+    "Mask of the candidate keys that are neither seen nor a repeat of an earlier candidate."
+    pos = np.searchsorted(seen_key, key).clip(max=len(seen_key) - 1)
+    ok = seen_key[pos] != key if len(seen_key) else np.ones(len(key), bool)
+    first = np.zeros(len(key), bool); first[np.unique(key, return_index=True)[1]] = True
+    return ok & first
+
+def _draw_round(pending:np.ndarray, block:np.ndarray, seen_key:np.ndarray, n_items:int, k:int, seed:int, stream:int):
+    "`block[u]` candidates for each pending user: the first `k` fresh ones of the users that got `k`, and who they were."
+    rep_u = np.repeat(pending, block)
+    j = np.arange(len(rep_u)) - np.repeat(np.cumsum(block) - block, block)
+    cand = candidate_items(seed, stream, rep_u, j, n_items)
+    ok = _fresh(rep_u*n_items + cand, seen_key)
+    rank = np.cumsum(ok) - 1
+    start = np.r_[0, np.cumsum(ok)[np.cumsum(block)[:-1] - 1]] if len(block) else np.zeros(0, np.int64)
+    rank -= np.repeat(start, block)
+    take = ok & (rank < k)
+    got = np.bincount(np.searchsorted(pending, rep_u[take]), minlength=len(pending))
+    done = got == k
+    sel = take & np.repeat(done, block)
+    return rep_u[sel], cand[sel], done
 
 # %% ../../nbs/api/15_data.split.ipynb #ea2dab81
 def sample_negatives(users:np.ndarray, seen_users:np.ndarray, seen_items:np.ndarray, n_items:int, k:int,
@@ -97,22 +122,8 @@ def sample_negatives(users:np.ndarray, seen_users:np.ndarray, seen_items:np.ndar
         while len(pending):
             free = (n_items - seen_deg[pending]).astype(np.float64)
             block = np.ceil(1.3*k*n_items/free + 16).astype(np.int64) if block is None else block*2
-            rep_u = np.repeat(pending, block)
-            j = np.arange(len(rep_u)) - np.repeat(np.cumsum(block) - block, block)
-            cand = candidate_items(seed, stream, rep_u, j, n_items)
-            key = rep_u*n_items + cand
-            pos = np.searchsorted(seen_key, key).clip(max=len(seen_key) - 1)
-            ok = seen_key[pos] != key if len(seen_key) else np.ones(len(key), bool)
-            first = np.zeros(len(key), bool); first[np.unique(key, return_index=True)[1]] = True
-            ok &= first
-            rank = np.cumsum(ok) - 1
-            start = np.r_[0, np.cumsum(ok)[np.cumsum(block)[:-1] - 1]] if len(block) else np.zeros(0, np.int64)
-            rank -= np.repeat(start, block)
-            take = ok & (rank < k)
-            got = np.bincount(np.searchsorted(pending, rep_u[take]), minlength=len(pending))
-            done = got == k
-            sel = take & np.repeat(done, block)
-            out_u.append(rep_u[sel]); out_i.append(cand[sel])
+            u, i, done = _draw_round(pending, block, seen_key, n_items, k, seed, stream)
+            out_u.append(u); out_i.append(i)
             pending, block = pending[~done], block[~done]
     u, i = (np.concatenate(out_u), np.concatenate(out_i)) if out_u else (np.zeros(0, np.int64),)*2
     return pd.DataFrame({"user": u.astype(np.int32), "item": i.astype(np.int32)})
@@ -151,6 +162,7 @@ def counts(tables:dict) -> dict:
     c.update(n_users=len(tables["users"]), n_items=len(tables["items"]))
     return c
 
+# %% ../../nbs/api/15_data.split.ipynb #86aee7ec
 def write_dataset(tables:dict, out, manifest:dict) -> dict:
     "Write the tables and `manifest.json` to partition `out` atomically; return the manifest (with data_version)."
     manifest = {**manifest, "data_version": data_version(tables), "counts": counts(tables),
@@ -161,6 +173,7 @@ def write_dataset(tables:dict, out, manifest:dict) -> dict:
         storage.publish_dir(tmp, out)
     return manifest
 
+# %% ../../nbs/api/15_data.split.ipynb #5ad26bcd
 def partition_uri(out, run_date:str|None=None, run_id:str|None=None) -> str:
     "`OUT/dt=YYYY-MM-DD` (default today, UTC) or `OUT/run=ID`."
     if run_id: return storage.join(out, f"run={run_id}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core import NCFError
 
 # %% auto #0
-__all__ = ['is_s3', 'split_s3', 's3_client', 'join', 'local_copy', 'exists', 'read_bytes', 'publish_dir', 'staging_dir']
+__all__ = ['is_s3', 'split_s3', 'join', 's3_client', 'local_copy', 'exists', 'read_bytes', 'publish_dir', 'staging_dir']
 
 # %% ../../nbs/api/11_data.storage.ipynb #cab4d34e
 def is_s3(uri) -> bool: return str(uri).startswith("s3://")
@@ -21,13 +21,14 @@ def split_s3(uri:str) -> tuple[str, str]:
     if not bucket: raise NCFError(f"S3 URI has no bucket: {uri!r}")
     return bucket, key.strip("/")
 
-def s3_client():
-    import boto3
-    return boto3.client("s3")
-
 def join(uri, *parts) -> str:
     "Join path parts onto a local path or an S3 URI."
     return "/".join([str(uri).rstrip("/"), *map(str, parts)]) if is_s3(uri) else str(Path(uri, *map(str, parts)))
+
+# %% ../../nbs/api/11_data.storage.ipynb #897e26d4
+def s3_client():
+    import boto3
+    return boto3.client("s3")
 
 # %% ../../nbs/api/11_data.storage.ipynb #26adcd24
 def _s3_keys(bucket, prefix, client):
@@ -55,6 +56,7 @@ def local_copy(uri):
             client.download_file(bucket, k, str(dest))
         yield root
 
+# %% ../../nbs/api/11_data.storage.ipynb #f7ca7687
 def exists(uri) -> bool:
     "Whether a local path, or an S3 object or prefix, exists."
     if not is_s3(uri): return Path(uri).exists()
@@ -67,14 +69,13 @@ def read_bytes(uri) -> bytes:
     return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 # %% ../../nbs/api/11_data.storage.ipynb #66cde938
-def publish_dir(src, uri, last:str="manifest.json") -> str:
-    "Make the finished local directory `src` appear at `uri` atomically (replacing what was there)."
-    src = Path(src)
-    if is_s3(uri):
-        bucket, key = split_s3(uri); client = s3_client()
-        files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == last)
-        for p in files: client.upload_file(str(p), bucket, f"{key}/{p.relative_to(src).as_posix()}")
-        return uri
+def _publish_s3(src:Path, uri, last:str) -> str:
+    bucket, key = split_s3(uri); client = s3_client()
+    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: p.name == last)
+    for p in files: client.upload_file(str(p), bucket, f"{key}/{p.relative_to(src).as_posix()}")
+    return uri
+
+def _publish_local(src:Path, uri) -> str:
     dest = Path(uri); dest.parent.mkdir(parents=True, exist_ok=True)
     if src.parent != dest.parent:  # os.replace is atomic only within one file system
         staged = dest.parent/f".{dest.name}.staged-{uuid.uuid4().hex[:8]}"
@@ -88,6 +89,12 @@ def publish_dir(src, uri, last:str="manifest.json") -> str:
     shutil.rmtree(old, ignore_errors=True)
     return str(dest)
 
+def publish_dir(src, uri, last:str="manifest.json") -> str:
+    "Make the finished local directory `src` appear at `uri` atomically (replacing what was there)."
+    src = Path(src)
+    return _publish_s3(src, uri, last) if is_s3(uri) else _publish_local(src, uri)
+
+# %% ../../nbs/api/11_data.storage.ipynb #8efef9f4
 @contextlib.contextmanager
 def staging_dir(uri):
     "A temporary local directory to build an output in; `publish_dir` it when complete. Removed on error."

@@ -108,11 +108,13 @@ def generate_day(spec:SyntheticSpec, day:int, shop:Shop|None=None) -> pd.DataFra
                        "timestamp": ts.astype(np.int64)})
     return df.sort_values(["timestamp", "user_id"], kind="stable", ignore_index=True)
 
+# %% ../../nbs/api/13_data.synthetic.ipynb #5f2eb78d
 def generate(spec:SyntheticSpec, days:int=30) -> pd.DataFrame:
     "Days `0 .. days-1` of logs in one frame."
     shop = Shop(spec)
     return pd.concat([generate_day(spec, d, shop) for d in range(days)], ignore_index=True)
 
+# %% ../../nbs/api/13_data.synthetic.ipynb #cf6494d7
 def item_catalog(spec:SyntheticSpec, shop:Shop|None=None) -> pd.DataFrame:
     "Item metadata: `item_id, category`."
     shop = shop or Shop(spec)
@@ -123,6 +125,7 @@ def item_catalog(spec:SyntheticSpec, shop:Shop|None=None) -> pd.DataFrame:
 def day_date(spec:SyntheticSpec, day:int) -> str:
     return (dt.date.fromisoformat(spec.start_date) + dt.timedelta(days=day)).isoformat()
 
+# %% ../../nbs/api/13_data.synthetic.ipynb #24944176
 def _write_parquet_atomic(df:pd.DataFrame, path:Path):
     import os, tempfile
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,7 @@ def write_days(spec:SyntheticSpec, root, days:range|int) -> list[Path]:
         _write_parquet_atomic(generate_day(spec, d, shop), p); out.append(p)
     return out
 
+# %% ../../nbs/api/13_data.synthetic.ipynb #08a0d287
 def next_day(root, spec:SyntheticSpec|None=None, initial_days:int=30) -> list[Path]:
     "Deliver the next day of logs to `root` (or the first `initial_days` when it is empty)."
     root = Path(root)
