@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from ..core import ConfigError, DataError
 from .readers import Columns, Interactions, read_interactions, detect_format
-from .split import PreprocessParams, split_by_time, negatives_for, write_dataset, partition_uri, paper_dataset
+from .split import PreprocessParams, split_by_time, negatives_for, write_dataset, partition_uri, paper_dataset, attach_item_metadata
 from . import storage
 
 # %% auto #0
@@ -81,14 +81,6 @@ def _indexed(df:pd.DataFrame, uids, iids) -> tuple[pd.DataFrame, pd.DataFrame, p
                        "timestamp": df.timestamp.to_numpy(np.int64)})
     return df, users, items
 
-def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
-    "Item metadata merged onto the item index by `item_id`, one row per item."
-    if meta is None: return items
-    meta = meta.rename(columns={"item": "item_id"})
-    meta = meta[[c for c in meta.columns if c not in ("item", "train_count")]]
-    try: return items.merge(meta, on="item_id", how="left", validate="one_to_one")
-    except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
-
 # %% ../../nbs/api/16_data.preprocess.ipynb #8cdc9d4c
 def preprocess_frame(data:Interactions, p:PreprocessParams=PreprocessParams(), progress=None) -> tuple[dict, dict]:
     "Tables of a data set, and the filter statistics, from validated interactions."
@@ -104,7 +96,7 @@ def preprocess_frame(data:Interactions, p:PreprocessParams=PreprocessParams(), p
         if name in tables: tables[f"{name}_negatives"] = negatives_for(tables[name], df, len(items), p, name)
     step("negatives")
     items["train_count"] = np.bincount(tables["train"].item, minlength=len(items)).astype(np.int64)
-    tables.update(users=users, items=_attach_metadata(items, data.items))
+    tables.update(users=users, items=attach_item_metadata(items, data.items))
     return tables, stats
 
 # %% ../../nbs/api/16_data.preprocess.ipynb #2d067851

@@ -20,9 +20,9 @@ __all__ = ['SEPARATORS', 'ML_NAMES', 'ML_COLUMNS', 'FORMATS', 'Columns', 'Intera
 @dataclass(frozen=True)
 class Columns:
     "Column names of a generic interaction log (CSV or Parquet)."
-    user:str="user_id"
-    item:str="item_id"
-    timestamp:str="timestamp"
+    user:str="user_id"     # the customer id column
+    item:str="item_id"     # the item (SKU) id column
+    timestamp:str="timestamp"   # when it happened: Unix seconds or an ISO-8601 date-time
     rating:str|None=None   # optional explicit rating
     event:str|None=None    # optional event type (view, cart, purchase, ...)
     weight:str|None=None   # optional interaction weight

@@ -13,7 +13,7 @@ import numpy as np, pandas as pd
 from ..core import ConfigError, DataError, write_json
 from .readers import (Columns, ML_COLUMNS, ML_NAMES, SEPARATORS, FORMATS, canonical, sniff, detect_format, resolve, partitions,
                          window, read_movielens, read_csv_log, read_parquet_log, read_item_metadata, _data_files)
-from .split import PreprocessParams, STREAMS, sample_negatives, tie_key, partition_uri, counts, paper_dataset
+from .split import PreprocessParams, STREAMS, sample_negatives, tie_key, partition_uri, counts, paper_dataset, attach_item_metadata
 from .split import split_by_time as split_frame
 from .dataset import TABLES, MANIFEST, data_version
 from . import storage
@@ -486,14 +486,6 @@ def negatives(rows:DataFrame, n_items:int, p:PreprocessParams, stream:str, batch
     with _quiet(): return rows.select("user", "item").mapInPandas(by_whole_users(draw, batch_rows), "user int, item int")
 
 # %% ../../nbs/api/17_data.spark.ipynb #837af194
-def _attach_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
-    "Item metadata merged onto the item index, as `ncf.data.preprocess.preprocess_frame` merges it."
-    if meta is None: return items
-    meta = meta.rename(columns={"item": "item_id"})
-    meta = meta[[c for c in meta.columns if c not in ("item", "train_count")]]
-    try: return items.merge(meta, on="item_id", how="left", validate="one_to_one")
-    except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
-
 def _positives(data:SparkInteractions, p:PreprocessParams) -> DataFrame:
     "The implicit-feedback filter: ratings over the threshold and the selected event types."
     if p.rating_threshold is not None and "rating" not in data.columns: raise ConfigError("rating_threshold is set but the input has no rating column")
@@ -526,7 +518,7 @@ def _items_table(items:DataFrame, train:DataFrame, meta:pd.DataFrame|None) -> pd
     counts_ = train.groupBy("item").agg(F.count(F.lit(1)).alias("train_count"))
     it = to_pandas(items.join(counts_, "item", "left").select("item", "item_id", F.coalesce("train_count", F.lit(0)).alias("train_count"))
                    .orderBy("item"))
-    return _attach_metadata(it.astype({"item": np.int32, "train_count": np.int64}), meta)
+    return attach_item_metadata(it.astype({"item": np.int32, "train_count": np.int64}), meta)
 
 # %% ../../nbs/api/17_data.spark.ipynb #35d59278
 def preprocess_frames(data:SparkInteractions, p:PreprocessParams, partitions:int, keep:list, lap=lambda step: None) -> tuple[dict, dict]:

@@ -14,7 +14,8 @@ from . import storage
 
 # %% auto #0
 __all__ = ['STREAMS', 'PreprocessParams', 'splitmix64', 'candidate_items', 'tie_key', 'split_by_time', 'sample_negatives',
-           'negatives_for', 'preprocess_paper', 'counts', 'write_dataset', 'partition_uri', 'paper_dataset']
+           'negatives_for', 'preprocess_paper', 'counts', 'write_dataset', 'partition_uri', 'paper_dataset',
+           'attach_item_metadata']
 
 # %% ../../nbs/api/15_data.split.ipynb #59164bc2
 @dataclass(frozen=True)
@@ -188,3 +189,12 @@ def paper_dataset(src, local, dest, params:PreprocessParams=PreprocessParams()) 
     tables, stats = preprocess_paper(local, params)
     source = {"uri": str(src), "format": "paper", "rows": stats["rows_read"], "files": []}
     return write_dataset(tables, dest, {"params": asdict(params), "source": source, "filtered": stats, "engine": "pandas"})
+
+# %% ../../nbs/api/15_data.split.ipynb
+def attach_item_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
+    "Item metadata merged onto the item index by `item_id`, one row per item (both jobs write it so)."
+    if meta is None: return items
+    meta = meta.rename(columns={"item": "item_id"})
+    meta = meta[[c for c in meta.columns if c not in ("item", "train_count")]]
+    try: return items.merge(meta, on="item_id", how="left", validate="one_to_one")
+    except Exception as e: raise DataError(f"item metadata does not match the item ids: {e}") from None
