@@ -15,6 +15,7 @@ def ranks_among(scores:torch.Tensor) -> torch.Tensor:
     "Rank of column 0 within each row of `scores` (0 = best); ties count against it."
     return (scores[:, 1:] >= scores[:, :1]).sum(1)
 
+# %% ../../nbs/api/22_model.metrics.ipynb #ef2593fa
 def hit_ndcg(ranks:torch.Tensor, k:int=10) -> tuple[float, float]:
     "HR@k and NDCG@k (log2) from 0-based ranks of single held-out items."
     hit = ranks < k

@@ -26,6 +26,7 @@ def dropout_steps(p:float) -> int:
         raise ConfigError(f"dropout is applied in steps of 1/{DROPOUT_STEPS}: {p} would become {k/DROPOUT_STEPS}; use 0 or a value in [{1/DROPOUT_STEPS:.4f}, {1 - 1/DROPOUT_STEPS:.4f}]")
     return k
 
+# %% ../../nbs/api/21_model.nets.ipynb #b0732964
 @dataclass(frozen=True)
 class ModelConfig:
     "The architecture: what is needed to rebuild a model from its weights."
@@ -58,6 +59,7 @@ def random_words(n:int, device=None) -> torch.Tensor:
         if mul is not None: x *= mul
     return x
 
+# %% ../../nbs/api/21_model.nets.ipynb #53bfc5d6
 def _in_autocast_dtype(x:torch.Tensor) -> torch.Tensor:   # under autocast the mask is built and applied in its dtype
     return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
 
@@ -106,26 +108,38 @@ def lookup(table:nn.Embedding, idx:torch.Tensor) -> torch.Tensor:
     cast = torch.is_autocast_enabled("cpu") and len(idx) >= len(weight)
     return _IndexAddLookup.apply(weight, idx, torch.get_autocast_dtype("cpu") if cast else weight.dtype)
 
-# %% ../../nbs/api/21_model.nets.ipynb #9c1ecf83
+# %% ../../nbs/api/21_model.nets.ipynb #4639d9b0
 SPLIT_FIRST_LAYER_FROM = 2048   # batch size from which `NCF.tower` splits the first layer (measured: below it, two products cost more than the copy)
 
+def _embeddings(cfg:ModelConfig, width:int, sparse:bool) -> tuple[nn.Embedding, nn.Embedding]:
+    "A user and an item embedding table of `width` columns."
+    return nn.Embedding(cfg.n_users, width, sparse=sparse), nn.Embedding(cfg.n_items, width, sparse=sparse)
+
+def _mlp_layers(cfg:ModelConfig) -> nn.Sequential:
+    "The MLP tower: `num_layers` blocks of dropout, linear and ReLU, halving the width from `2·mlp_width` to `factor_num`."
+    layers = []
+    for i in range(cfg.num_layers):
+        width = cfg.factor_num*2**(cfg.num_layers - i)
+        layers += [Dropout(cfg.dropout), nn.Linear(width, width//2), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+def _tower_layer(parts:list, drop:Dropout, linear:nn.Linear, w:int) -> torch.Tensor:
+    "One tower layer before its ReLU, on its whole input or on the input's halves of width `w` (`parts`), dropout's scale folded into the weight."
+    weight = linear.weight*drop.scale if drop.active else linear.weight
+    if len(parts) == 2: return F.linear(drop.unscaled(parts[0]), weight[:, :w]) + F.linear(drop.unscaled(parts[1]), weight[:, w:], linear.bias)
+    return F.linear(drop.unscaled(parts[0]), weight, linear.bias)
+
+# %% ../../nbs/api/21_model.nets.ipynb #9c1ecf83
 class NCF(nn.Module):
     "GMF, MLP or NeuMF, by `cfg.model`. `forward(users, items)` returns one logit per pair."
     def __init__(self, cfg:ModelConfig, sparse:bool=False):
         super().__init__()
-        self.cfg, f = cfg, cfg.factor_num
-        if cfg.model != "MLP":
-            self.embed_user_GMF = nn.Embedding(cfg.n_users, f, sparse=sparse)
-            self.embed_item_GMF = nn.Embedding(cfg.n_items, f, sparse=sparse)
+        self.cfg = cfg
+        if cfg.model != "MLP": self.embed_user_GMF, self.embed_item_GMF = _embeddings(cfg, cfg.factor_num, sparse)
         if cfg.model != "GMF":
-            self.embed_user_MLP = nn.Embedding(cfg.n_users, cfg.mlp_width, sparse=sparse)
-            self.embed_item_MLP = nn.Embedding(cfg.n_items, cfg.mlp_width, sparse=sparse)
-            layers = []
-            for i in range(cfg.num_layers):
-                width = f*2**(cfg.num_layers - i)
-                layers += [Dropout(cfg.dropout), nn.Linear(width, width//2), nn.ReLU()]
-            self.MLP_layers = nn.Sequential(*layers)
-        self.predict_layer = nn.Linear(2*f if cfg.model == "NeuMF" else f, 1)
+            self.embed_user_MLP, self.embed_item_MLP = _embeddings(cfg, cfg.mlp_width, sparse)
+            self.MLP_layers = _mlp_layers(cfg)
+        self.predict_layer = nn.Linear(2*cfg.factor_num if cfg.model == "NeuMF" else cfg.factor_num, 1)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -147,13 +161,9 @@ class NCF(nn.Module):
     def tower(self, user_vecs:torch.Tensor, item_vecs:torch.Tensor) -> torch.Tensor:
         "The MLP tower on `[user_vecs; item_vecs]`: dropout scales folded into the next weights; on large batches the first layer is applied to each half."
         parts = [user_vecs, item_vecs] if len(user_vecs) >= SPLIT_FIRST_LAYER_FROM else [torch.cat([user_vecs, item_vecs], -1)]
-        layers, w = self.MLP_layers, self.cfg.mlp_width
-        for i in range(0, len(layers), 3):
-            drop, linear, relu = layers[i:i + 3]
-            weight = linear.weight*drop.scale if drop.active else linear.weight
-            if len(parts) == 2: x = F.linear(drop.unscaled(parts[0]), weight[:, :w]) + F.linear(drop.unscaled(parts[1]), weight[:, w:], linear.bias)
-            else: x = F.linear(drop.unscaled(parts[0]), weight, linear.bias)
-            parts = [relu(x)]
+        for i in range(0, len(self.MLP_layers), 3):
+            drop, linear, relu = self.MLP_layers[i:i + 3]
+            parts = [relu(_tower_layer(parts, drop, linear, self.cfg.mlp_width))]
         return parts[0]
 
     def forward(self, users:torch.Tensor, items:torch.Tensor) -> torch.Tensor:
@@ -170,6 +180,7 @@ def item_tables(model:NCF) -> dict:
         out["mlp"] = model.embed_item_MLP.weight @ first.weight[:, model.cfg.mlp_width:].T + first.bias
     return out
 
+# %% ../../nbs/api/21_model.nets.ipynb #09bc600d
 @torch.no_grad()
 def score_matrix(model:NCF, users:torch.Tensor, items:torch.Tensor|None=None, tables:dict|None=None) -> torch.Tensor:
     "Logits of every `(user, item)` pair, shape `(len(users), len(items))` (all items by default). Eval mode only."

@@ -23,8 +23,8 @@ from .config import TrainConfig
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
            'keep_freed_memory', 'NegativeSampler', 'sampled_ranks', 'evaluate_sampled', 'popularity_baseline',
            'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model',
-           'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights', 'refit_with_validation', 'train',
-           'pretrain', 'final_metrics', 'save_model', 'resolve_data', 'load_channels', 'fit']
+           'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights', 'refit_with_validation', 'final_metrics',
+           'train', 'pretrain', 'save_model', 'resolve_data', 'load_channels', 'fit']
 
 # %% ../../nbs/api/32_train.trainer.ipynb #45da81dd
 CPU_BF16_ENV = "NCF_CPU_BF16"   # amx | avx512 | none: run as that CPU kind would (tests, reproductions)
@@ -38,12 +38,14 @@ def cpu_bf16() -> str|None:
     except OSError: return None
     return "amx" if "amx_bf16" in flags else "avx512" if "avx512_bf16" in flags else None
 
+# %% ../../nbs/api/32_train.trainer.ipynb #db517379
 def resolve_device(cfg:TrainConfig) -> torch.device:
+    "The device of `--device`: `auto` is CUDA when there is one, else the CPU; `cuda` without a CUDA device is an error."
     if cfg.device == "cuda" and not torch.cuda.is_available(): raise ConfigError("device cuda requested but no CUDA device is available")
     return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
 
 # %% ../../nbs/api/32_train.trainer.ipynb #2b16ee89
-BF16_MIN_BATCH = {"amx": 16384, "avx512": 4096, "cuda": 16384}   # measured: see the measurements below the rule
+BF16_MIN_BATCH = {"amx": 16384, "avx512": 4096, "cuda": 16384}   # measured: see nbs/explanations/training-speed.ipynb
 
 def precision_choice(cfg:TrainConfig, device:torch.device) -> tuple[torch.dtype|None, str]:
     "The autocast dtype (None: fp32) for `cfg` on `device`, and the reason, in words."
@@ -115,12 +117,14 @@ def evaluate_sampled(model:NCF, held:HeldOut, k:int, device, chunk_pairs:int=655
     hr, ndcg = hit_ndcg(sampled_ranks(model, held, device, chunk_pairs), k)
     return {"hr": hr, "ndcg": ndcg, "k": k}
 
+# %% ../../nbs/api/32_train.trainer.ipynb #0b59fc31
 def popularity_baseline(splits:Splits, k:int) -> dict:
     "The test metrics of ranking by training popularity: the bar a collaborative model must clear."
     pop = torch.as_tensor(np.bincount(splits.train_items, minlength=splits.n_items), dtype=torch.float64)
     hr, ndcg = hit_ndcg(ranks_among(pop[torch.as_tensor(splits.test.candidates())]), k)
     return {"hr": hr, "ndcg": ndcg, "k": k}
 
+# %% ../../nbs/api/32_train.trainer.ipynb #52b91f58
 @torch.no_grad()
 def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int=512) -> dict:
     "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items."
@@ -186,6 +190,7 @@ def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None
         raise ModelError("pre-trained GMF/MLP factor_num and num_layers must match --factor_num and --num_layers")
     return neumf_from_pretrained(gmf, mlp, cfg.alpha, cfg.dropout, sparse=cfg.sparse)
 
+# %% ../../nbs/api/32_train.trainer.ipynb #4b3d3cc4
 def make_optimizer(model:NCF, cfg:TrainConfig):
     "Adam (the fused kernel); with sparse embeddings, SparseAdam on the embeddings and Adam on the rest."
     lr = cfg.effective_lr
@@ -194,6 +199,7 @@ def make_optimizer(model:NCF, cfg:TrainConfig):
     dense = [p for n, p in model.named_parameters() if not n.startswith("embed_")]
     return [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
 
+# %% ../../nbs/api/32_train.trainer.ipynb #0d1ca887
 @dataclass
 class TrainResult:
     model:NCF
@@ -201,9 +207,6 @@ class TrainResult:
     config:TrainConfig
     pairs:tuple        # (users, items) the final model learned from: its "seen" items
     selected:NCF|None=None   # the validation-selected model, trained on the training interactions only (before the refit)
-
-def _better(a:dict, b:dict|None) -> bool:
-    return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
 # %% ../../nbs/api/32_train.trainer.ipynb #721673e7
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
@@ -229,11 +232,13 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
-# %% ../../nbs/api/32_train.trainer.ipynb #7bec8c16
+# %% ../../nbs/api/32_train.trainer.ipynb #f404bec4
 def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tensor|None:
+    "`recency_weights` of the training positives as a tensor on `device`; None when recency weighting is off."
     w = recency_weights(users, items, times, cfg.recency_window, cfg.recency_weight)
     return None if w is None else torch.as_tensor(w, device=device)
 
+# %% ../../nbs/api/32_train.trainer.ipynb #d2c94a41
 def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None):
     "Train a fresh model (from `pretrained` GMF and MLP if given) on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
     users = np.concatenate([splits.train_users, splits.validation.users])
@@ -251,19 +256,53 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
 
-# %% ../../nbs/api/32_train.trainer.ipynb #472989cf
-def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
-    "Train on `splits`; select the epoch on validation; score the selected model on test."
-    if cfg.threads: torch.set_num_threads(cfg.threads)
-    keep_freed_memory()
-    pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
-    device = resolve_device(cfg)
-    dtype, why = precision_choice(cfg, device)
-    log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
-    opts = make_optimizer(model, cfg)
+# %% ../../nbs/api/32_train.trainer.ipynb #62d75a9e
+def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None, pairs=None) -> dict:
+    "The `metrics.json` document of the selected model."
+    k = cfg.top_k
+    m = {"schema": METRICS_SCHEMA, "k": k, "protocol": f"leave-one-out, {splits.test.negatives.shape[1]} sampled negatives, ties count against the model",
+         "best_epoch": best["epoch"] if best else len(history), "epochs_run": len(history),
+         "selection": "best validation HR@k" if best else "last epoch (no validation set)",
+         "data_version": splits.data_version, "history": history,
+         "train_seconds": round(sum(r["seconds"] for r in history), 3)}
+    m["validation"] = {f: best[f] for f in ("hr", "ndcg", "k")} if best else {"hr": float("nan"), "ndcg": float("nan"), "k": k}
+    m["test"] = evaluate_sampled(model, splits.test, k, device)
+    m["test_popularity"] = popularity_baseline(splits, k)
+    seen_users, seen_items = pairs or (splits.train_users, splits.train_items)
+    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
+    return m
+
+# %% ../../nbs/api/32_train.trainer.ipynb #799ec225
+def _better(a:dict, b:dict|None) -> bool:
+    return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
+
+def _resume(ckpt_path:Path|None, fp:str, model:NCF, opts:list, gen:torch.Generator, device) -> dict|None:
+    "This run's checkpoint at `ckpt_path`, if there is one, loaded into `model`, `opts` and both random generators; else None."
+    if not (ckpt_path and (ck := load_checkpoint(ckpt_path, fp))): return None
+    model.load_state_dict(ck["model"])
+    for o, s in zip(opts, ck["optimizers"]): o.load_state_dict(s)
+    torch.set_rng_state(ck["rng_torch"]); gen.set_state(ck["rng_sampler"])
+    if device.type == "cuda": torch.cuda.set_rng_state(ck["rng_cuda"], device)
+    return ck
+
+def _checkpoint(fp:str, epoch:int, model:NCF, opts:list, gen:torch.Generator, device, history:list, best:dict|None, best_state) -> dict:
+    "Everything a run resumed after `epoch` needs: weights, optimizers, both random generators, the history and the best epoch so far."
+    return {"fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in opts], "rng_torch": torch.get_rng_state(),
+            "rng_sampler": gen.get_state(), "history": json.dumps(history),
+            **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "best": json.dumps(best), "best_state": best_state}
+
+def _epoch_line(epoch:int, cfg:TrainConfig, row:dict, seconds:float, metric_lines:bool) -> str:
+    "The log line of one epoch; with `metric_lines`, in the `HR=…;` form of SageMaker's metric regexes."
+    v = row.get("validation", {"hr": float("nan"), "ndcg": float("nan")})
+    return f"epoch {epoch}/{cfg.epochs}: " + (f"HR={v['hr']:.4f}; NDCG={v['ndcg']:.4f}; Loss={row['loss']:.4f}; " if metric_lines else
+        f"validation HR {v['hr']:.4f}, NDCG {v['ndcg']:.4f}, loss {row['loss']:.4f}; ") + f"{seconds:.2f} s, {row['samples_per_s']:,} samples/s"
+
+# %% ../../nbs/api/32_train.trainer.ipynb #199494db
+def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, gen:torch.Generator, dtype,
+                  checkpoint_dir, log, metric_lines:bool) -> tuple[list, dict|None]:
+    "Train `cfg.epochs` epochs (resuming this run's checkpoint) and leave the best epoch on validation in `model`; return the history and that epoch's metrics."
     tu = torch.as_tensor(splits.train_users, device=device); ti = torch.as_tensor(splits.train_items, device=device)
     sampler = NegativeSampler(tu, ti, splits.n_items)
     pw = positive_weights(splits.train_users, splits.train_items, splits.train_times, cfg, device)
@@ -271,11 +310,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     fp = fingerprint(cfg, splits.data_version)
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
     start, history, best, best_state = 0, [], None, None
-    if ckpt_path and (ck := load_checkpoint(ckpt_path, fp)):
-        model.load_state_dict(ck["model"])
-        for o, s in zip(opts, ck["optimizers"]): o.load_state_dict(s)
-        torch.set_rng_state(ck["rng_torch"]); gen.set_state(ck["rng_sampler"])
-        if device.type == "cuda": torch.cuda.set_rng_state(ck["rng_cuda"], device)
+    if ck := _resume(ckpt_path, fp, model, opts, gen, device):
         start, history = ck["epoch"], json.loads(ck["history"])
         best, best_state = json.loads(ck["best"]), ck["best_state"]
         log(f"resumed from {ckpt_path} after epoch {start}")
@@ -291,18 +326,27 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
                 best, best_state, stale = {"epoch": epoch, **row["validation"]}, copy.deepcopy(model.state_dict()), 0
             else: stale += 1
         history.append(row)
-        v = row.get("validation", {"hr": float("nan"), "ndcg": float("nan")})
-        log(f"epoch {epoch}/{cfg.epochs}: " + (f"HR={v['hr']:.4f}; NDCG={v['ndcg']:.4f}; Loss={row['loss']:.4f}; " if metric_lines else
-            f"validation HR {v['hr']:.4f}, NDCG {v['ndcg']:.4f}, loss {row['loss']:.4f}; ") + f"{seconds:.2f} s, {row['samples_per_s']:,} samples/s")
-        if ckpt_path:
-            save_checkpoint(ckpt_path, {"fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
-                                        "optimizers": [o.state_dict() for o in opts], "rng_torch": torch.get_rng_state(),
-                                        "rng_sampler": gen.get_state(), "history": json.dumps(history),
-                                        **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                                        "best": json.dumps(best), "best_state": best_state})
+        log(_epoch_line(epoch, cfg, row, seconds, metric_lines))
+        if ckpt_path: save_checkpoint(ckpt_path, _checkpoint(fp, epoch, model, opts, gen, device, history, best, best_state))
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: validation HR has not improved for {stale} epochs (best: epoch {best['epoch']})"); break
     if best_state is not None: model.load_state_dict(best_state)
+    return history, best
+
+# %% ../../nbs/api/32_train.trainer.ipynb #472989cf
+def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
+    "Train on `splits`; select the epoch on validation; score the selected model on test."
+    if cfg.threads: torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+    pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
+    device = resolve_device(cfg)
+    dtype, why = precision_choice(cfg, device)
+    log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
+    opts = make_optimizer(model, cfg)
+    history, best = _select_epoch(model, opts, splits, cfg, device, gen, dtype, checkpoint_dir, log, metric_lines)
     selected, pairs, refit = model.eval(), (splits.train_users, splits.train_items), None
     if cfg.refit and best and best["epoch"] > 0:
         model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
@@ -312,6 +356,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
     if pre: metrics["pretrain"] = {k: {f: r.metrics[f] for f in ("best_epoch", "validation", "test", "train_seconds")} for k, r in pre.items()}
     return TrainResult(model.eval(), metrics, cfg, pairs, selected)
 
+# %% ../../nbs/api/32_train.trainer.ipynb #186e6de0
 def pretrain(splits:Splits, cfg:TrainConfig, checkpoint_dir=None, log=print) -> dict:
     "A GMF and an MLP trained with `cfg`'s hyperparameters (each selected on validation, then refit): NeuMF's initialisation."
     out = {}
@@ -320,21 +365,6 @@ def pretrain(splits:Splits, cfg:TrainConfig, checkpoint_dir=None, log=print) -> 
         out[kind] = train(splits, sub, Path(checkpoint_dir)/f"pretrain-{kind}" if checkpoint_dir else None,
                           lambda msg, kind=kind: log(f"{kind} pre-training: {msg}"), metric_lines=False)
     return out
-
-def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None, pairs=None) -> dict:
-    "The `metrics.json` document of the selected model."
-    k = cfg.top_k
-    m = {"schema": METRICS_SCHEMA, "k": k, "protocol": f"leave-one-out, {splits.test.negatives.shape[1]} sampled negatives, ties count against the model",
-         "best_epoch": best["epoch"] if best else len(history), "epochs_run": len(history),
-         "selection": "best validation HR@k" if best else "last epoch (no validation set)",
-         "data_version": splits.data_version, "history": history,
-         "train_seconds": round(sum(r["seconds"] for r in history), 3)}
-    m["validation"] = {f: best[f] for f in ("hr", "ndcg", "k")} if best else {"hr": float("nan"), "ndcg": float("nan"), "k": k}
-    m["test"] = evaluate_sampled(model, splits.test, k, device)
-    m["test_popularity"] = popularity_baseline(splits, k)
-    seen_users, seen_items = pairs or (splits.train_users, splits.train_items)
-    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
-    return m
 
 # %% ../../nbs/api/32_train.trainer.ipynb #08aa07c7
 def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
@@ -355,6 +385,7 @@ def resolve_data(path) -> Path:
     m = preprocess(p, Path(tempfile.mkdtemp(prefix="ncf-data-")), run_id="from-raw")
     print(summary(m)); return Path(m["path"])
 
+# %% ../../nbs/api/32_train.trainer.ipynb #8d80930c
 def load_channels(train, validation=None, test=None) -> Splits:
     "Load the data set; SageMaker may deliver validation and test tables on channels of their own."
     splits = load_splits(resolve_data(train))
@@ -363,6 +394,7 @@ def load_channels(train, validation=None, test=None) -> Splits:
             setattr(splits, name, held_out(pd.read_parquet(Path(ch)/f"{name}.parquet"), pd.read_parquet(Path(ch)/f"{name}_negatives.parquet"), ch))
     return splits
 
+# %% ../../nbs/api/32_train.trainer.ipynb #30d67666
 def fit(data, model_dir, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, validation_data=None, test_data=None,
         output_data_dir=None, log=print) -> TrainResult:
     "Load `data` (see `resolve_data`), train, write the model directory `model_dir`; `output_data_dir` gets a copy of `metrics.json`."
