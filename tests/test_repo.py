@@ -137,3 +137,17 @@ def test_doc_cells():
     cells[2].outputs = [nbformat.v4.new_output("stream", text="out\n")]
     kept = doc_cells(cells)
     assert [(c.source, len(c.outputs)) for c in kept] == [("", 1), ("def f(): pass", 0)]
+
+
+def test_cells_check_names_a_long_cell_and_a_function_without_example(tmp_path):
+    import nbformat
+    from tools.repo import notebook_cell_problems
+    nb = nbformat.v4.new_notebook()
+    long_body = "\n".join(f"    x{i} = {i}" for i in range(41))
+    nb.cells = [nbformat.v4.new_code_cell("#| export\ndef shown(): return 1\n\nclass Hidden: pass"),
+                nbformat.v4.new_code_cell(f"#| export\ndef long_one():\n{long_body}"),
+                nbformat.v4.new_code_cell("shown(), long_one()")]
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    problems = notebook_cell_problems(tmp_path / "x.ipynb", "nbs/api/x.ipynb")
+    assert problems == ["nbs/api/x.ipynb: Hidden is exported but no example cell uses it",
+                        "nbs/api/x.ipynb: code cell 2 is 42 lines (at most 40): split it"]

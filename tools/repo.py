@@ -10,6 +10,8 @@ and `README.md` is what this module makes of `nbs/index.ipynb`. `make test` star
   place would silently overwrite the very hand edit we want to report.
 - **clean**: `nbdev_clean` runs on a scratch copy of `nbs/`; any notebook it would change fails.
 - **readme**: `README.md` is regenerated in memory and compared.
+- **cells**: no exported cell of a reference notebook (`nbs/api/`) is longer than 40 lines, and every
+  public function and class it exports is used by an example cell of the same notebook.
 
 nbdev's own `nbdev_readme` renders through Quarto, which cannot be installed everywhere we run;
 nbconvert's markdown exporter with one small preprocessor does the same job offline.
@@ -166,6 +168,7 @@ CHECKS = {
     "export": (export_drift, "ncf/ does not match the notebooks. Edit the notebook (never ncf/ by hand), then run `make export` (nbdev_export) and commit nbs/ and ncf/ together."),
     "clean":  (clean_drift,  "notebooks are not clean. Run `make clean-nbs` (nbdev_clean) and commit them."),
     "readme": (readme_drift, "README.md is out of date. Run `make readme` (python -m tools.repo readme) and commit it."),
+    "cells":  (cell_problems, f"reference notebooks need short exported cells (at most {MAX_CELL_LINES} lines) and an example of every exported function and class: `python -m tools.repo cells` lists them."),
 }
 
 def check(root=None) -> list[str]:
@@ -189,7 +192,7 @@ def main(argv=None):
         return 1 if problems else 0
     if failures := check():
         print("Repository check FAILED:\n" + "\n".join(failures), file=sys.stderr); return 1
-    print("Repository check passed: ncf/ matches the notebooks, notebooks are clean, README.md is current.")
+    print("Repository check passed: ncf/ matches the notebooks, notebooks are clean, README.md is current, every exported cell is short and shown at work.")
     return 0
 
 if __name__ == "__main__": sys.exit(main())

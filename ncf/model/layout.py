@@ -5,12 +5,46 @@
 # %% ../../nbs/api/23_model.layout.ipynb
 from __future__ import annotations
 import hashlib, json
+from dataclasses import dataclass
 from pathlib import Path
-from ..core import ModelError, sha256_file, read_json
+from ..core import ConfigError, ModelError, sha256_file, read_json
 
 # %% auto #0
-__all__ = ['WEIGHTS', 'CONFIG', 'USERS', 'ITEMS', 'SEEN', 'METRICS', 'MANIFEST', 'FILES', 'METRICS_SCHEMA', 'model_version',
-           'validate_metrics', 'verify_model_dir', 'read_metrics']
+__all__ = ['MODELS', 'DROPOUT_STEPS', 'WEIGHTS', 'CONFIG', 'USERS', 'ITEMS', 'SEEN', 'METRICS', 'MANIFEST', 'FILES',
+           'METRICS_SCHEMA', 'dropout_steps', 'ModelConfig', 'model_version', 'validate_metrics', 'verify_model_dir',
+           'read_metrics']
+
+# %% ../../nbs/api/23_model.layout.ipynb #876ebbc0
+MODELS = ("GMF", "MLP", "NeuMF")
+DROPOUT_STEPS = 256   # dropout rates are multiples of 1/256 (see `Dropout`)
+
+def dropout_steps(p:float) -> int:
+    "How many of `DROPOUT_STEPS` mask values drop an element at dropout rate `p`; a `ConfigError` if `p` is out of range."
+    if not 0 <= p < 1: raise ConfigError(f"dropout must be in [0, 1), got {p}")
+    k = round(p*DROPOUT_STEPS)
+    if p > 0 and not 0 < k < DROPOUT_STEPS:
+        raise ConfigError(f"dropout is applied in steps of 1/{DROPOUT_STEPS}: {p} would become {k/DROPOUT_STEPS}; use 0 or a value in [{1/DROPOUT_STEPS:.4f}, {1 - 1/DROPOUT_STEPS:.4f}]")
+    return k
+
+# %% ../../nbs/api/23_model.layout.ipynb #b0732964
+@dataclass(frozen=True)
+class ModelConfig:
+    "The architecture: what is needed to rebuild a model from its weights."
+    n_users:int
+    n_items:int
+    model:str="NeuMF"
+    factor_num:int=32
+    num_layers:int=3
+    dropout:float=0.3
+    def __post_init__(self):
+        if self.model not in MODELS: raise ConfigError(f"model must be one of {MODELS}, got {self.model!r}")
+        for f in ("n_users", "n_items", "factor_num", "num_layers"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ConfigError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
+        if self.num_layers > 8: raise ConfigError(f"num_layers must be <= 8, got {self.num_layers}")
+        if not 0 <= self.dropout < 1: raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+    @property
+    def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
 
 # %% ../../nbs/api/23_model.layout.ipynb
 WEIGHTS, CONFIG, USERS, ITEMS, SEEN, METRICS, MANIFEST = (

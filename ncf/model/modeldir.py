@@ -11,7 +11,8 @@ import ncf
 import numpy as np, pandas as pd, torch
 from ..core import ModelError, sha256_file, write_json, read_json
 from .layout import WEIGHTS, CONFIG, USERS, ITEMS, SEEN, METRICS, MANIFEST, FILES, METRICS_SCHEMA, model_version, validate_metrics, verify_model_dir, read_metrics
-from .nets import NCF, ModelConfig
+from .layout import ModelConfig
+from .nets import NCF
 from ..data import storage
 
 # %% auto #0

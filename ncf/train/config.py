@@ -8,7 +8,7 @@ import dataclasses, math
 from dataclasses import dataclass
 from typing import Literal
 from ..core import ConfigError
-from ..model.nets import MODELS, dropout_steps
+from ..model.layout import MODELS, dropout_steps
 from ..options import Parser, add_fields, from_fields
 
 # %% auto #0

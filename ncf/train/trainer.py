@@ -14,10 +14,11 @@ from ..data import storage
 from ..data.dataset import Splits, HeldOut, load_splits, held_out, MANIFEST as DATA_MANIFEST
 from ..data.split import tie_key
 from ..data.preprocess import preprocess, summary
-from ..model.nets import NCF, ModelConfig, MODELS, dropout_steps, neumf_from_pretrained, score_matrix, item_tables
+from ..model.layout import ModelConfig, MODELS, dropout_steps, METRICS, METRICS_SCHEMA
+from ..model.nets import NCF, neumf_from_pretrained, score_matrix, item_tables
 from ..model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
-from ..model.modeldir import write_model_dir, load_model_dir, METRICS_SCHEMA
-from .config import TrainConfig
+from ..model.modeldir import write_model_dir, load_model_dir
+from .config import TrainConfig, metric_line
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
@@ -296,7 +297,7 @@ def _checkpoint(fp:str, epoch:int, model:NCF, opts:list, gen:torch.Generator, de
 def _epoch_line(epoch:int, cfg:TrainConfig, row:dict, seconds:float, metric_lines:bool) -> str:
     "The log line of one epoch; with `metric_lines`, in the `HR=…;` form of SageMaker's metric regexes."
     v = row.get("validation", {"hr": float("nan"), "ndcg": float("nan")})
-    return f"epoch {epoch}/{cfg.epochs}: " + (f"HR={v['hr']:.4f}; NDCG={v['ndcg']:.4f}; Loss={row['loss']:.4f}; " if metric_lines else
+    return f"epoch {epoch}/{cfg.epochs}: " + (metric_line(v['hr'], v['ndcg'], row['loss']) + " " if metric_lines else
         f"validation HR {v['hr']:.4f}, NDCG {v['ndcg']:.4f}, loss {row['loss']:.4f}; ") + f"{seconds:.2f} s, {row['samples_per_s']:,} samples/s"
 
 # %% ../../nbs/api/32_train.trainer.ipynb #199494db
@@ -405,7 +406,7 @@ def fit(data, model_dir, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, val
     result = train(splits, cfg, checkpoint_dir)
     manifest = save_model(result, splits, model_dir)
     m = result.metrics
-    if output_data_dir: write_json(Path(output_data_dir)/"metrics.json", m)
+    if output_data_dir: write_json(Path(output_data_dir)/METRICS, m)
     full = m.get("test_full", {})
     log(f"selected epoch {m['best_epoch']} on validation (HR@{m['k']} {m['validation']['hr']:.4f})")
     log(f"test: HR@{m['k']}={m['test']['hr']:.4f}; NDCG@{m['k']}={m['test']['ndcg']:.4f};"
