@@ -124,3 +124,13 @@ def test_a_lazy_upward_import_and_a_cycle_are_named(tmp_path):
     assert upward(g) == ["ncf.data.readers -> ncf.train.trainer (layer 1 imports layer 3)",
                          "ncf.data.spark -> ncf.data.preprocess (the two preprocessing jobs never import each other)"]
     assert cycles(g) == ["ncf.data.a -> ncf.data.b -> ncf.data.a"]
+
+
+def test_the_torch_free_modules_import_no_torch():
+    "The data layer, the model directory's layout, the training config, the pipeline parameters and the registry load without torch."
+    import subprocess, sys
+    mods = ["ncf.data.readers", "ncf.data.preprocess", "ncf.model.layout", "ncf.train.config", "ncf.pipeline.params",
+            "ncf.pipeline.registry", "ncf.serve.client", "ncf.options"]
+    code = f"import sys\nfor m in {mods!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
