@@ -65,7 +65,8 @@ def test_a_bad_value_is_one_error_line(tmp_path):
 def test_deploy_on_a_busy_endpoint_prints_one_error_line(monkeypatch, capsys):
     from test_sagemaker import ROLE, BUCKET, REGION, UpdatableSageMaker, put_version
     from ncf.pipeline import lambdas
-    from ncf.pipeline.sagemaker import AwsSettings, SageMakerRegistry
+    from ncf.pipeline.aws import AwsSettings
+    from ncf.pipeline.sagemaker_registry import SageMakerRegistry
     from ncf.cli.pipeline import main
     for k in [k for k in os.environ if k.startswith("NCF_")]: monkeypatch.delenv(k)
     for k, v in {"AWS_DEFAULT_REGION": REGION, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

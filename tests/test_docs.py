@@ -66,7 +66,7 @@ def test_pages_show_what_nbdev_shows(site):
     assert "class TrainConfig" in text and "HR=" in text          # exported code and executed output
     assert "#|" not in text and "default_exp" not in text         # directives stripped, default_exp cell dropped
     assert "from fastcore.test import" not in text                # `#| hide` cells dropped
-    html = (site/"54_pipeline.sagemaker.html").read_text()
+    html = (site/"56_pipeline.sagemaker.html").read_text()
     assert "&lt;ts&gt;" in html   # code shown as written (the docs tooling has no page of its own since it left nbs/)
 
 

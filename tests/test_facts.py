@@ -52,7 +52,7 @@ def test_instance_types_have_one_source():
     from ncf.pipeline import lambdas
     assert lambdas.DEFAULT_INSTANCE_TYPE == DEFAULTS.endpoint_instance_type
     from ncf.pipeline.reports import open_registry
-    from ncf.pipeline.sagemaker import SageMakerRegistry
+    from ncf.pipeline.sagemaker_registry import SageMakerRegistry
     for fn in (open_registry, SageMakerRegistry.__init__):
         defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if "instance_type" in n}
         assert set(defaults.values()) <= {DEFAULTS.endpoint_instance_type, None, inspect.Parameter.empty}, (fn, defaults)

@@ -70,7 +70,7 @@ def test_lambda_handlers_and_environment_match_the_code(template):
 
 
 def test_codebuild_project_runs_the_buildspec_with_the_settings_the_code_reads(template):
-    from ncf.pipeline.sagemaker import AwsSettings
+    from ncf.pipeline.aws import AwsSettings
     project = template["Resources"]["RetrainProject"]["Properties"]
     assert project["Source"]["BuildSpec"] == "pipelines/buildspec.yml" and BUILDSPEC.exists()
     names = {v["Name"] for v in project["Environment"]["EnvironmentVariables"]}

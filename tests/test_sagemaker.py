@@ -13,7 +13,9 @@ from ncf.core import ConfigError, read_json
 from ncf.pipeline.params import PipelineParams
 from ncf.pipeline import sagemaker as nsm
 from ncf.cli.sagemaker import evaluate_entry, preprocess_entry
-from ncf.pipeline.sagemaker import AwsSettings, SageMakerRegistry, check_definition, deploy_version
+from ncf.pipeline.aws import AwsSettings
+from ncf.pipeline.sagemaker import check_definition
+from ncf.pipeline.sagemaker_registry import SageMakerRegistry, deploy_version
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/ncf-sagemaker-pipeline"

@@ -14,6 +14,7 @@ from ..pipeline.registry import LocalRegistry
 from ..pipeline.reports import open_registry
 from ..pipeline.lambdas import DeployError
 from ..pipeline import sagemaker
+from ..pipeline.sagemaker_registry import deploy_version
 
 # %% auto #0
 __all__ = ['COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'main']
@@ -60,7 +61,7 @@ def run(a, params): return run_local(params).summary() if a.local else sagemaker
 def deploy(a, params):
     "Promote or roll back to registry version `a.version`, locally or on SageMaker."
     if a.version is None: raise ConfigError("deploy needs the registry VERSION to deploy")
-    if not a.local: return sagemaker.deploy_version(params, a.version)
+    if not a.local: return deploy_version(params, a.version)
     return deploy_local(LocalRegistry(Path(params.work_dir)/"registry"), params.model_group, a.version, params.endpoint_url)
 
 def versions(a, params):
