@@ -37,7 +37,7 @@ class RequestError(NCFError, ValueError):
         super().__init__(message)
         self.status = status
 
-# %% ../nbs/api/00_core.ipynb
+# %% ../nbs/api/00_core.ipynb #a44f4b1f
 EXTRAS = {"starlette": "serve", "uvicorn": "serve", "httpx": "serve", "orjson": "serve", "sagemaker": "aws", "boto3": "aws",
           "botocore": "aws", "pyspark": "spark", "matplotlib": "dev"}   # top-level module -> the extra that installs it
 
@@ -51,7 +51,7 @@ def extra(module:str, why:str):
         name = EXTRAS.get(missing, missing)
         raise MissingExtra(f"{why} needs {missing}, from the '{name}' extra: pip install 'ncf[{name}]'") from None
 
-# %% ../nbs/api/00_core.ipynb
+# %% ../nbs/api/00_core.ipynb #04110288
 def requirements(extra:str|None=None) -> tuple[str, ...]:
     "The requirements `settings.ini` declares (the core ones, or one extra's), from the installed package's metadata."
     import re

@@ -151,3 +151,13 @@ def test_cells_check_names_a_long_cell_and_a_function_without_example(tmp_path):
     problems = notebook_cell_problems(tmp_path / "x.ipynb", "nbs/api/x.ipynb")
     assert problems == ["nbs/api/x.ipynb: Hidden is exported but no example cell uses it",
                         "nbs/api/x.ipynb: code cell 2 is 42 lines (at most 40): split it"]
+
+
+def test_valid_check_names_a_cell_without_id(root, tmp_path):
+    import json
+    from tools.repo import invalid_notebooks
+    repo = copy_repo(root, tmp_path)
+    assert invalid_notebooks(repo) == []
+    nb_path = repo / "nbs" / "api" / "00_core.ipynb"
+    nb = json.loads(nb_path.read_text()); nb["cells"][0]["id"] = None; nb_path.write_text(json.dumps(nb))
+    assert invalid_notebooks(repo) == ["nbs/api/00_core.ipynb (None is not of type 'string')"]

@@ -10,6 +10,7 @@ and `README.md` is what this module makes of `nbs/index.ipynb`. `make test` star
   place would silently overwrite the very hand edit we want to report.
 - **clean**: `nbdev_clean` runs on a scratch copy of `nbs/`; any notebook it would change fails.
 - **readme**: `README.md` is regenerated in memory and compared.
+- **valid**: every notebook passes nbformat's schema (the docs site and papermill refuse one that does not).
 - **cells**: no exported cell of a reference notebook (`nbs/api/`) is longer than 40 lines, and every
   public function and class it exports is used by an example cell of the same notebook.
 
@@ -155,6 +156,16 @@ def notebook_cell_problems(path:Path, rel:str) -> list[str]:
                      if not re.search(rf"\b{re.escape(name)}\b", examples)]
     return problems
 
+def invalid_notebooks(root=None) -> list[str]:
+    "Every notebook of `nbs/` and `pipelines/` that nbformat's schema refuses (a cell without an id, say), with the reason."
+    import nbformat
+    root = repo_root(root); bad = []
+    for p in sorted([*(root/"nbs").rglob("*.ipynb"), *(root/"pipelines").glob("*.ipynb")]):
+        if ".ipynb_checkpoints" in p.parts: continue
+        try: nbformat.validate(nbformat.read(p, as_version=4))
+        except Exception as e: bad.append(f"{p.relative_to(root).as_posix()} ({str(e).splitlines()[0]})")
+    return bad
+
 def cell_problems(root=None, names=None) -> list[str]:
     "`notebook_cell_problems` of every reference notebook (or of the notebooks whose stem is in `names`)."
     root = repo_root(root)
@@ -168,6 +179,7 @@ CHECKS = {
     "export": (export_drift, "ncf/ does not match the notebooks. Edit the notebook (never ncf/ by hand), then run `make export` (nbdev_export) and commit nbs/ and ncf/ together."),
     "clean":  (clean_drift,  "notebooks are not clean. Run `make clean-nbs` (nbdev_clean) and commit them."),
     "readme": (readme_drift, "README.md is out of date. Run `make readme` (python -m tools.repo readme) and commit it."),
+    "valid":  (invalid_notebooks, "notebooks do not match the notebook format (nbformat.validate): open and save them in Jupyter, or give every cell an id."),
     "cells":  (cell_problems, f"reference notebooks need short exported cells (at most {MAX_CELL_LINES} lines) and an example of every exported function and class: `python -m tools.repo cells` lists them."),
 }
 

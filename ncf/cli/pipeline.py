@@ -35,7 +35,7 @@ def parser() -> Parser:
     g.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="a training hyperparameter (repeatable), as ncf_train --NAME VALUE")
     return p
 
-# %% ../../nbs/api/68_cli.pipeline.ipynb
+# %% ../../nbs/api/68_cli.pipeline.ipynb #bc8b2e13
 def hp_value(s:str):
     "`--hp` value as JSON-like Python: `3` → 3, `0.1` → 0.1, `true` → True, `none` → None, else the text."
     for t in (int, float):
@@ -52,7 +52,7 @@ def params_from_args(a) -> PipelineParams:
     if a.epochs is not None: hp["epochs"] = a.epochs
     return from_fields(PipelineParams, a, skip=("hyperparameters",), hyperparameters=hp)
 
-# %% ../../nbs/api/68_cli.pipeline.ipynb
+# %% ../../nbs/api/68_cli.pipeline.ipynb #e1ba3340
 def _registry(params:PipelineParams, local:bool):
     return open_registry("local" if local else "sagemaker", params.work_dir, params.endpoint_name, params.endpoint_instance_type)
 

@@ -190,7 +190,7 @@ def paper_dataset(src, local, dest, params:PreprocessParams=PreprocessParams()) 
     source = {"uri": str(src), "format": "paper", "rows": stats["rows_read"], "files": []}
     return write_dataset(tables, dest, {"params": asdict(params), "source": source, "filtered": stats, "engine": "pandas"})
 
-# %% ../../nbs/api/15_data.split.ipynb
+# %% ../../nbs/api/15_data.split.ipynb #1c3231c4
 def attach_item_metadata(items:pd.DataFrame, meta:pd.DataFrame|None) -> pd.DataFrame:
     "Item metadata merged onto the item index by `item_id`, one row per item (both jobs write it so)."
     if meta is None: return items

@@ -38,7 +38,7 @@ def write_model_dir(dest, model:NCF, users:pd.DataFrame, items:pd.DataFrame, see
         storage.publish_dir(tmp, dest)
     return manifest
 
-# %% ../../nbs/api/24_model.modeldir.ipynb
+# %% ../../nbs/api/24_model.modeldir.ipynb #c5bda346
 @dataclass
 class ModelDir:
     "A loaded, verified model directory."
@@ -53,7 +53,7 @@ class ModelDir:
     @property
     def data_version(self) -> str: return self.config["data_version"]
 
-# %% ../../nbs/api/24_model.modeldir.ipynb
+# %% ../../nbs/api/24_model.modeldir.ipynb #e3a792a0
 def load_model_dir(path, device="cpu") -> ModelDir:
     "Load a model directory after verifying hashes, config and weights; raise `ModelError` otherwise."
     from safetensors.torch import load_file

@@ -52,7 +52,7 @@ class TrainConfig:
         p = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[self.lr_scaling]
         return self.lr*(self.batch_size/256)**p
 
-# %% ../../nbs/api/31_train.config.ipynb
+# %% ../../nbs/api/31_train.config.ipynb #d2160eb3
 def check_config(self:TrainConfig):
     "Raise a `ConfigError` naming the first field of `self` that is out of range or inconsistent with another."
     def need(ok, msg):
@@ -85,7 +85,7 @@ def config_from_flags(flags:list) -> TrainConfig:
     "The `TrainConfig` of `--name VALUE` flags, read exactly as `ncf_train` reads them."
     return from_fields(TrainConfig, add_fields(Parser("ncf_train", "training hyperparameters"), TrainConfig).parse_args(flags))
 
-# %% ../../nbs/api/31_train.config.ipynb
+# %% ../../nbs/api/31_train.config.ipynb #cdb1f426
 METRIC_DEFINITIONS = [("HR", r"HR=(.*?);"), ("NDCG", r"NDCG=(.*?);"), ("Loss", r"Loss=(.*?);")]   # (name, regex) as SageMaker reads them
 
 def metric_line(hr:float, ndcg:float, loss:float) -> str:
