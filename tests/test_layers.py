@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"core": 0, "options": 0, "data": 1, "model": 2, "train": 3, "serve": 4, "pipeline": 5, "cli": 6}
-SIBLINGS = {("ncf.data.preprocess", "ncf.data.spark"), ("ncf.data.spark", "ncf.data.preprocess")}
+SIBLINGS = {(a, b) for pandas_job, spark_job in [("ncf.data.preprocess", "ncf.data.spark"), ("ncf.data.preprocess", "ncf.data.spark_read")]
+            for a, b in [(pandas_job, spark_job), (spark_job, pandas_job)]}
 
 
 def modules(pkg_dir: Path) -> dict:

@@ -9,14 +9,15 @@ import pytest
 
 pytest.importorskip("pyspark")
 import ncf.cli.spark
-import ncf.data.spark
+import ncf.data.spark, ncf.data.spark_read
 from ncf.core import ConfigError, DataError
 from ncf.data.dataset import load_splits, read_tables
 from ncf.data.split import PreprocessParams
 from ncf.cli.preprocess import main, parser
 from ncf.data.preprocess import preprocess
 from ncf.data.readers import Columns, read_interactions
-from ncf.data.spark import preprocess_spark, read_spark, spark_session, to_pandas
+from ncf.data.spark import preprocess_spark
+from ncf.data.spark_read import read_spark, spark_session, to_pandas
 from ncf.data.synthetic import SyntheticSpec, generate, write_days
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,7 @@ def test_movielens_text_read_parity(spark, tmp_path, fmt):
 def test_remote_code_path(spark, shop, shop_ref, tmp_path, monkeypatch):
     """The remote path, as on EMR with s3:// (listing, catalogue, writing in place, read-back, manifest last, all
     through Hadoop's FileSystem), taken here with file:// URIs."""
-    monkeypatch.setattr(ncf.data.spark, "is_remote", lambda uri: str(uri).startswith("file://"))
+    for m in (ncf.data.spark, ncf.data.spark_read): monkeypatch.setattr(m, "is_remote", lambda uri: str(uri).startswith("file://"))
     src, out = f"file://{shop/'raw'}", f"file://{tmp_path/'out'}"
     got = preprocess_spark(src, out, format="partitioned", run_date="2026-02-01", spark=spark, partitions=2)
     assert got["path"] == f"{out}/dt=2026-02-01" and got["source"]["uri"] == src
@@ -144,12 +145,12 @@ def test_remote_code_path(spark, shop, shop_ref, tmp_path, monkeypatch):
 
 def test_remote_text_head(spark, tmp_path, monkeypatch):
     "A remote text file is sniffed from its first lines; errors name the URI, not the local copy."
-    monkeypatch.setattr(ncf.data.spark, "is_remote", lambda uri: str(uri).startswith("file://"))
+    monkeypatch.setattr(ncf.data.spark_read, "is_remote", lambda uri: str(uri).startswith("file://"))
     (tmp_path/"log.csv").write_text("user_id;item_id;timestamp\n" + "1;2;3\n"*50000)
-    src = ncf.data.spark.text_source(spark, f"file://{tmp_path/'log.csv'}", "csv")
+    src = ncf.data.spark_read.text_source(spark, f"file://{tmp_path/'log.csv'}", "csv")
     assert (src.sep, src.header, src.names, src.error) == (";", True, ["user_id", "item_id", "timestamp"], None)
     (tmp_path/"bad.csv").write_text("user_id,item_id,timestamp\n1,2,3\n1\t2\t3\n")
-    src = ncf.data.spark.text_source(spark, f"file://{tmp_path/'bad.csv'}", "csv")
+    src = ncf.data.spark_read.text_source(spark, f"file://{tmp_path/'bad.csv'}", "csv")
     assert str(src.error).startswith(f"file://{tmp_path/'bad.csv'}: line 3: mixed separators")
 
 
@@ -209,7 +210,7 @@ def test_bad_partition_same_error(spark, tmp_path):
 
 def test_spark_message_without_reread(spark, tmp_path, monkeypatch):
     "Inputs too large (or too remote) to re-read with pandas get Spark's message: same fault, Parquet row, no text line."
-    monkeypatch.setattr(ncf.data.spark, "REREAD_BYTES", 0)
+    monkeypatch.setattr(ncf.data.spark_read, "REREAD_BYTES", 0)
     (tmp_path/"bad.csv").write_text("user_id,item_id,timestamp\n1,2,3\n1,3,soon\n")
     with pytest.raises(DataError, match=r"bad.csv: line unknown .*column 'timestamp': timestamp 'soon' is not a finite number"):
         preprocess_spark(tmp_path/"bad.csv", tmp_path/"out", spark=spark, run_id="x")
