@@ -105,6 +105,16 @@ def test_roles_are_least_privilege(template):
     assert not allowed(roles["DeployRole"]) & {"sagemaker:DeleteEndpoint", "sagemaker:DeleteEndpointConfig"}
 
 
+def test_the_deploy_role_creates_and_updates_the_endpoint_with_its_configs(template):
+    "SageMaker authorises CreateEndpoint and UpdateEndpoint against the endpoint and the endpoint config the call names."
+    role = resources(template, "AWS::IAM::Role")["DeployRole"]
+    as_list = lambda x: x if isinstance(x, list) else [x]
+    for action in ("sagemaker:CreateEndpoint", "sagemaker:UpdateEndpoint"):
+        arns = [r["Fn::Sub"] if isinstance(r, dict) else r for s in statements(role) if action in as_list(s["Action"]) for r in as_list(s["Resource"])]
+        assert any(a.endswith(":endpoint/${EndpointName}") for a in arns), (action, arns)
+        assert any(a.endswith(":endpoint-config/${EndpointName}-*") for a in arns), (action, arns)
+
+
 def operations(client) -> list[str]:
     "Record `service:Operation` for every call the client makes."
     calls = []
