@@ -8,9 +8,9 @@ import hashlib, json, os, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['EXTRAS', 'SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError', 'ModelError', 'RegistryError',
-           'MissingExtra', 'RequestError', 'extra', 'requirements', 'sha256_file', 'write_atomic', 'write_json',
-           'read_json', 'small']
+__all__ = ['EXTRAS', 'REQUIREMENTS_FILE', 'SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError',
+           'ModelError', 'RegistryError', 'MissingExtra', 'RequestError', 'extra', 'declared_requirements',
+           'requirements', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
 
 # %% ../nbs/api/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -52,12 +52,22 @@ def extra(module:str, why:str):
         raise MissingExtra(f"{why} needs {missing}, from the '{name}' extra: pip install 'ncf[{name}]'") from None
 
 # %% ../nbs/api/00_core.ipynb #04110288
+REQUIREMENTS_FILE = "requirements.json"   # beside the package's modules, in a staged copy only
+
+def declared_requirements() -> list[str]:
+    "The package's requirement lines, markers included: from the installed metadata, or from a staged copy's `REQUIREMENTS_FILE`."
+    from importlib.metadata import requires, PackageNotFoundError
+    try: return list(requires("ncf") or [])
+    except PackageNotFoundError:
+        staged = Path(__file__).parent/REQUIREMENTS_FILE
+        if not staged.exists(): raise NCFError(f"ncf is not installed and {staged} is missing: install the package, or stage it with ncf.pipeline.sagemaker.stage_code") from None
+        return json.loads(staged.read_text())
+
 def requirements(extra:str|None=None) -> tuple[str, ...]:
-    "The requirements `settings.ini` declares (the core ones, or one extra's), from the installed package's metadata."
+    "The requirements `settings.ini` declares (the core ones, or one extra's)."
     import re
-    from importlib.metadata import requires
     out = []
-    for r in requires("ncf") or []:
+    for r in declared_requirements():
         spec, _, marker = r.partition(";")
         m = re.search(r'extra\s*==\s*"([^"]+)"', marker)
         if (m.group(1) if m else None) == extra: out.append(spec.strip())

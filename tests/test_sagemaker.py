@@ -327,3 +327,24 @@ def test_training_entry_script_and_evaluation_entry(shop_data, tmp_path):
     assert run(str(prod)) == 0
     ev = read_json(out / "evaluation.json")
     assert ev["production"]["model_version"] == ev["new"]["model_version"] and ev["production"]["hr"] == ev["new"]["hr"]
+
+
+def test_staged_code_runs_where_ncf_is_not_installed(tmp_path):
+    "A SageMaker job runs the staged source, not an installed package: the requirements come from the staged requirements.json."
+    from ncf.serve import package
+    code = nsm.stage_code(tmp_path / "code")
+    site = tmp_path / "site"; site.mkdir()
+    (site / "sitecustomize.py").write_text("import importlib.metadata as m\n_requires = m.requires\n"
+                                           "def requires(name):\n    if name == 'ncf': raise m.PackageNotFoundError(name)\n    return _requires(name)\n"
+                                           "m.requires = requires\n")
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{code}"}
+    script = ("import json, ncf, ncf.cli.sagemaker, ncf.serve.package as p, ncf.pipeline.sagemaker as s\n"
+              "print(json.dumps([ncf.__file__, list(p.REQUIREMENTS), list(s.CONTAINER_REQUIREMENTS)]))")
+    run = lambda: subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    p = run()
+    assert p.returncode == 0, p.stderr[-2000:]
+    where, serving, containers = json.loads(p.stdout.strip().splitlines()[-1])
+    assert where.startswith(str(code)) and serving == list(package.REQUIREMENTS) and containers == list(nsm.CONTAINER_REQUIREMENTS)
+    (code / "ncf" / "requirements.json").unlink()
+    p = run()
+    assert p.returncode != 0 and "requirements.json is missing" in p.stderr

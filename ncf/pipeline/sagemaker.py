@@ -8,7 +8,7 @@ import contextlib, dataclasses, hashlib, json, os, re, shutil, sys, tempfile, uu
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
-from ..core import NCFError, ConfigError, RegistryError, read_json, requirements
+from ..core import NCFError, ConfigError, RegistryError, read_json, requirements, declared_requirements, REQUIREMENTS_FILE
 from ..model.layout import CONFIG, verify_model_dir, read_metrics
 from ..serve import package
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
@@ -80,6 +80,7 @@ def stage_code(dest) -> Path:
         (dest/"ncf"/p.relative_to(pkg)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(p, dest/"ncf"/p.relative_to(pkg))
     for name, text in ENTRY_SCRIPTS.items(): (dest/name).write_text(text)
     (dest/"requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n")
+    (dest/"ncf"/REQUIREMENTS_FILE).write_text(json.dumps(declared_requirements()))   # what `ncf.core.requirements` reads there
     return dest
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #8385b9c6
