@@ -135,12 +135,15 @@ def test_lambda_roles_allow_exactly_what_the_handlers_call(template, monkeypatch
                           serviceRole="arn:aws:iam::123456789012:role/cb")
         sm.create_model(ModelName="m1", PrimaryContainer={"Image": "img"}, ExecutionRoleArn="arn:aws:iam::123456789012:role/x")
         s3_calls, cb_calls, sm_calls = operations(s3), operations(cb), operations(sm)
+        s3.put_object(Bucket="data", Key="raw/dt=2026-02-01/a.csv", Body=b"x")
+        s3_calls.clear()
         event = {"source": "aws.s3", "detail-type": "Object Created",
-                 "detail": {"bucket": {"name": "data"}, "object": {"key": "raw/dt=2026-02-01/a.csv", "sequencer": "01"}}}
-        lambdas.trigger_handler(event, s3=s3, codebuild=cb, env={"NCF_CODEBUILD_PROJECT": "ncf-retrain"})
+                 "detail": {"bucket": {"name": "data"}, "object": {"key": "raw/dt=2026-02-01/_SUCCESS", "sequencer": "01"}}}
+        assert lambdas.trigger_handler(event, s3=s3, codebuild=cb, env={"NCF_CODEBUILD_PROJECT": "ncf-retrain"})["results"][0]["action"] == "started"
         lambdas.deploy_handler({"endpoint_name": "ncf", "model_name": "m1"}, sagemaker=sm)
-    trigger_calls = set(s3_calls + cb_calls)
-    assert trigger_calls == {"s3:PutObject", "codebuild:StartBuild"}
+    iam_action = {"s3:ListObjectsV2": "s3:ListBucket"}   # the S3 operations whose IAM action has another name
+    trigger_calls = {iam_action.get(c, c) for c in s3_calls + cb_calls}
+    assert trigger_calls == {"s3:ListBucket", "s3:PutObject", "codebuild:StartBuild"}
     assert trigger_calls <= allowed(roles["TriggerRole"])
     # update_endpoint is not reachable under moto; it is in the role, and nothing else the deploy path does is missing.
     assert set(sm_calls) | {"sagemaker:UpdateEndpoint"} == allowed(roles["DeployRole"]) - {"logs:CreateLogStream", "logs:PutLogEvents"}

@@ -80,41 +80,52 @@ def test_handlers_run_from_a_one_file_zip(tmp_path):
     assert out.strip() == "True"
 
 
-def test_data_keys_agree_with_the_reader(tmp_path):
-    "What the trigger calls data is exactly what ncf.data.readers reads from a partition."
+def test_data_files_agree_with_the_reader(tmp_path):
+    "What the trigger counts as a partition's data is exactly what ncf.data.readers reads from it; only markers start a run."
     from ncf.data.readers import _data_files
-    names = ["part-0.parquet", "part-1.csv", "a.tsv", "_SUCCESS", ".part-2.csv", "_tmp.parquet", "notes.txt", "x.json", "data.csv.gz"]
+    names = ["part-0.parquet", "part-1.csv", "a.tsv", "_SUCCESS", ".part-2.csv", "_tmp.parquet", "notes.txt", "x.json", "data.csv.gz", "manifest.json"]
     part = tmp_path / "dt=2026-02-01"; part.mkdir()
     for n in names: (part / n).write_text("x")
     read = {p.name for p in _data_files(part)}
-    triggered = {n for n in names if data_object(BUCKET, f"raw/dt=2026-02-01/{n}", "v", "raw/")}
-    assert triggered == read == {"part-0.parquet", "part-1.csv", "a.tsv"}
+    assert {n for n in names if lambdas.is_data_file(n)} == read == {"part-0.parquet", "part-1.csv", "a.tsv"}
+    assert {n for n in names if data_object(BUCKET, f"raw/dt=2026-02-01/{n}", "v", "raw/")} == {"_SUCCESS", "manifest.json"}
+
+
+def put_partition(s3, day: str, files=("part-0.parquet", "part-1.parquet"), marker: str | None = "_SUCCESS", body=b"x"):
+    "A partition as a producer writes it: its data files, then its completion marker."
+    for name in files: s3.put_object(Bucket=BUCKET, Key=f"raw/dt={day}/{name}", Body=body)
+    if marker: s3.put_object(Bucket=BUCKET, Key=f"raw/dt={day}/{marker}", Body=b"")
 
 
 # ------------------------------------------------------------------ trigger
 
-def test_eventbridge_rule_routes_only_data_objects_and_handler_starts_one_build(s3, codebuild):
-    "S3 (EventBridge notifications on) -> the template's rule -> SQS (a target moto delivers to) -> handler."
+def test_eventbridge_rule_routes_and_one_partition_starts_one_build(s3, codebuild):
+    "S3 (EventBridge notifications on) -> the template's rule -> SQS (a target moto delivers to) -> handler: N part files, one build."
     events, sqs = boto3.client("events", **FAKE), boto3.client("sqs", **FAKE)
     s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={"EventBridgeConfiguration": {}})
     q = sqs.create_queue(QueueName="rule-target")["QueueUrl"]
     q_arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     events.put_rule(Name="ncf-new-data", EventPattern=json.dumps(template_event_pattern(BUCKET)))
     events.put_targets(Rule="ncf-new-data", Targets=[{"Id": "trigger", "Arn": q_arn}])
-    for key in ("raw/dt=2026-02-01/part-0.parquet", "ncf/runs/x/model.tar.gz", "triggers/abc.json", "raw/items.parquet"):
-        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
-    delivered = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=q, MaxNumberOfMessages=10).get("Messages", [])]
-    keys = [e["detail"]["object"]["key"] for e in delivered]
-    assert sorted(keys) == ["raw/dt=2026-02-01/part-0.parquet", "raw/items.parquet"]  # the rule filters on the prefix only
-
+    put_partition(s3, "2026-02-01", files=("part-0.parquet", "part-1.parquet", "part-2.parquet"))
+    for key in ("ncf/runs/x/model.tar.gz", "triggers/abc.json", "raw/items.parquet"): s3.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    delivered = []
+    while msgs := sqs.receive_message(QueueUrl=q, MaxNumberOfMessages=10).get("Messages", []):
+        delivered += [json.loads(m["Body"]) for m in msgs]
+        for m in msgs: sqs.delete_message(QueueUrl=q, ReceiptHandle=m["ReceiptHandle"])
+    keys = sorted(e["detail"]["object"]["key"] for e in delivered)
+    assert keys == ["raw/dt=2026-02-01/_SUCCESS", "raw/dt=2026-02-01/part-0.parquet", "raw/dt=2026-02-01/part-1.parquet",
+                    "raw/dt=2026-02-01/part-2.parquet", "raw/items.parquet"]   # the rule filters on the prefix only
     out = [r for e in delivered for r in trigger_handler(e, s3=s3, codebuild=codebuild, env=ENV)["results"]]
-    assert sorted((r["action"], r.get("run_date")) for r in out) == [("ignored", None), ("started", "2026-02-01")]
-    assert next(r for r in out if r["action"] == "started")["data_uri"] == f"s3://{BUCKET}/raw"
-    again = trigger_handler(delivered[keys.index("raw/dt=2026-02-01/part-0.parquet")], s3=s3, codebuild=codebuild, env=ENV)["results"]
-    assert [r["action"] for r in again] == ["duplicate"]
+    assert sorted(r["action"] for r in out) == ["ignored"] * 4 + ["started"]
+    started = next(r for r in out if r["action"] == "started")
+    assert (started["data_uri"], started["run_date"]) == (f"s3://{BUCKET}/raw", "2026-02-01")
+    again = trigger_handler(next(e for e in delivered if e["detail"]["object"]["key"].endswith("_SUCCESS")), s3=s3, codebuild=codebuild, env=ENV)
+    assert [r["action"] for r in again["results"]] == ["duplicate"]
     assert builds(codebuild) == 1
     markers = [o for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="triggers/")["Contents"] if o["Key"] != "triggers/abc.json"]
-    assert len(markers) == 1 and json.loads(s3.get_object(Bucket=BUCKET, Key=markers[0]["Key"])["Body"].read())["run_date"] == "2026-02-01"
+    claimed = json.loads(s3.get_object(Bucket=BUCKET, Key=markers[0]["Key"])["Body"].read())
+    assert len(markers) == 1 and (claimed["run_date"], claimed["files"], claimed["data_version"]) == ("2026-02-01", 3, started["data_version"])
 
 
 def test_direct_s3_notification(s3, codebuild):
@@ -124,25 +135,49 @@ def test_direct_s3_notification(s3, codebuild):
     q_arn = sqs.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={
         "QueueConfigurations": [{"QueueArn": q_arn, "Events": ["s3:ObjectCreated:*"]}]})
-    s3.put_object(Bucket=BUCKET, Key="raw/dt=2026-02-02/part 0.csv", Body=b"x")
+    put_partition(s3, "2026-02-02", files=("part 0.csv",), marker="manifest.json")
     bodies = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=q, MaxNumberOfMessages=10)["Messages"]]
-    event = next(b for b in bodies if "Records" in b)
-    assert object_events(event)[0]["key"] == "raw/dt=2026-02-02/part 0.csv"
-    out = trigger_handler(event, s3=s3, codebuild=codebuild, env=ENV)["results"][0]
-    assert (out["action"], out["run_date"]) == ("started", "2026-02-02") and out["version"]
+    events = [b for b in bodies if "Records" in b]
+    assert sorted(object_events(e)[0]["key"] for e in events) == ["raw/dt=2026-02-02/manifest.json", "raw/dt=2026-02-02/part 0.csv"]
+    out = [trigger_handler(e, s3=s3, codebuild=codebuild, env=ENV)["results"][0] for e in events]
+    started = [r for r in out if r["action"] == "started"]
+    assert len(started) == 1 and started[0]["run_date"] == "2026-02-02" and started[0]["version"]
     assert trigger_handler({"Service": "Amazon S3", "Event": "s3:TestEvent"}, s3=s3, codebuild=codebuild, env=ENV) == {"results": []}
 
 
-def test_a_new_write_of_the_same_key_is_a_new_trigger(s3, codebuild):
-    ev = lambda seq: {"source": "aws.s3", "detail-type": "Object Created",
-                      "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-01/a.csv", "sequencer": seq}}}
-    acts = [trigger_handler(ev(s), s3=s3, codebuild=codebuild, env=ENV)["results"][0]["action"] for s in ("01", "01", "02")]
-    assert acts == ["started", "duplicate", "started"] and builds(codebuild) == 2
+def eb_event(key: str, seq: str = "01") -> dict:
+    return {"source": "aws.s3", "detail-type": "Object Created", "detail": {"bucket": {"name": BUCKET}, "object": {"key": key, "sequencer": seq}}}
+
+
+def test_one_retrain_per_partition_content(s3, codebuild):
+    "Both markers, a rewritten marker and a repeated event are one retrain; new content in the partition is a new one."
+    put_partition(s3, "2026-02-01")
+    act = lambda key, seq="01": trigger_handler(eb_event(key, seq), s3=s3, codebuild=codebuild, env=ENV)["results"][0]["action"]
+    day = "raw/dt=2026-02-01/"
+    assert [act(day + "_SUCCESS"), act(day + "_SUCCESS"), act(day + "manifest.json"), act(day + "_SUCCESS", "02")] == \
+           ["started", "duplicate", "duplicate", "duplicate"]
+    put_partition(s3, "2026-02-01", files=("part-1.parquet",), body=b"a corrected day")
+    assert act(day + "_SUCCESS", "03") == "started" and builds(codebuild) == 2
+
+
+def test_a_partition_without_data_starts_nothing(s3, codebuild):
+    put_partition(s3, "2026-02-05", files=())
+    out = trigger_handler(eb_event("raw/dt=2026-02-05/_SUCCESS"), s3=s3, codebuild=codebuild, env=ENV)["results"][0]
+    assert out["action"] == "empty" and out["reason"] == f"s3://{BUCKET}/raw/dt=2026-02-05/ has no data files"
+    assert builds(codebuild) == 0 and "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix="triggers/")
+
+
+def test_partition_listing_pages(s3):
+    "A partition of more files than one listing page returns (1000) is listed whole."
+    for i in range(1003): s3.put_object(Bucket=BUCKET, Key=f"raw/dt=2026-02-06/part-{i:04d}.parquet", Body=b"x")
+    s3.put_object(Bucket=BUCKET, Key="raw/dt=2026-02-06/nested/part-x.parquet", Body=b"x")   # not a file of this partition
+    files = lambdas.partition_files(s3, BUCKET, "raw/dt=2026-02-06/")
+    assert len(files) == 1003 and files[0]["name"] == "part-0000.parquet" and files[0]["size"] == 1
 
 
 def test_claim_is_a_conditional_put(s3):
     # moto 5.2 implements put_object(IfNoneMatch="*") with HTTP 412 for an existing key.
-    key = claim_key("triggers/", BUCKET, "raw/dt=2026-02-01/a.csv", "v1")
+    key = claim_key("triggers/", BUCKET, "raw/dt=2026-02-01/", "v1")
     assert claim(s3, BUCKET, key, {"a": 1}) is True
     assert claim(s3, BUCKET, key, {"a": 2}) is False
     assert json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()) == {"a": 1}
@@ -151,25 +186,27 @@ def test_claim_is_a_conditional_put(s3):
 def test_codebuild_gets_the_run_as_environment_overrides(s3):
     # Stubber: moto's start_build ignores environmentVariablesOverride and idempotencyToken.
     cb = boto3.client("codebuild", **FAKE)
+    put_partition(s3, "2026-02-03")
     event = {"source": "aws.s3", "detail-type": "Object Created",
-             "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-03/part-0.parquet", "version-id": "v7", "sequencer": "0F"}}}
-    marker = claim_key("triggers/", BUCKET, "raw/dt=2026-02-03/part-0.parquet", "v7")
+             "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-03/_SUCCESS", "version-id": "v7", "sequencer": "0F"}}}
+    version = lambdas.partition_version(lambdas.partition_files(s3, BUCKET, "raw/dt=2026-02-03/"))
+    marker = claim_key("triggers/", BUCKET, "raw/dt=2026-02-03/", version)
     expected = {"projectName": PROJECT, "idempotencyToken": marker.rsplit("/", 1)[-1][:64], "environmentVariablesOverride": [
         {"name": "NCF_DATA_URI", "value": f"s3://{BUCKET}/raw", "type": "PLAINTEXT"},
         {"name": "NCF_RUN_DATE", "value": "2026-02-03", "type": "PLAINTEXT"},
-        {"name": "NCF_DATA_VERSION", "value": "2026-02-03:v7", "type": "PLAINTEXT"},
-        {"name": "NCF_TRIGGER_OBJECT", "value": f"s3://{BUCKET}/raw/dt=2026-02-03/part-0.parquet", "type": "PLAINTEXT"}]}
+        {"name": "NCF_DATA_VERSION", "value": f"2026-02-03:{version}", "type": "PLAINTEXT"},
+        {"name": "NCF_TRIGGER_OBJECT", "value": f"s3://{BUCKET}/raw/dt=2026-02-03/_SUCCESS", "type": "PLAINTEXT"}]}
     with Stubber(cb) as stub:
         stub.add_response("start_build", {"build": {"id": f"{PROJECT}:1"}}, expected)
         out = trigger_handler(event, s3=s3, codebuild=cb, env=ENV)["results"][0]
         stub.assert_no_pending_responses()
-    assert (out["action"], out["build_id"], out["version"]) == ("started", f"{PROJECT}:1", "v7")
+    assert (out["action"], out["build_id"], out["version"], out["data_version"]) == ("started", f"{PROJECT}:1", "v7", version)
 
 
 def test_a_failed_start_releases_the_claim_so_the_retry_runs(s3, codebuild):
     # Stubber for the failure: moto's CodeBuild has no way to make start_build fail.
-    event = {"source": "aws.s3", "detail-type": "Object Created",
-             "detail": {"bucket": {"name": BUCKET}, "object": {"key": "raw/dt=2026-02-04/a.csv", "sequencer": "0A"}}}
+    put_partition(s3, "2026-02-04")
+    event = eb_event("raw/dt=2026-02-04/_SUCCESS", "0A")
     failing = boto3.client("codebuild", **FAKE)
     with Stubber(failing) as stub:
         stub.add_client_error("start_build", "AccountLimitExceededException", "too many concurrent builds")

@@ -9,31 +9,38 @@ from dataclasses import dataclass, asdict
 from datetime import date
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'BUSY', 'DEFAULT_INSTANCE_TYPE', 'DataObject', 'data_object', 'object_events', 'claim_key', 'claim',
-           'build_overrides', 'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config',
-           'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
+__all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'BUSY', 'DEFAULT_INSTANCE_TYPE', 'DataObject', 'is_data_file', 'data_object',
+           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'build_overrides',
+           'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'DeployError',
+           'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
+COMPLETION_MARKERS = ("_SUCCESS", "manifest.json")   # written last, when a partition is complete
 _PARTITION = re.compile(r"(?:^|/)dt=([^/]+)/([^/]+)$")
 
 @dataclass(frozen=True)
 class DataObject:
-    "A new raw-data object, and the run it asks for."
+    "A completed partition (its completion marker was written), and the run it asks for."
     bucket:str
-    key:str
+    key:str          # the completion marker
     data_uri:str     # s3://BUCKET/ROOT: the root holding the dt= partitions
     run_date:str     # the partition's date
-    version:str      # this write of the object: version id, sequencer or ETag
+    version:str      # this write of the marker: version id, sequencer or ETag
+
+    @property
+    def partition(self) -> str: return self.key.rsplit("/", 1)[0] + "/"   # the partition's key prefix
+
+def is_data_file(name:str) -> bool:
+    "A file `ncf.data.readers` reads from a partition: `.parquet`, `.csv` or `.tsv`, not hidden (`.x`) and not a marker (`_x`)."
+    return not name.startswith((".", "_")) and name.endswith(DATA_SUFFIXES)
 
 def data_object(bucket:str, key:str, version:str="", prefix:str="") -> DataObject|None:
-    "The `DataObject` for `s3://bucket/key`, or None when the key is not a data file of a `dt=` partition under `prefix`."
+    "The `DataObject` for `s3://bucket/key`, or None unless the key is the completion marker of a `dt=` partition under `prefix`."
     if not key.startswith(prefix): return None
     m = _PARTITION.search(key)
-    if m is None: return None
-    day, name = m.groups()
-    if name.startswith((".", "_")) or not name.endswith(DATA_SUFFIXES): return None
-    try: day = date.fromisoformat(day).isoformat()
+    if m is None or m.group(2) not in COMPLETION_MARKERS: return None
+    try: day = date.fromisoformat(m.group(1)).isoformat()
     except ValueError: return None
     root = key[:m.start()].rstrip("/")
     return DataObject(bucket, key, f"s3://{bucket}/{root}" if root else f"s3://{bucket}", day, version or "unversioned")
@@ -61,7 +68,22 @@ def object_events(event:dict) -> list[dict]:
     return out
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #6b66cd38
+def partition_files(s3, bucket:str, partition:str) -> list[dict]:
+    "The data files of a partition (`partition` is its key prefix): `[{name, size, etag}]`, by name."
+    out, token = [], None
+    while True:
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=partition, **({"ContinuationToken": token} if token else {}))
+        out += [{"name": o["Key"][len(partition):], "size": o["Size"], "etag": o["ETag"].strip('"')} for o in page.get("Contents", [])
+                if "/" not in o["Key"][len(partition):] and is_data_file(o["Key"][len(partition):])]
+        if not page.get("IsTruncated"): return sorted(out, key=lambda f: f["name"])
+        token = page["NextContinuationToken"]
+
+def partition_version(files:list[dict]) -> str:
+    "16 hex digits of a hash of the files' names, sizes and ETags: the same content, the same version."
+    return hashlib.sha256(json.dumps([[f["name"], f["size"], f["etag"]] for f in files]).encode()).hexdigest()[:16]
+
 def claim_key(marker_prefix:str, bucket:str, key:str, version:str) -> str:
+    "The claim marker's key for one version of `s3://bucket/key` (a partition's prefix, here)."
     return f"{marker_prefix}{hashlib.sha256(f'{bucket}/{key}@{version}'.encode()).hexdigest()}.json"
 
 def claim(s3, bucket:str, marker_key:str, body:dict) -> bool:
@@ -80,15 +102,27 @@ def _client(name:str):
     import boto3
     return boto3.client(name)
 
-def build_overrides(obj:DataObject) -> list[dict]:
-    "CodeBuild `environmentVariablesOverride` for a data object."
-    env = {"NCF_DATA_URI": obj.data_uri, "NCF_RUN_DATE": obj.run_date, "NCF_DATA_VERSION": f"{obj.run_date}:{obj.version}",
+def build_overrides(obj:DataObject, data_version:str) -> list[dict]:
+    "CodeBuild `environmentVariablesOverride` for a completed partition of data version `data_version`."
+    env = {"NCF_DATA_URI": obj.data_uri, "NCF_RUN_DATE": obj.run_date, "NCF_DATA_VERSION": f"{obj.run_date}:{data_version}",
            "NCF_TRIGGER_OBJECT": f"s3://{obj.bucket}/{obj.key}"}
     return [{"name": k, "value": v, "type": "PLAINTEXT"} for k, v in env.items()]
 
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #b7c2e4a1
+def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker_bucket:str, marker:str) -> dict:
+    "Start the retrain build for a claimed partition; on failure release the claim, so that the retry can start it."
+    try:
+        build = codebuild.start_build(projectName=project, environmentVariablesOverride=build_overrides(obj, version),
+                                      idempotencyToken=marker.rsplit("/", 1)[-1][:64])["build"]
+    except Exception:
+        s3.delete_object(Bucket=marker_bucket, Key=marker)
+        raise
+    return {"key": obj.key, "action": "started", "build_id": build["id"], "data_uri": obj.data_uri,
+            "run_date": obj.run_date, "version": obj.version, "data_version": version}
+
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #2fe3c999
 def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=None) -> dict:
-    "S3/EventBridge object-created event → one CodeBuild run per new data object (duplicates and non-data ignored)."
+    "S3/EventBridge object-created event → one CodeBuild run per completed partition's content (duplicates, data files and empty partitions start nothing)."
     env = os.environ if env is None else env
     project = env.get("NCF_CODEBUILD_PROJECT")
     if not project: raise RuntimeError("NCF_CODEBUILD_PROJECT is not set")
@@ -99,19 +133,14 @@ def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=No
         if obj is None:
             results.append({"key": rec["key"], "action": "ignored"}); continue
         s3 = s3 or _client("s3")
-        marker_bucket = env.get("NCF_MARKER_BUCKET") or obj.bucket
-        marker = claim_key(marker_prefix, obj.bucket, obj.key, obj.version)
-        if not claim(s3, marker_bucket, marker, {**asdict(obj), "claimed_at": time.time()}):
-            results.append({"key": obj.key, "action": "duplicate"}); continue
-        codebuild = codebuild or _client("codebuild")
-        try:
-            build = codebuild.start_build(projectName=project, environmentVariablesOverride=build_overrides(obj),
-                                          idempotencyToken=marker.rsplit("/", 1)[-1][:64])["build"]
-        except Exception:
-            s3.delete_object(Bucket=marker_bucket, Key=marker)  # release the claim, so that the retry can start the build
-            raise
-        results.append({"key": obj.key, "action": "started", "build_id": build["id"], "data_uri": obj.data_uri,
-                        "run_date": obj.run_date, "version": obj.version})
+        files = partition_files(s3, obj.bucket, obj.partition)
+        if not files:
+            results.append({"key": obj.key, "action": "empty", "reason": f"s3://{obj.bucket}/{obj.partition} has no data files"}); continue
+        version, marker_bucket = partition_version(files), env.get("NCF_MARKER_BUCKET") or obj.bucket
+        marker = claim_key(marker_prefix, obj.bucket, obj.partition, version)
+        if not claim(s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "files": len(files), "claimed_at": time.time()}):
+            results.append({"key": obj.key, "action": "duplicate", "data_version": version}); continue
+        results.append(_start_build(codebuild or _client("codebuild"), project, obj, version, s3, marker_bucket, marker))
     print(json.dumps({"trigger": results}))
     return {"results": results}
 
