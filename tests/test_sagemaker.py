@@ -177,11 +177,32 @@ def test_start_refuses_a_local_data_path(aws):
         nsm.start(PipelineParams(data_uri="/tmp/raw"), settings=SETTINGS)
 
 
+def put_raw(bucket: str, key: str, body: bytes = b"x"):
+    s3 = boto3.client("s3")
+    try: s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou: pass
+    s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_a_start_without_a_data_version_gets_one_from_the_data(aws):
+    "The GitLab retrain job and a start by hand pass no data version: the listing's hash is one, so new logs never hit an old cache."
+    sm = boto3.client("sagemaker")
+    put_raw("listing-data", "raw/dt=2026-02-01/part-0.parquet")
+    params = PipelineParams(data_uri="s3://listing-data/raw")
+    version = lambda arn: {p["Name"]: p["Value"] for p in sm.list_pipeline_parameters_for_execution(PipelineExecutionArn=arn)["PipelineParameters"]}["DataVersion"]
+    first, same = version(nsm.start(params, settings=SETTINGS)), version(nsm.start(params, settings=SETTINGS))
+    put_raw("listing-data", "raw/dt=2026-02-02/part-0.parquet")
+    assert first.startswith("listing:") and same == first and version(nsm.start(params, settings=SETTINGS)) != first
+    with pytest.raises(ConfigError, match="holds no data files"):
+        nsm.start(PipelineParams(data_uri="s3://listing-data/elsewhere"), settings=SETTINGS)
+
+
 def test_start_request_token_is_idempotent_per_data_version(aws):
     # moto ignores ClientRequestToken, so the requests are recorded and compared instead.
     sm, sent = boto3.client("sagemaker"), []
     sm.meta.events.register("provide-client-params.sagemaker.StartPipelineExecution", lambda params, **kw: sent.append(dict(params)))
-    params = PipelineParams(data_uri="s3://shop-data/raw", run_date="2026-02-01")
+    put_raw("token-data", "raw/dt=2026-02-01/part-0.parquet")
+    params = PipelineParams(data_uri="s3://token-data/raw", run_date="2026-02-01")
     for version in ("2026-02-01:a", "2026-02-01:a", "2026-02-01:b", None, None):
         nsm.start(params, settings=SETTINGS, data_version=version, sagemaker=sm)
     tokens = [p["ClientRequestToken"] for p in sent]

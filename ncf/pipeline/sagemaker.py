@@ -17,11 +17,12 @@ from .params import PipelineParams
 from .registry import ModelVersion, check_status, check_deployable
 from .aws import AwsSettings, has_credentials, aws_context, _env, _images, SERVING_ENV, _client_error, _not_found
 from .sagemaker_registry import SageMakerRegistry
+from .lambdas import is_data_file
 
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS',
            'SDK_TYPES', 'Param', 'pipeline_parameters', 'execution_parameters', 'stage_code', 'build_pipeline',
-           'step_graph', 'check_definition', 'masked', 'definition', 'upsert', 'start']
+           'step_graph', 'check_definition', 'masked', 'definition', 'upsert', 'data_listing_version', 'start']
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #a7eaca83
 COMMON_HYPERPARAMETERS = ("model", "epochs", "lr", "batch_size", "factor_num", "num_layers", "num_ng", "dropout")
@@ -345,15 +346,31 @@ def upsert(params:PipelineParams|None=None, role_arn:str|None=None, settings:Aws
     print(f"pipeline {s.pipeline_name}: {what}", file=sys.stderr)
     return arn
 
+# %% ../../nbs/api/56_pipeline.sagemaker.ipynb #2e04b964
+def data_listing_version(s3, data_uri:str) -> str:
+    "`listing:HASH` of the data files under `data_uri` (names, sizes, ETags): the data version of a start that was given none."
+    if not str(data_uri).startswith("s3://"): raise ConfigError(f"data_uri must be an s3:// URI for a SageMaker run, got {data_uri!r}")
+    bucket, _, prefix = data_uri[len("s3://"):].partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    files, token = [], None
+    while True:
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+        files += [[o["Key"][len(prefix):], o["Size"], o["ETag"].strip('"')] for o in page.get("Contents", []) if is_data_file(o["Key"].rsplit("/", 1)[-1])]
+        if not page.get("IsTruncated"): break
+        token = page["NextContinuationToken"]
+    if not files: raise ConfigError(f"{data_uri} holds no data files (.parquet, .csv, .tsv): nothing to train on")
+    return "listing:" + hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
+
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #94637bce
 def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsSettings|None=None,
-          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None) -> str:
+          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None, s3=None) -> str:
     "Start a pipeline execution with the run's parameters (creating the pipeline if missing); return the execution ARN."
     params, s = params or PipelineParams(), settings or AwsSettings.from_env()
-    data_version = data_version or os.environ.get("NCF_DATA_VERSION") or None
+    given = data_version or os.environ.get("NCF_DATA_VERSION") or None
     with aws_context(offline):
         import boto3
         from botocore.exceptions import ClientError
+        data_version = given or data_listing_version(s3 or boto3.client("s3"), params.data_uri)   # before anything is created
         sm = sagemaker or boto3.client("sagemaker")
         try: sm.describe_pipeline(PipelineName=s.pipeline_name)
         except ClientError as e:
@@ -361,12 +378,12 @@ def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsS
             _upsert(sm, params, _role(role_arn, s), s)
         prod = (registry or SageMakerRegistry(params.endpoint_name, s, sagemaker=sm)).production(params.model_group)
         values = execution_parameters(params, prod.model_uri if prod else None, data_version)
-        # Same data and parameters, same token: a retried trigger starts no second execution.
-        token = digest(s.pipeline_name, values)[:40] if data_version else uuid.uuid4().hex
+        # Same given data version and parameters, same token: a retried trigger starts no second execution.
+        token = digest(s.pipeline_name, values)[:40] if given else uuid.uuid4().hex
         run = f"dt={params.run_date}" if params.run_date else "latest data"
         r = sm.start_pipeline_execution(
             PipelineName=s.pipeline_name, PipelineParameters=values, ClientRequestToken=token,
             PipelineExecutionDisplayName=f"ncf-{params.run_date or 'latest'}-{token[:8]}",
-            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + (f", version {data_version}" if data_version else "") +
+            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + f", version {data_version}" +
                                          (f"; compared with production v{prod.version}" if prod else "; no production model yet"))
     return r["PipelineExecutionArn"]
