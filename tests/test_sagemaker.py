@@ -369,3 +369,21 @@ def test_staged_code_runs_where_ncf_is_not_installed(tmp_path):
     (code / "ncf" / "requirements.json").unlink()
     p = run()
     assert p.returncode != 0 and "requirements.json is missing" in p.stderr
+
+
+def test_every_artifact_is_under_the_artifact_prefix(cli_definition, aws):
+    "The template lets CodeBuild and the pipeline write under the artifact prefix only: every S3 location is there (issue 14, defect 1)."
+    import re
+    from cfnlint.decode import decode_str
+    t, _ = decode_str((Path(__file__).resolve().parents[1] / "pipelines" / "template.yaml").read_text())
+    prefix = t["Parameters"]["ArtifactPrefix"]["Default"]
+    assert prefix == AwsSettings().prefix
+    definition, _ = cli_definition
+    uris = set(re.findall(r"s3://[^\"\\ ]+", json.dumps(definition))) - {"s3://shop-data/raw"}   # the data, which the pipeline only reads
+    outside = sorted(u for u in uris if not re.match(rf"s3://[^/]+/{prefix}/", u))
+    assert uris and not outside, outside
+    # And what building the definition uploads, under moto, with the artifact bucket of the stack.
+    s3 = boto3.client("s3")
+    nsm.upsert(PipelineParams(data_uri="s3://shop-data/raw", hyperparameters={"epochs": 1}), settings=SETTINGS)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    assert keys and all(k.startswith(f"{prefix}/") for k in keys), sorted(k for k in keys if not k.startswith(f"{prefix}/"))[:5]

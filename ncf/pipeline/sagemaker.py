@@ -153,12 +153,14 @@ def _preprocess_step(b:_Build):
                                              "--data-version", b.par["DataVersion"]]))
 
 def _train_step(b:_Build, data_uri):
-    from sagemaker.core.shapes import MetricDefinition
+    from sagemaker.core.shapes import MetricDefinition, OutputDataConfig
     from sagemaker.core.training.configs import SourceCode, Compute, InputData
     from sagemaker.train import ModelTrainer
     from sagemaker.mlops.workflow.steps import TrainingStep
     hps = {p.name[3:]: b.par[p.name] for p in pipeline_parameters(b.params) if p.name.startswith("hp_")}
+    # Code, drivers and the model go under the artifact prefix, the only place the template lets the pipeline write.
     trainer = ModelTrainer(training_image=b.train_image, role=b.role, sagemaker_session=b.sess, base_job_name="ncf-train",
+                           input_s3_key_prefix=f"{b.settings.prefix}/train", output_data_config=OutputDataConfig(s3_output_path=f"{b.root}/train"),
                            source_code=SourceCode(source_dir=str(b.staged), entry_script="train.py", requirements="requirements.txt"),
                            compute=Compute(instance_type=b.par["TrainInstanceType"], instance_count=1), hyperparameters=hps,
                            input_data_config=[InputData(channel_name="train", data_source=data_uri)])
