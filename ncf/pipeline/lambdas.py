@@ -68,13 +68,15 @@ def object_events(event:dict) -> list[dict]:
     return out
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #6b66cd38
-def partition_files(s3, bucket:str, partition:str) -> list[dict]:
-    "The data files of a partition (`partition` is its key prefix): `[{name, size, etag}]`, by name."
+def partition_files(s3, bucket:str, partition:str, nested:bool=False) -> list[dict]:
+    "The data files under key prefix `partition` (with `nested`, in its sub-folders too): `[{name, size, etag}]`, by name."
     out, token = [], None
     while True:
         page = s3.list_objects_v2(Bucket=bucket, Prefix=partition, **({"ContinuationToken": token} if token else {}))
-        out += [{"name": o["Key"][len(partition):], "size": o["Size"], "etag": o["ETag"].strip('"')} for o in page.get("Contents", [])
-                if "/" not in o["Key"][len(partition):] and is_data_file(o["Key"][len(partition):])]
+        for o in page.get("Contents", []):
+            name = o["Key"][len(partition):]
+            if (nested or "/" not in name) and is_data_file(name.rsplit("/", 1)[-1]):
+                out.append({"name": name, "size": o["Size"], "etag": o["ETag"].strip('"')})
         if not page.get("IsTruncated"): return sorted(out, key=lambda f: f["name"])
         token = page["NextContinuationToken"]
 

@@ -17,7 +17,7 @@ from .params import PipelineParams
 from .registry import ModelVersion, check_status, check_deployable
 from .aws import AwsSettings, has_credentials, aws_context, _env, _images, SERVING_ENV, _client_error, _not_found
 from .sagemaker_registry import SageMakerRegistry
-from .lambdas import is_data_file
+from .lambdas import partition_files, partition_version
 
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS',
@@ -353,15 +353,9 @@ def data_listing_version(s3, data_uri:str) -> str:
     "`listing:HASH` of the data files under `data_uri` (names, sizes, ETags): the data version of a start that was given none."
     if not str(data_uri).startswith("s3://"): raise ConfigError(f"data_uri must be an s3:// URI for a SageMaker run, got {data_uri!r}")
     bucket, _, prefix = data_uri[len("s3://"):].partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    files, token = [], None
-    while True:
-        page = s3.list_objects_v2(Bucket=bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
-        files += [[o["Key"][len(prefix):], o["Size"], o["ETag"].strip('"')] for o in page.get("Contents", []) if is_data_file(o["Key"].rsplit("/", 1)[-1])]
-        if not page.get("IsTruncated"): break
-        token = page["NextContinuationToken"]
+    files = partition_files(s3, bucket, prefix.rstrip("/") + "/" if prefix else "", nested=True)   # the trigger's own listing and hash
     if not files: raise ConfigError(f"{data_uri} holds no data files (.parquet, .csv, .tsv): nothing to train on")
-    return "listing:" + hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
+    return "listing:" + partition_version(files)
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #94637bce
 def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsSettings|None=None,
