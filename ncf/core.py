@@ -63,14 +63,14 @@ def declared_requirements() -> list[str]:
         if not staged.exists(): raise NCFError(f"ncf is not installed and {staged} is missing: install the package, or stage it with ncf.pipeline.sagemaker.stage_code") from None
         return json.loads(staged.read_text())
 
-def requirements(extra:str|None=None) -> tuple[str, ...]:
-    "The requirements `settings.ini` declares (the core ones, or one extra's)."
+def requirements(of_extra:str|None=None) -> tuple[str, ...]:
+    "The requirements `settings.ini` declares (the core ones, or those of the extra named `of_extra`)."
     import re
     out = []
     for r in declared_requirements():
         spec, _, marker = r.partition(";")
         m = re.search(r'extra\s*==\s*"([^"]+)"', marker)
-        if (m.group(1) if m else None) == extra: out.append(spec.strip())
+        if (m.group(1) if m else None) == of_extra: out.append(spec.strip())
     return tuple(out)
 
 # %% ../nbs/api/00_core.ipynb #e4e3cb7d

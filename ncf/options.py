@@ -27,7 +27,7 @@ class DefaultsHelp(argparse.HelpFormatter):
         h = action.help or ""
         if action.default is argparse.SUPPRESS or "(default" in h: return h
         if not action.option_strings and action.nargs not in ("?", "*"): return h   # a required positional has no default
-        return f"{h} (default: {shown_default(action)})".strip().replace("%", "%%").replace("%%(", "%(")
+        return f"{h} (default: {shown_default(action)})".strip().replace("%", "%%")   # argparse formats help with %
 
 # %% ../nbs/api/01_options.ipynb #d10830f7
 def dashed(name:str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core import write_json
 from ..options import Parser, command
 from ..pipeline.evaluate import evaluate
-from ..pipeline.params import PipelineParams
+from ..pipeline.params import HR_THRESHOLD, TOLERANCE
 
 # %% auto #0
 __all__ = ['parser', 'main']
@@ -22,9 +22,8 @@ def parser() -> Parser:
     p.add_argument("--data", required=True, help="the preprocessed data set whose test split both models are scored on")
     p.add_argument("--production", default=None, help="the production model directory (omit or pass '' when there is none)")
     p.add_argument("--out", required=True, help="where to write evaluation.json")
-    d = PipelineParams()   # the gate's defaults live there, once
-    p.add_argument("--hr-threshold", type=float, default=d.hr_threshold, help="the gate: the new model's HR@K must reach this ...")
-    p.add_argument("--tolerance", type=float, default=d.tolerance, help="... and lose at most this much to production")
+    p.add_argument("--hr-threshold", type=float, default=HR_THRESHOLD, help="the gate: the new model's HR@K must reach this ...")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help="... and lose at most this much to production")
     p.add_argument("--k", type=int, default=10, help="K of HR@K and NDCG@K")
     return p
 

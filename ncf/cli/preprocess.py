@@ -29,7 +29,7 @@ def parser() -> Parser:
     g.add_argument("--run-date", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
     g.add_argument("--run-id", default=None, help="write OUT/run=ID instead of OUT/dt=...")
     add_fields(p, PreprocessParams, aliases=ALIASES, title="what the job produces")
-    p.add_argument("--no-validation", dest="validation", action="store_false", help="same as --validation false")
+    p.add_argument("--no-validation", dest="validation", action="store_false", help="hold out no validation interaction: each user's last one is the test item, the rest train (the same as --validation false)")
     return add_fields(p, Columns, suffix="_col", aliases={"timestamp": ("--time-col",)}, title="columns of a generic log")
 
 def params_from_args(a) -> tuple[PreprocessParams, Columns]:

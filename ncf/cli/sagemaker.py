@@ -12,12 +12,12 @@ from ..data import storage
 from ..serve import package
 from ..train.trainer import resolve_data
 from ..pipeline.sagemaker import PROCESSING
-from ..pipeline.params import PipelineParams
+from ..pipeline.params import HR_THRESHOLD, TOLERANCE
 from .preprocess import main as preprocess_main
 from .evaluate import main as evaluate_main
 
 # %% auto #0
-__all__ = ['GATE', 'preprocess_entry', 'evaluate_entry']
+__all__ = ['preprocess_entry', 'evaluate_entry']
 
 # %% ../../nbs/api/67_cli.sagemaker.ipynb #77b830dc
 @command("preprocess.py")
@@ -47,14 +47,12 @@ def _archive_in(path) -> Path:
     if not found: raise NCFError(f"{p}: no model archive (*.tar.gz) in the processing input")
     return found[0]
 
-GATE = PipelineParams()   # the gate's defaults: one place, `PipelineParams`
-
 @command("evaluate.py")
 def evaluate_entry(argv=None) -> int:
     "Processing container: unpack the new (and production) model, run `ncf.cli.evaluate`, write the serving archive."
     p = argparse.ArgumentParser(prog="evaluate.py")
     p.add_argument("--model", default=f"{PROCESSING}/model"); p.add_argument("--data", default=f"{PROCESSING}/data")
-    p.add_argument("--production-uri", default=""); p.add_argument("--hr-threshold", default=str(GATE.hr_threshold)); p.add_argument("--tolerance", default=str(GATE.tolerance))
+    p.add_argument("--production-uri", default=""); p.add_argument("--hr-threshold", default=str(HR_THRESHOLD)); p.add_argument("--tolerance", default=str(TOLERANCE))
     p.add_argument("--out", default=f"{PROCESSING}/evaluation"); p.add_argument("--package-out", default=f"{PROCESSING}/package")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
