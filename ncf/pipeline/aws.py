@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..core import NCFError, ConfigError
 
 # %% auto #0
-__all__ = ['SERVING_ENV', 'AwsSettings', 'has_credentials', 'aws_context']
+__all__ = ['SERVING_ENV', 'AwsSettings', 'has_credentials', 'aws_context', 'image_uri']
 
 # %% ../../nbs/api/55_pipeline.aws.ipynb #a286d282
 @dataclass(frozen=True)
@@ -79,12 +79,15 @@ def aws_context(offline:bool|None=None, log=lambda m: print(m, file=sys.stderr))
 # %% ../../nbs/api/55_pipeline.aws.ipynb #56604a40
 SERVING_ENV = {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code"}
 
-def _images(region:str, s:AwsSettings, train_type:str, endpoint_type:str) -> tuple[str, str]:
-    "PyTorch DLC images: training (also used for processing) and inference."
+def image_uri(region:str, s:AwsSettings, scope:str, instance_type:str) -> str:
+    "The PyTorch deep learning container of `scope` (training, also used for processing, or inference) for an instance type."
     from sagemaker.core import image_uris
-    get = lambda scope, it: image_uris.retrieve(framework="pytorch", region=region, version=s.framework_version,
-                                                py_version=s.py_version, instance_type=it, image_scope=scope)
-    return get("training", train_type), get("inference", endpoint_type)
+    return image_uris.retrieve(framework="pytorch", region=region, version=s.framework_version,
+                               py_version=s.py_version, instance_type=instance_type, image_scope=scope)
+
+def _images(region:str, s:AwsSettings, train_type:str, endpoint_type:str) -> tuple[str, str]:
+    "The training and the inference images of a pipeline."
+    return image_uri(region, s, "training", train_type), image_uri(region, s, "inference", endpoint_type)
 
 # %% ../../nbs/api/55_pipeline.aws.ipynb #0191def9
 def _client_error(e, code:str, text:str="") -> bool:

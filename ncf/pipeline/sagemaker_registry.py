@@ -12,7 +12,7 @@ from ..serve import package
 from .params import PipelineParams
 from .registry import ModelVersion, check_status, check_deployable
 from .lambdas import describe_endpoint, deploy, wait_in_service
-from .aws import AwsSettings, SERVING_ENV, _client_error
+from .aws import AwsSettings, SERVING_ENV, image_uri, _client_error
 
 # %% auto #0
 __all__ = ['parse_package_arn', 'SageMakerRegistry', 'deploy_version']
@@ -156,10 +156,7 @@ class _Deploying:
     "`SageMakerRegistry` changing production: `set_production`, and the model and image it needs."
     def inference_image(self) -> str:
         "The PyTorch inference container for this region and instance type."
-        from sagemaker.core import image_uris
-        s = self.settings
-        return image_uris.retrieve(framework="pytorch", region=self.sm.meta.region_name, version=s.framework_version,
-                                   py_version=s.py_version, instance_type=self.instance_type, image_scope="inference")
+        return image_uri(self.sm.meta.region_name, self.settings, "inference", self.instance_type)
 
     def set_production(self, group, version, wait:bool=True) -> ModelVersion:
         "Deploy an Approved version to the endpoint (create or update) and, by default, wait until it serves."
