@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/61_cli.preprocess.ipynb #8222cc59
 from __future__ import annotations
-import argparse, sys
+import sys
 from ..core import extra
 from ..options import Parser, add_fields, from_fields, command
 from ..data.readers import Columns, FORMATS

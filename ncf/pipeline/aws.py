@@ -6,7 +6,7 @@
 from __future__ import annotations
 import contextlib, os, sys
 from dataclasses import dataclass
-from ..core import NCFError, ConfigError
+from ..core import ConfigError
 
 # %% auto #0
 __all__ = ['SERVING_ENV', 'AwsSettings', 'has_credentials', 'aws_context', 'image_uri']

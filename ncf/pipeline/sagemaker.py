@@ -4,18 +4,15 @@
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #aff52f78
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, json, os, re, shutil, sys, tempfile, uuid
+import dataclasses, hashlib, json, os, re, shutil, sys, tempfile, uuid
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
-from ..core import NCFError, ConfigError, RegistryError, read_json, requirements, declared_requirements, REQUIREMENTS_FILE
-from ..model.layout import CONFIG, verify_model_dir, read_metrics
-from ..serve import package
+from ..core import NCFError, ConfigError, requirements, declared_requirements, REQUIREMENTS_FILE
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
 from .retrain import PIPELINE, code_version, digest
 from .params import PipelineParams
-from .registry import ModelVersion, check_status, check_deployable
-from .aws import AwsSettings, has_credentials, aws_context, _env, _images, SERVING_ENV, _client_error, _not_found
+from .aws import AwsSettings, aws_context, _images, SERVING_ENV, _not_found
 from .sagemaker_registry import SageMakerRegistry
 from .lambdas import partition_files, partition_version
 

@@ -4,9 +4,9 @@
 
 # %% ../../nbs/api/57_pipeline.sagemaker_registry.ipynb #e108f0ae
 from __future__ import annotations
-import hashlib, json, os, re, tempfile
+import hashlib, json, re, tempfile
 from pathlib import Path
-from ..core import NCFError, ConfigError, RegistryError, read_json
+from ..core import ConfigError, RegistryError, read_json
 from ..model.layout import CONFIG, verify_model_dir, read_metrics
 from ..serve import package
 from .params import PipelineParams
