@@ -18,8 +18,8 @@ def reqs(key):
     return cfg.get(key, "").split()
 
 
-extras = {name: reqs(f"{name}_requirements") for name in ("aws", "serve", "spark", "dev")}
-extras["all"] = sorted({r for name in ("aws", "serve", "spark") for r in extras[name]})
+extras = {name: reqs(f"{name}_requirements") for name in ("aws", "serve", "spark", "emulate", "dev")}
+extras["all"] = sorted({r for name in ("aws", "serve", "spark", "emulate") for r in extras[name]})
 # `dev` is everything a contributor needs: notebooks, tests, and every optional runtime.
 extras["dev"] = sorted(set(extras["dev"]) | set(extras["all"]))
 

@@ -39,7 +39,8 @@ class RequestError(NCFError, ValueError):
 
 # %% ../nbs/api/00_core.ipynb #a44f4b1f
 EXTRAS = {"starlette": "serve", "uvicorn": "serve", "httpx": "serve", "orjson": "serve", "sagemaker": "aws", "boto3": "aws",
-          "botocore": "aws", "pyspark": "spark", "matplotlib": "dev"}   # top-level module -> the extra that installs it
+          "botocore": "aws", "pyspark": "spark", "moto": "emulate",
+          "policy_sentry": "emulate", "sagemaker_inference": "emulate", "yaml": "emulate", "matplotlib": "dev"}   # top-level module -> the extra that installs it
 
 def extra(module:str, why:str):
     "Import `module` (dotted names too) for `why`; a `MissingExtra` naming the extra to install when it is absent."

@@ -3,7 +3,7 @@
 Every module of `ncf` is read with `ast`, imports at module level and inside functions alike, so a lazy import
 is no way round the rule. A module's layer is its subpackage's (the first digit of its notebook's number):
 
-    0 ncf, ncf.core, ncf.options   1 ncf.data   2 ncf.model   3 ncf.train   4 ncf.serve   5 ncf.pipeline   6 ncf.cli
+    0 ncf, ncf.core, ncf.options   1 ncf.data   2 ncf.model   3 ncf.train   4 ncf.serve   5 ncf.pipeline   6 ncf.emulate   7 ncf.cli
 
 Within the data layer the two preprocessing jobs are siblings: they share `ncf.data.split` and never import
 each other (the command `ncf.cli.preprocess` chooses between them)."""
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "options": 0, "data": 1, "model": 2, "train": 3, "serve": 4, "pipeline": 5, "cli": 6}
+LAYERS = {"core": 0, "options": 0, "data": 1, "model": 2, "train": 3, "serve": 4, "pipeline": 5, "emulate": 6, "cli": 7}
 SIBLINGS = {(a, b) for pandas_job, spark_job in [("ncf.data.preprocess", "ncf.data.spark"), ("ncf.data.preprocess", "ncf.data.spark_read")]
             for a, b in [(pandas_job, spark_job), (spark_job, pandas_job)]}
 
