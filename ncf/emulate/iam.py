@@ -10,9 +10,9 @@ from pathlib import Path
 from ..core import NCFError, extra
 
 # %% auto #0
-__all__ = ['SPECIAL_ACTIONS', 'NO_PERMISSION', 'SKIPPED_SERVICES', 'PRINCIPAL_ENV', 'LOG_ENV', 'SITECUSTOMIZE', 'NOT_CHECKED',
-           'service_prefix', 'iam_action', 'Need', 'requirements', 'Decision', 'allowed', 'Principal', 'AccessDenied',
-           'check_call', 'install', 'install_everywhere', 'install_from_env', 'subprocess_env']
+__all__ = ['SPECIAL_ACTIONS', 'NO_PERMISSION', 'SKIPPED_SERVICES', 'PRINCIPAL_ENV', 'LOG_ENV', 'ENDPOINT_ENV', 'SITECUSTOMIZE',
+           'NOT_CHECKED', 'service_prefix', 'iam_action', 'Need', 'requirements', 'Decision', 'allowed', 'Principal',
+           'AccessDenied', 'check_call', 'install', 'install_everywhere', 'install_from_env', 'subprocess_env']
 
 # %% ../../nbs/api/63_emulate.iam.ipynb #71e2f499
 @functools.cache
@@ -295,19 +295,21 @@ def install(client, principal:Principal, log:list|None=None, log_path=None):
     return client
 
 # %% ../../nbs/api/63_emulate.iam.ipynb #ff210822
-def install_everywhere(principal:Principal, log_path=None):
-    "Check every botocore client this process creates from now on; returns a function that undoes it."
+def install_everywhere(principal:Principal, log_path=None, endpoint_url:str|None=None):
+    "Check every botocore client this process creates from now on (with `endpoint_url`, all talk to it); returns a function that undoes it."
     import botocore.session
     S = botocore.session.Session
     original = getattr(S.create_client, "_ncf_original", S.create_client)
-    def create_client(self, *args, **kwargs): return install(original(self, *args, **kwargs), principal, log_path=log_path)
+    def create_client(self, *args, **kwargs):
+        if endpoint_url: kwargs["endpoint_url"] = endpoint_url   # even where the caller names AWS's own (the SDK's STS client does)
+        return install(original(self, *args, **kwargs), principal, log_path=log_path)
     create_client._ncf_original = original
     S.create_client = create_client
     def undo(): S.create_client = original
     return undo
 
 # %% ../../nbs/api/63_emulate.iam.ipynb #b53b82fe
-PRINCIPAL_ENV, LOG_ENV = "NCF_EMULATE_PRINCIPAL", "NCF_EMULATE_IAM_LOG"
+PRINCIPAL_ENV, LOG_ENV, ENDPOINT_ENV = "NCF_EMULATE_PRINCIPAL", "NCF_EMULATE_IAM_LOG", "NCF_EMULATE_ENDPOINT"
 SITECUSTOMIZE = ("try: import ncf.emulate.iam as _iam; _iam.install_from_env()\n"
                  "except Exception as e: raise SystemExit(f'ncf.emulate.iam: this process cannot be checked: {e!r}')\n")
 
@@ -315,9 +317,9 @@ def install_from_env(env=None):
     "`install_everywhere` for the principal in the file $NCF_EMULATE_PRINCIPAL names, logging to $NCF_EMULATE_IAM_LOG; nothing when unset."
     env = os.environ if env is None else env
     if not env.get(PRINCIPAL_ENV): return None
-    return install_everywhere(Principal.from_json(Path(env[PRINCIPAL_ENV]).read_text()), env.get(LOG_ENV) or None)
+    return install_everywhere(Principal.from_json(Path(env[PRINCIPAL_ENV]).read_text()), env.get(LOG_ENV) or None, env.get(ENDPOINT_ENV) or None)
 
-def subprocess_env(principal:Principal, dir, log_path=None) -> dict:
+def subprocess_env(principal:Principal, dir, log_path=None, endpoint_url:str|None=None) -> dict:
     "The environment variables that make a child Python check every boto3 call against `principal` (files written into `dir`)."
     import ncf
     dir = Path(dir); dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +328,7 @@ def subprocess_env(principal:Principal, dir, log_path=None) -> dict:
     root = Path(ncf.__file__).resolve().parent.parent   # where `ncf` is, for a checkout that is not installed
     paths = [str(dir), *([str(root)] if root.name not in ("site-packages", "dist-packages") else []), os.environ.get("PYTHONPATH", "")]
     return {"PYTHONPATH": os.pathsep.join(p for p in paths if p), PRINCIPAL_ENV: str(dir/"principal.json"),
-            LOG_ENV: str(log_path or dir/"iam-decisions.jsonl")}
+            LOG_ENV: str(log_path or dir/"iam-decisions.jsonl"), **({ENDPOINT_ENV: endpoint_url} if endpoint_url else {})}
 
 # %% ../../nbs/api/63_emulate.iam.ipynb #c27b68cd
 NOT_CHECKED = (
