@@ -94,7 +94,8 @@ def test_data_files_agree_with_the_reader(tmp_path):
 def put_partition(s3, day: str, files=("part-0.parquet", "part-1.parquet"), marker: str | None = "_SUCCESS", body=b"x"):
     "A partition as a producer writes it: its data files, then its completion marker."
     for name in files: s3.put_object(Bucket=BUCKET, Key=f"raw/dt={day}/{name}", Body=body)
-    if marker: s3.put_object(Bucket=BUCKET, Key=f"raw/dt={day}/{marker}", Body=b"")
+    listing = json.dumps({"files": list(files)}).encode() if marker == "manifest.json" else b""   # a manifest lists its files
+    if marker: s3.put_object(Bucket=BUCKET, Key=f"raw/dt={day}/{marker}", Body=listing)
 
 
 # ------------------------------------------------------------------ trigger
@@ -154,6 +155,7 @@ def test_one_retrain_per_partition_content(s3, codebuild):
     put_partition(s3, "2026-02-01")
     act = lambda key, seq="01": trigger_handler(eb_event(key, seq), s3=s3, codebuild=codebuild, env=ENV)["results"][0]["action"]
     day = "raw/dt=2026-02-01/"
+    s3.put_object(Bucket=BUCKET, Key=day + "manifest.json", Body=json.dumps({"files": ["part-0.parquet", "part-1.parquet"]}).encode())
     assert [act(day + "_SUCCESS"), act(day + "_SUCCESS"), act(day + "manifest.json"), act(day + "_SUCCESS", "02")] == \
            ["started", "duplicate", "duplicate", "duplicate"]
     put_partition(s3, "2026-02-01", files=("part-1.parquet",), body=b"a corrected day")

@@ -5,14 +5,14 @@
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #c04c1ad9
 from __future__ import annotations
 import hashlib, json, os, re, time, urllib.parse
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from datetime import date
 
 # %% auto #0
 __all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'BUSY', 'DEFAULT_INSTANCE_TYPE', 'DataObject', 'is_data_file', 'data_object',
-           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'build_overrides',
-           'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'DeployError',
-           'deploy', 'wait_in_service', 'deploy_handler']
+           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'ManifestError',
+           'manifest_names', 'newest_complete_day', 'build_overrides', 'trigger_handler', 'endpoint_config_name',
+           'describe_endpoint', 'ensure_endpoint_config', 'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -99,6 +99,36 @@ def claim(s3, bucket:str, marker_key:str, body:dict) -> bool:
         if status == 412 or e.response.get("Error", {}).get("Code") == "PreconditionFailed": return False
         raise
 
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #55060386
+class ManifestError(ValueError):
+    "A partition's manifest.json cannot be read as a list of its files."
+
+def manifest_names(s3, bucket:str, key:str) -> list[str]:
+    "The data files a partition's `manifest.json` lists (names relative to the partition)."
+    from botocore.exceptions import ClientError
+    try: body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"): raise
+        raise ManifestError(f"s3://{bucket}/{key} is gone: the event came after it was deleted") from None
+    try:
+        names = [f if isinstance(f, str) else f["name"] for f in json.loads(body)["files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"s3://{bucket}/{key} is not a partition manifest ({{\"files\": [names]}}): {type(e).__name__}: {e}") from None
+    if not names or not all(isinstance(n, str) and is_data_file(n.rsplit("/", 1)[-1]) for n in names):
+        raise ManifestError(f"s3://{bucket}/{key} lists no data files (.parquet, .csv, .tsv): {names!r}")
+    return names
+
+def newest_complete_day(s3, bucket:str, root:str, after:str) -> str|None:
+    "The newest `dt=` partition under key prefix `root`, later than day `after`, that has a completion marker; None if none."
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{root}dt=", Delimiter="/")
+    days = sorted((p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])), reverse=True)
+    for prefix in days:
+        day = prefix[len(root) + 3:].rstrip("/")
+        if day <= after: return None
+        names = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+        if names & set(COMPLETION_MARKERS): return day
+    return None
+
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #4819dc86
 def _client(name:str):
     import boto3
@@ -122,9 +152,24 @@ def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker
     return {"key": obj.key, "action": "started", "build_id": build["id"], "data_uri": obj.data_uri,
             "run_date": obj.run_date, "version": obj.version, "data_version": version}
 
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #bd5a72b7
+def _completed_files(s3, obj:DataObject) -> tuple[list[dict], dict|None]:
+    "The partition's data files (a manifest's: exactly those it lists), or why it cannot start a run."
+    files = partition_files(s3, obj.bucket, obj.partition)
+    where = f"s3://{obj.bucket}/{obj.partition}"
+    if obj.key.endswith("/manifest.json"):
+        try: listed = manifest_names(s3, obj.bucket, obj.key)
+        except ManifestError as e: return [], {"action": "invalid", "reason": str(e)}
+        have = {f["name"]: f for f in files}
+        if missing := [n for n in listed if n not in have]:
+            return [], {"action": "incomplete", "reason": f"the manifest lists {missing}, which are not in {where}"}
+        files = [have[n] for n in listed]
+    if not files: return [], {"action": "empty", "reason": f"{where} has no data files"}
+    return files, None
+
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #2fe3c999
 def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=None) -> dict:
-    "S3/EventBridge object-created event → one CodeBuild run per completed partition's content (duplicates, data files and empty partitions start nothing)."
+    "S3/EventBridge object-created event → one CodeBuild run per completed partition's content (duplicates, data files, empty or incomplete partitions start nothing)."
     env = os.environ if env is None else env
     project = env.get("NCF_CODEBUILD_PROJECT")
     if not project: raise RuntimeError("NCF_CODEBUILD_PROJECT is not set")
@@ -135,14 +180,18 @@ def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=No
         if obj is None:
             results.append({"key": rec["key"], "action": "ignored"}); continue
         s3 = s3 or _client("s3")
-        files = partition_files(s3, obj.bucket, obj.partition)
-        if not files:
-            results.append({"key": obj.key, "action": "empty", "reason": f"s3://{obj.bucket}/{obj.partition} has no data files"}); continue
+        files, problem = _completed_files(s3, obj)
+        if problem:
+            results.append({"key": obj.key, **problem}); continue
         version, marker_bucket = partition_version(files), env.get("NCF_MARKER_BUCKET") or obj.bucket
         marker = claim_key(marker_prefix, obj.bucket, obj.partition, version)
         if not claim(s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "files": len(files), "claimed_at": time.time()}):
             results.append({"key": obj.key, "action": "duplicate", "data_version": version}); continue
-        results.append(_start_build(codebuild or _client("codebuild"), project, obj, version, s3, marker_bucket, marker))
+        root = obj.partition[:obj.partition.rindex("dt=")]
+        newer = newest_complete_day(s3, obj.bucket, root, obj.run_date)   # a late partition: retrain up to the newest complete one
+        run = replace(obj, run_date=newer) if newer else obj
+        results.append({**_start_build(codebuild or _client("codebuild"), project, run, version, s3, marker_bucket, marker),
+                        **({"completed": obj.run_date, "reason": f"dt={obj.run_date} completed after dt={newer}: retraining up to dt={newer}"} if newer else {})})
     print(json.dumps({"trigger": results}))
     return {"results": results}
 
