@@ -28,6 +28,7 @@ def parser() -> Parser:
     p.add_argument("command", choices=COMMANDS, help="what to do (see the table above)")
     p.add_argument("version", nargs="?", type=int, help="deploy: the registry version to promote or roll back to")
     p.add_argument("--local", action="store_true", help="use the local executor, registry and endpoint")
+    p.add_argument("--emulate", action="store_true", help="run: the deployed chain (template, trigger, build, SageMaker definition) in an emulated AWS account")
     p.add_argument("--role-arn", default=None, help="SageMaker execution role for upsert/start (none: from the environment)")
     add_fields(p, PipelineParams, skip=("hyperparameters",), title="pipeline parameters")
     g = p.add_argument_group("training hyperparameters")
@@ -56,7 +57,14 @@ def params_from_args(a) -> PipelineParams:
 def _registry(params:PipelineParams, local:bool):
     return open_registry("local" if local else "sagemaker", params.work_dir, params.endpoint_name, params.endpoint_instance_type)
 
-def run(a, params): return run_local(params).summary() if a.local else sagemaker.start(params, a.role_arn)
+def run(a, params):
+    "Run the pipeline: locally, in the emulated AWS account, or on SageMaker."
+    if a.local and a.emulate: raise ConfigError("--local and --emulate are two different runs: choose one")
+    if a.emulate:
+        if params.hyperparameters: raise ConfigError("--emulate runs the chain as deployed, whose build passes no hyperparameters: drop --epochs/--hp")
+        from ncf.emulate.chain import emulated_run
+        return emulated_run(params, log=lambda m: print(m, file=sys.stderr))
+    return run_local(params).summary() if a.local else sagemaker.start(params, a.role_arn)
 
 def deploy(a, params):
     "Promote or roll back to registry version `a.version`, locally or on SageMaker."
