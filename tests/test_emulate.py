@@ -64,6 +64,8 @@ def test_a_completed_partition_retrains_and_deploys(chain):
     # The SDK's ModelTrainer asks IAM whether the training role may write the SDK's default bucket and goes on when it
     # may not ask (ModelTrainer._resolve_staging_bucket): the one call of the chain its role refuses, as AWS would.
     assert {(d["role"].rsplit("/", 1)[-1], d["action"]) for d in world.denials()} == {("ncf-retrain-codebuild", "iam:SimulatePrincipalPolicy")}
+    keys = [o["Key"] for page in world.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+    assert keys and {k.split("/")[0] for k in keys} == {"raw", "triggers", "ncf"}   # the template's prefixes: data, claims, artifacts
     served = endpoint_model(world, "ncf")
     assert served["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[last]))
@@ -161,3 +163,13 @@ def test_a_new_partition_updates_the_endpoint(chain):
     assert after["endpoint_config"] != before["endpoint_config"] and after["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[new]))
     assert status == 200, body
+
+
+def test_the_command_runs_the_chain(tmp_path):
+    "`ncf_pipeline run --emulate`, as a user runs it on local logs (its own process, so its own emulated account)."
+    write_days(SMALL_SHOP, tmp_path / "raw", 21)
+    r = subprocess.run([str(Path(sys.executable).parent / "ncf_pipeline"), "run", "--emulate", "--data-uri", str(tmp_path / "raw"),
+                        "--work-dir", str(tmp_path / "work"), "--hr-threshold", "0.15"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dt=2026-01-21 landed; ran: build, execution" in r.stdout and ": Succeeded {'Preprocess': 'Succeeded'" in r.stdout, r.stdout
+    assert "endpoint ncf: arn:aws:sagemaker:us-east-1:123456789012:model-package/ncf/1" in r.stdout, r.stdout
