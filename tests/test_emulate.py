@@ -1,14 +1,14 @@
 """The retrain chain as AWS would run it (`ncf.emulate`): the stack from `pipelines/template.yaml`, each actor under
 its own role, the pipeline's own definition executed, the endpoint's archive answering through `sagemaker-inference`.
 
-One world serves the chain test (it takes minutes: three builds that render the definition with the real SDK, and
-three executions that preprocess, train and evaluate); the bad-input tests use their own small worlds."""
+One world serves the tests of this module, in order (it takes minutes: two builds that render the definition with the
+real SDK, and five executions that preprocess, train and evaluate): each test starts from what the one before left, as
+a deployment lives from one retrain to the next. The emulation extra is part of the dev install, so nothing here is
+skipped when it is missing: the import fails."""
 import io, json, subprocess, sys
 from pathlib import Path
 import pytest
 
-pytest.importorskip("moto.server"); pytest.importorskip("policy_sentry"); pytest.importorskip("sagemaker_inference")
-pytest.importorskip("sagemaker")
 
 from ncf.data.synthetic import write_days
 from ncf.emulate.world import open_world

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 import pytest
 
-pytest.importorskip("moto.server"); pytest.importorskip("policy_sentry"); pytest.importorskip("sagemaker_inference")
 
 from ncf.emulate.world import open_world, invoke_lambda, FunctionError, TEMPLATE
 from ncf.emulate.chain import land_partition, settle

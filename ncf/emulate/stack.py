@@ -385,11 +385,11 @@ def _pop(p:dict, *keys, as_:Callable=lambda k: k) -> dict:
     return {as_(k): p.pop(k) for k in keys if k in p}
 
 def _create_role(w, r:Resource, p:dict):
-    "AWS::IAM::Role: create_role with its trust policy, then its managed and inline policies."
+    "AWS::IAM::Role: create_role with its trust policy, then its inline policies."
     iam = w.client("iam")
+    # ManagedPolicyArns and PermissionsBoundary stay unconsumed, so such a role is refused: ncf.emulate.iam checks inline policies only.
     role = iam.create_role(RoleName=r.name, AssumeRolePolicyDocument=json.dumps(p.pop("AssumeRolePolicyDocument")),
-                           **_pop(p, "Path", "Description", "MaxSessionDuration", "PermissionsBoundary", "Tags"))["Role"]
-    for arn in p.pop("ManagedPolicyArns", []): iam.attach_role_policy(RoleName=r.name, PolicyArn=arn)
+                           **_pop(p, "Path", "Description", "MaxSessionDuration", "Tags"))["Role"]
     for pol in p.pop("Policies", []): iam.put_role_policy(RoleName=r.name, PolicyName=pol["PolicyName"], PolicyDocument=json.dumps(pol["PolicyDocument"]))
     return {"Arn": role["Arn"], "RoleId": role["RoleId"]}
 

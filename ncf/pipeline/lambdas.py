@@ -124,9 +124,10 @@ def newest_complete_day(s3, bucket:str, root:str, after:str) -> str|None:
     days = sorted((p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])), reverse=True)
     for prefix in days:
         day = prefix[len(root) + 3:].rstrip("/")
+        try: date.fromisoformat(day)
+        except ValueError: continue                                    # dt=latest and the like are no partitions
         if day <= after: return None
-        names = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
-        if names & set(COMPLETION_MARKERS): return day
+        if any(s3.list_objects_v2(Bucket=bucket, Prefix=prefix + m, MaxKeys=1).get("KeyCount") for m in COMPLETION_MARKERS): return day
     return None
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #4819dc86
@@ -155,12 +156,12 @@ def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #bd5a72b7
 def _completed_files(s3, obj:DataObject) -> tuple[list[dict], dict|None]:
     "The partition's data files (a manifest's: exactly those it lists), or why it cannot start a run."
-    files = partition_files(s3, obj.bucket, obj.partition)
     where = f"s3://{obj.bucket}/{obj.partition}"
-    if obj.key.endswith("/manifest.json"):
-        try: listed = manifest_names(s3, obj.bucket, obj.key)
+    if not obj.key.endswith("/manifest.json"): files = partition_files(s3, obj.bucket, obj.partition)
+    else:
+        try: listed = sorted(set(manifest_names(s3, obj.bucket, obj.key)))   # the version is of the set of files, in no order
         except ManifestError as e: return [], {"action": "invalid", "reason": str(e)}
-        have = {f["name"]: f for f in files}
+        have = {f["name"]: f for f in partition_files(s3, obj.bucket, obj.partition, nested=any("/" in n for n in listed))}
         if missing := [n for n in listed if n not in have]:
             return [], {"action": "incomplete", "reason": f"the manifest lists {missing}, which are not in {where}"}
         files = [have[n] for n in listed]
