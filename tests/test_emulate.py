@@ -5,7 +5,7 @@ One world serves the tests of this module, in order (it takes minutes: two build
 real SDK, and five executions that preprocess, train and evaluate): each test starts from what the one before left, as
 a deployment lives from one retrain to the next. The emulation extra is part of the dev install, so nothing here is
 skipped when it is missing: the import fails."""
-import io, json, subprocess, sys
+import io, json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -173,3 +173,13 @@ def test_the_command_runs_the_chain(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dt=2026-01-21 landed; ran: build, execution" in r.stdout and ": Succeeded {'Preprocess': 'Succeeded'" in r.stdout, r.stdout
     assert "endpoint ncf: arn:aws:sagemaker:us-east-1:123456789012:model-package/ncf/1" in r.stdout, r.stdout
+
+
+def test_serving_leaves_this_process_as_it_was(chain):
+    "The archive's inference.py puts its code/ first on sys.path; a later child process must still import this ncf."
+    world, tmp = chain
+    path, program = list(sys.path), os.environ.get("SAGEMAKER_PROGRAM")
+    world.toolkits.clear()
+    assert invoke_endpoint(world, "ncf", _seed_request(_days(tmp, 22)[0][sorted(_days(tmp, 22)[0])[-1]]))[0] == 200
+    assert sys.path == path and os.environ.get("SAGEMAKER_PROGRAM") == program
+    assert not [n for n, m in sys.modules.items() if "/endpoints/" in (getattr(m, "__file__", None) or "")]
