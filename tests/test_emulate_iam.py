@@ -58,6 +58,9 @@ def test_the_trigger_needs_to_write_its_claims(tmp_path):
         with pytest.raises(FunctionError) as e:
             _trigger(world)
         assert "AccessDenied" in str(e.value) and "PutObject" in str(e.value)
+        bucket = world.stack.resources["DataBucket"].physical_id
+        assert [(d["role"], d["action"], d["resource"].rsplit("/", 1)[0]) for d in world.denials()] == [
+            (world.stack.role_arn("TriggerRole"), "s3:PutObject", f"arn:aws:s3:::{bucket}/triggers")]   # the claim marker, refused by moto
 
 
 def test_an_unsupported_construct_fails_the_execution_by_name(tmp_path):
