@@ -12,7 +12,8 @@ from ..core import NCFError, extra
 # %% auto #0
 __all__ = ['SPECIAL_ACTIONS', 'NO_PERMISSION', 'SKIPPED_SERVICES', 'PRINCIPAL_ENV', 'LOG_ENV', 'ENDPOINT_ENV', 'SITECUSTOMIZE',
            'NOT_CHECKED', 'service_prefix', 'iam_action', 'Need', 'requirements', 'Decision', 'allowed', 'Principal',
-           'AccessDenied', 'check_call', 'install', 'install_everywhere', 'install_from_env', 'subprocess_env']
+           'AccessDenied', 'check_call', 'logged_check', 'install', 'install_everywhere', 'install_from_env',
+           'subprocess_env']
 
 # %% ../../nbs/api/63_emulate.iam.ipynb #71e2f499
 @functools.cache
@@ -279,17 +280,22 @@ def _client_error(service_model, message:str, operation:str):
     code, status = ("AccessDenied", 403) if service_model.protocol == "query" else ("AccessDeniedException", 400)
     return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
+def logged_check(principal:Principal, service:str, operation:str, params:dict, log:list|None=None, log_path=None) -> list[Decision]:
+    "`check_call`, with every decision (allowed or not) recorded in `log` and/or the JSON-lines file `log_path`."
+    row = {"role": principal.role_arn, "service": service, "operation": operation}
+    try: made = check_call(principal, service, operation, params)
+    except AccessDenied as e:
+        _record([{**row, **asdict(d)} for d in e.decisions], log, log_path); raise
+    _record([{**row, **asdict(d)} for d in made], log, log_path)
+    return made
+
 def install(client, principal:Principal, log:list|None=None, log_path=None):
     "Check every call `client` makes against `principal`'s policies before its request is built; a denied call raises ClientError, as on AWS."
     def check(params, model, **_):
         service = model.service_model.service_name
         if service in SKIPPED_SERVICES: return
-        row = {"role": principal.role_arn, "service": service, "operation": model.name}
-        try: made = check_call(principal, service, model.name, params)
-        except AccessDenied as e:
-            _record([{**row, **asdict(d)} for d in e.decisions], log, log_path)
-            raise _client_error(model.service_model, str(e), model.name) from None
-        _record([{**row, **asdict(d)} for d in made], log, log_path)
+        try: logged_check(principal, service, model.name, params, log, log_path)
+        except AccessDenied as e: raise _client_error(model.service_model, str(e), model.name) from None
     client.meta.events.unregister("before-parameter-build.*.*", unique_id=_HOOK)
     client.meta.events.register("before-parameter-build.*.*", check, unique_id=_HOOK)
     return client
