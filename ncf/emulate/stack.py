@@ -294,6 +294,10 @@ def _rule_values(n, p, w):
     if bus == "default": return n, {"Arn": _arn(w, "events", f"rule/{n}")}
     return f"{bus}|{n}", {"Arn": _arn(w, "events", f"rule/{bus}/{n}")}
 
+def _queue_values(n, p, w):
+    url = f"https://sqs.{w.region}.amazonaws.com/{w.account}/{n}"
+    return url, {"Arn": _arn(w, "sqs", n), "QueueName": n, "QueueUrl": url}
+
 def _model_package_group_values(n, p, w):
     arn = _arn(w, "sagemaker", f"model-package-group/{n}")
     return arn, {"ModelPackageGroupArn": arn}
@@ -308,6 +312,13 @@ NAMES = {   # CloudFormation type -> how it is named; a type the emulation creat
     "AWS::Lambda::Function": Naming("FunctionName", lambda n, p, w: (n, {"Arn": _arn(w, "lambda", f"function:{n}")})),
     "AWS::Lambda::Permission": Naming(None, lambda n, p, w: (n, {"Id": n}), arn=None),
     "AWS::CodeBuild::Project": Naming("Name", lambda n, p, w: (n, {"Arn": _arn(w, "codebuild", f"project/{n}")}), limit=255),
+    "AWS::Lambda::EventInvokeConfig": Naming(None, lambda n, p, w: (n, {}), arn=None),
+    "AWS::SQS::Queue": Naming("QueueName", _queue_values, limit=80),
+    "AWS::SQS::QueuePolicy": Naming(None, lambda n, p, w: (n, {"Id": n}), arn=None),
+    "AWS::SNS::Topic": Naming("TopicName", lambda n, p, w: (_arn(w, "sns", n), {"TopicArn": _arn(w, "sns", n), "TopicName": n}), arn="TopicArn", limit=256),
+    "AWS::SNS::Subscription": Naming(None, lambda n, p, w: (n, {}), arn=None),
+    "AWS::CloudWatch::Alarm": Naming("AlarmName", lambda n, p, w: (n, {"Arn": _arn(w, "cloudwatch", f"alarm:{n}")}), limit=255),
+    "AWS::Scheduler::Schedule": Naming("Name", lambda n, p, w: (n, {"Arn": _arn(w, "scheduler", f"schedule/{p.get('GroupName', 'default')}/{n}")})),
 }
 
 def _resource(logical_id:str, type:str, props:dict, w:Resolved) -> Resource:
@@ -454,11 +465,60 @@ def _create_project(w, r:Resource, p:dict):
     project = w.client("codebuild").create_project(name=r.name, **_camel(_pop(p, *_PROJECT)))["project"]
     return {"Arn": project["arn"]}
 
+# %% ../../nbs/api/64_emulate.stack.ipynb #698effe8
+def _create_queue(w, r:Resource, p:dict):
+    "AWS::SQS::Queue: create_queue with its attributes as text, as the API takes them."
+    attrs = {k: _text(v).lower() if isinstance(v, bool) else _text(v) for k, v in _pop(p, "MessageRetentionPeriod", "SqsManagedSseEnabled", "VisibilityTimeout",
+             "DelaySeconds", "ReceiveMessageWaitTimeSeconds", "MaximumMessageSize", "KmsMasterKeyId", "FifoQueue").items()}
+    sqs = w.client("sqs")
+    url = sqs.create_queue(QueueName=r.name, Attributes=attrs)["QueueUrl"]
+    return {"Arn": sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]}
+
+def _create_queue_policy(w, r:Resource, p:dict):
+    "AWS::SQS::QueuePolicy: the policy as each queue's `Policy` attribute."
+    sqs, policy = w.client("sqs"), json.dumps(p.pop("PolicyDocument"))
+    for url in p.pop("Queues"): sqs.set_queue_attributes(QueueUrl=sqs.get_queue_url(QueueName=url.rsplit("/", 1)[-1])["QueueUrl"], Attributes={"Policy": policy})
+
+def _create_event_invoke_config(w, r:Resource, p:dict):
+    "AWS::Lambda::EventInvokeConfig: put_function_event_invoke_config."
+    kw = _pop(p, "FunctionName", "Qualifier", "DestinationConfig", "MaximumEventAgeInSeconds")
+    if "MaximumRetryAttempts" in p: kw["MaximumRetryAttempts"] = int(p.pop("MaximumRetryAttempts"))
+    w.client("lambda").put_function_event_invoke_config(**kw)
+
+def _create_topic(w, r:Resource, p:dict):
+    "AWS::SNS::Topic: create_topic."
+    return {"TopicArn": w.client("sns").create_topic(Name=r.name, **_pop(p, "Tags"))["TopicArn"]}
+
+def _create_subscription(w, r:Resource, p:dict):
+    "AWS::SNS::Subscription: subscribe."
+    w.client("sns").subscribe(**_pop(p, "TopicArn", "Protocol", "Endpoint"))
+
+# %% ../../nbs/api/64_emulate.stack.ipynb #f51d3dac
+_ALARM_NUMBERS = {"Period": int, "EvaluationPeriods": int, "DatapointsToAlarm": int, "Threshold": float}
+
+def _create_alarm(w, r:Resource, p:dict):
+    "AWS::CloudWatch::Alarm: put_metric_alarm."
+    kw = _pop(p, "AlarmDescription", "Namespace", "MetricName", "Dimensions", "Statistic", "ComparisonOperator", "TreatMissingData",
+              "AlarmActions", "OKActions", "InsufficientDataActions", "ActionsEnabled", "Unit")
+    kw |= {k: f(p.pop(k)) for k, f in _ALARM_NUMBERS.items() if k in p}
+    w.client("cloudwatch").put_metric_alarm(AlarmName=r.name, **kw)
+
+def _create_schedule(w, r:Resource, p:dict):
+    "AWS::Scheduler::Schedule: create_schedule, its target's retry numbers as numbers."
+    target = dict(p.pop("Target"))
+    if rp := target.get("RetryPolicy"): target["RetryPolicy"] = {k: int(v) for k, v in rp.items()}
+    out = w.client("scheduler").create_schedule(Name=r.name, Target=target, **_pop(p, "ScheduleExpression", "ScheduleExpressionTimezone",
+                                                 "FlexibleTimeWindow", "Description", "GroupName", "State", "StartDate", "EndDate"))
+    return {"Arn": out["ScheduleArn"]}
+
 # %% ../../nbs/api/64_emulate.stack.ipynb #c9243bdd
 CREATORS = {   # CloudFormation type -> creator(stack, resource, properties to pop) -> attributes from the API
     "AWS::S3::Bucket": _create_bucket, "AWS::IAM::Role": _create_role, "AWS::Logs::LogGroup": _create_log_group,
     "AWS::SageMaker::ModelPackageGroup": _create_model_package_group, "AWS::Events::Rule": _create_rule,
     "AWS::Lambda::Function": _create_function, "AWS::Lambda::Permission": _create_permission, "AWS::CodeBuild::Project": _create_project,
+    "AWS::Lambda::EventInvokeConfig": _create_event_invoke_config, "AWS::SQS::Queue": _create_queue, "AWS::SQS::QueuePolicy": _create_queue_policy,
+    "AWS::SNS::Topic": _create_topic, "AWS::SNS::Subscription": _create_subscription, "AWS::CloudWatch::Alarm": _create_alarm,
+    "AWS::Scheduler::Schedule": _create_schedule,
 }
 
 def _create(w, r:Resource):
