@@ -6,13 +6,15 @@
 from __future__ import annotations
 import hashlib, json, os, re, time, urllib.parse
 from dataclasses import dataclass, asdict, replace
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'BUSY', 'DEFAULT_INSTANCE_TYPE', 'DataObject', 'is_data_file', 'data_object',
-           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'ManifestError',
-           'manifest_names', 'newest_complete_day', 'build_overrides', 'trigger_handler', 'endpoint_config_name',
-           'describe_endpoint', 'ensure_endpoint_config', 'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
+__all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
+           'DataObject', 'is_data_file', 'data_object', 'preprocessed_object', 'object_events', 'partition_files',
+           'partition_version', 'claim_key', 'claim', 'ManifestError', 'manifest_names', 'newest_complete_day',
+           'env_overrides', 'build_overrides', 'scheduled_day', 'queued_key', 'queued_runs', 'release_next',
+           'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'DeployError',
+           'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -27,6 +29,7 @@ class DataObject:
     data_uri:str     # s3://BUCKET/ROOT: the root holding the dt= partitions
     run_date:str     # the partition's date
     version:str      # this write of the marker: version id, sequencer or ETag
+    preprocessed:bool=False   # a preprocessed partition (EMR's output): data_uri is the partition itself
 
     @property
     def partition(self) -> str: return self.key.rsplit("/", 1)[0] + "/"   # the partition's key prefix
@@ -44,6 +47,12 @@ def data_object(bucket:str, key:str, version:str="", prefix:str="") -> DataObjec
     except ValueError: return None
     root = key[:m.start()].rstrip("/")
     return DataObject(bucket, key, f"s3://{bucket}/{root}" if root else f"s3://{bucket}", day, version or "unversioned")
+
+def preprocessed_object(bucket:str, key:str, version:str="", prefix:str="preprocessed/") -> DataObject|None:
+    "The `DataObject` of a preprocessed partition under `prefix` whose `manifest.json` (written last) was written; else None."
+    obj = data_object(bucket, key, version, prefix) if prefix else None
+    if obj is None or not key.endswith("/manifest.json"): return None
+    return replace(obj, data_uri=f"s3://{bucket}/{obj.partition.rstrip('/')}", preprocessed=True)
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #b6100d2a
 def _eb_key(raw:str) -> str:
@@ -135,11 +144,17 @@ def _client(name:str):
     import boto3
     return boto3.client(name)
 
+RUN_VARIABLES = ("NCF_DATA_URI", "NCF_RUN_DATE", "NCF_DATA_VERSION", "NCF_PREPROCESSED", "NCF_TRIGGER_OBJECT")   # what a build is started with
+
+def env_overrides(env:dict) -> list[dict]:
+    "CodeBuild `environmentVariablesOverride` of a run's variables (`RUN_VARIABLES`; others are refused)."
+    if bad := sorted(set(env) - set(RUN_VARIABLES)): raise ValueError(f"not run variables: {bad} (known: {', '.join(RUN_VARIABLES)})")
+    return [{"name": k, "value": str(env[k]), "type": "PLAINTEXT"} for k in RUN_VARIABLES if k in env]
+
 def build_overrides(obj:DataObject, data_version:str) -> list[dict]:
-    "CodeBuild `environmentVariablesOverride` for a completed partition of data version `data_version`."
-    env = {"NCF_DATA_URI": obj.data_uri, "NCF_RUN_DATE": obj.run_date, "NCF_DATA_VERSION": f"{obj.run_date}:{data_version}",
-           "NCF_TRIGGER_OBJECT": f"s3://{obj.bucket}/{obj.key}"}
-    return [{"name": k, "value": v, "type": "PLAINTEXT"} for k, v in env.items()]
+    "The build's overrides for a completed partition of data version `data_version`."
+    return env_overrides({"NCF_DATA_URI": obj.data_uri, "NCF_RUN_DATE": obj.run_date, "NCF_DATA_VERSION": f"{obj.run_date}:{data_version}",
+                          "NCF_PREPROCESSED": "1" if obj.preprocessed else "", "NCF_TRIGGER_OBJECT": f"s3://{obj.bucket}/{obj.key}"})
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #b7c2e4a1
 def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker_bucket:str, marker:str) -> dict:
@@ -154,6 +169,22 @@ def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker
             "run_date": obj.run_date, "version": obj.version, "data_version": version}
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #bd5a72b7
+def _preprocessed_version(s3, obj:DataObject) -> tuple[str|None, dict|None]:
+    "A preprocessed partition's data version, from its manifest; or why it cannot start a run."
+    from botocore.exceptions import ClientError
+    try: version = str(json.loads(s3.get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read())["data_version"])[:16]
+    except (ClientError, ValueError, KeyError, TypeError) as e:
+        return None, {"action": "invalid", "reason": f"s3://{obj.bucket}/{obj.key} holds no data_version: {type(e).__name__}: {e}"}
+    if not partition_files(s3, obj.bucket, obj.partition, nested=True):   # Spark writes each table as a folder of parts
+        return None, {"action": "empty", "reason": f"s3://{obj.bucket}/{obj.partition} has no data files"}
+    return version, None
+
+def _data_version(s3, obj:DataObject) -> tuple[str|None, dict|None]:
+    "The version of a completed partition's content, or why it cannot start a run."
+    if obj.preprocessed: return _preprocessed_version(s3, obj)
+    files, problem = _completed_files(s3, obj)
+    return (None, problem) if problem else (partition_version(files), None)
+
 def _completed_files(s3, obj:DataObject) -> tuple[list[dict], dict|None]:
     "The partition's data files (a manifest's: exactly those it lists), or why it cannot start a run."
     where = f"s3://{obj.bucket}/{obj.partition}"
@@ -169,30 +200,84 @@ def _completed_files(s3, obj:DataObject) -> tuple[list[dict], dict|None]:
     return files, None
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #2fe3c999
+class _Clients:
+    "boto3 clients made on first use, so that an event with nothing to do makes no AWS call."
+    def __init__(self, **given): self.given = given
+    def __getattr__(self, name):
+        if name.startswith("_"): raise AttributeError(name)
+        if self.given.get(name) is None: self.given[name] = _client(name)
+        return self.given[name]
+
+def _claim_and_start(obj:DataObject, version:str, env, c:_Clients) -> dict:
+    "Claim this content of the partition once, and start its retrain (raw: up to the newest complete partition)."
+    marker_bucket = env.get("NCF_MARKER_BUCKET") or obj.bucket
+    marker = claim_key(env.get("NCF_MARKER_PREFIX", "triggers/"), obj.bucket, obj.partition, version)
+    if not claim(c.s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "claimed_at": time.time()}):
+        return {"key": obj.key, "action": "duplicate", "data_version": version}
+    root = obj.partition[:obj.partition.rindex("dt=")]
+    newer = None if obj.preprocessed else newest_complete_day(c.s3, obj.bucket, root, obj.run_date)   # a late raw partition
+    run = replace(obj, run_date=newer) if newer else obj
+    return {**_start_build(c.codebuild, env["NCF_CODEBUILD_PROJECT"], run, version, c.s3, marker_bucket, marker),
+            **({"completed": obj.run_date, "reason": f"dt={obj.run_date} completed after dt={newer}: retraining up to dt={newer}"} if newer else {})}
+
+def _object_created(rec:dict, env, c:_Clients) -> dict:
+    "An object-created record: a completed raw or preprocessed partition starts a retrain; anything else is ignored."
+    obj = (preprocessed_object(rec["bucket"], rec["key"], rec["version"], env.get("NCF_PREPROCESSED_PREFIX", "preprocessed/"))
+           or data_object(rec["bucket"], rec["key"], rec["version"], env.get("NCF_RAW_PREFIX", "raw/")))
+    if obj is None: return {"key": rec["key"], "action": "ignored"}
+    version, problem = _data_version(c.s3, obj)
+    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, env, c)
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #c674e0e7
+SCHEDULE_EVENT = "raw-day"   # the schedule's Input: {"ncf": "raw-day", "scheduled_time": ...}
+
+def scheduled_day(event:dict) -> str:
+    "The partition a scheduled run retrains: the day before the schedule's `scheduled_time` (ISO 8601, UTC)."
+    t = str(event.get("scheduled_time", ""))
+    try: when = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError: raise ValueError(f"the schedule's event has no ISO 8601 scheduled_time: {event!r}") from None
+    return (when.astimezone(timezone.utc).date() - timedelta(days=1)).isoformat() if when.tzinfo else (when.date() - timedelta(days=1)).isoformat()
+
+def _scheduled(event:dict, env, c:_Clients) -> dict:
+    "The previous day's raw partition, as a completed one."
+    if not (bucket := env.get("NCF_DATA_BUCKET")): raise RuntimeError("NCF_DATA_BUCKET is not set: the schedule does not name the bucket")
+    prefix, day = env.get("NCF_RAW_PREFIX", "raw/"), scheduled_day(event)
+    obj = DataObject(bucket, f"{prefix}dt={day}/", f"s3://{bucket}/{prefix.rstrip('/')}", day, str(event.get("scheduled_time")))
+    version, problem = _data_version(c.s3, obj)
+    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, env, c)
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #88b51190
+def queued_key(prefix:str, env:dict, now:float|None=None) -> str:
+    "Where a queued run goes: `PREFIX/YYYYMMDDTHHMMSSffffffZ-HASH.json`, so that names sort by the time they were queued."
+    stamp = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{prefix}{stamp}-{hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]}.json"
+
+def queued_runs(s3, bucket:str, prefix:str) -> list[str]:
+    "The keys of the queued runs, oldest first."
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []) if o["Key"].endswith(".json"))
+
+def release_next(s3, codebuild, project:str, bucket:str, prefix:str) -> dict:
+    "Start the build of the oldest queued run, then take it off the queue; `{action: released|idle}`."
+    if not (keys := queued_runs(s3, bucket, prefix)): return {"action": "idle", "reason": f"nothing queued under s3://{bucket}/{prefix}"}
+    run = json.loads(s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read())["env"]
+    build = codebuild.start_build(projectName=project, environmentVariablesOverride=env_overrides(run),
+                                  idempotencyToken=hashlib.sha256(keys[0].encode()).hexdigest()[:64])["build"]
+    s3.delete_object(Bucket=bucket, Key=keys[0])
+    return {"action": "released", "key": keys[0], "build_id": build["id"], "run_date": run.get("NCF_RUN_DATE"), "left": len(keys) - 1}
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #7a5fc438
 def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=None) -> dict:
-    "S3/EventBridge object-created event → one CodeBuild run per completed partition's content (duplicates, data files, empty or incomplete partitions start nothing)."
+    "A completed partition (S3 object created) or the daily schedule starts one retrain per content; the end of an execution starts the next queued one."
     env = os.environ if env is None else env
-    project = env.get("NCF_CODEBUILD_PROJECT")
-    if not project: raise RuntimeError("NCF_CODEBUILD_PROJECT is not set")
-    prefix, marker_prefix = env.get("NCF_RAW_PREFIX", "raw/"), env.get("NCF_MARKER_PREFIX", "triggers/")
-    results = []
-    for rec in object_events(event):
-        obj = data_object(rec["bucket"], rec["key"], rec["version"], prefix)
-        if obj is None:
-            results.append({"key": rec["key"], "action": "ignored"}); continue
-        s3 = s3 or _client("s3")
-        files, problem = _completed_files(s3, obj)
-        if problem:
-            results.append({"key": obj.key, **problem}); continue
-        version, marker_bucket = partition_version(files), env.get("NCF_MARKER_BUCKET") or obj.bucket
-        marker = claim_key(marker_prefix, obj.bucket, obj.partition, version)
-        if not claim(s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "files": len(files), "claimed_at": time.time()}):
-            results.append({"key": obj.key, "action": "duplicate", "data_version": version}); continue
-        root = obj.partition[:obj.partition.rindex("dt=")]
-        newer = newest_complete_day(s3, obj.bucket, root, obj.run_date)   # a late partition: retrain up to the newest complete one
-        run = replace(obj, run_date=newer) if newer else obj
-        results.append({**_start_build(codebuild or _client("codebuild"), project, run, version, s3, marker_bucket, marker),
-                        **({"completed": obj.run_date, "reason": f"dt={obj.run_date} completed after dt={newer}: retraining up to dt={newer}"} if newer else {})})
+    if not env.get("NCF_CODEBUILD_PROJECT"): raise RuntimeError("NCF_CODEBUILD_PROJECT is not set")
+    c = _Clients(s3=s3, codebuild=codebuild)
+    if event.get("ncf") == SCHEDULE_EVENT: results = [_scheduled(event, env, c)]
+    elif event.get("source") == "aws.sagemaker":
+        if not (bucket := env.get("NCF_DATA_BUCKET")): raise RuntimeError("NCF_DATA_BUCKET is not set: the queue's bucket is unknown")
+        results = [{"ended": event.get("detail", {}).get("pipelineExecutionArn"),
+                    **release_next(c.s3, c.codebuild, env["NCF_CODEBUILD_PROJECT"], bucket, env.get("NCF_PENDING_PREFIX", "ncf/pending/"))}]
+    else: results = [_object_created(rec, env, c) for rec in object_events(event)]
     print(json.dumps({"trigger": results}))
     return {"results": results}
 
