@@ -24,6 +24,7 @@ class PipelineParams:
     work_dir:str=".demo"                     # local executor: data, models, runs and registry live here
     run_date:str|None=None                   # partition date of the run (default: the newest log day, else today)
     days:int|None=None                       # read only the last N days of logs
+    preprocessed:bool=False                  # data_uri is a preprocessed partition (EMR's output): no Preprocess step
     hyperparameters:dict=field(default_factory=dict)   # ncf_train flags, e.g. {"epochs": 10}
     model_group:str="ncf"                    # the registry's model group (SageMaker model package group)
     hr_threshold:float=HR_THRESHOLD          # quality gate: the new model's test HR@10 must reach this ...

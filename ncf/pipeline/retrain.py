@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #0f41ab74
 from __future__ import annotations
-import dataclasses, datetime as dt, hashlib, json, sys, time
+import contextlib, dataclasses, datetime as dt, hashlib, json, os, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from fastcore.basics import patch
@@ -12,6 +12,7 @@ import ncf
 from ..core import NCFError, ConfigError, DataError, sha256_file, write_json, read_json
 from ..data.readers import partitions, window, _data_files
 from ..data.split import PreprocessParams
+from ..data import storage
 from ..data.preprocess import preprocess
 from ..model.modeldir import verify_model_dir, load_model_dir
 from ..train.config import TrainConfig, config_from_flags
@@ -22,8 +23,8 @@ from .registry import LocalRegistry, check_deployable
 from ..serve.client import current_version, swap_model
 
 # %% auto #0
-__all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord', 'StepCache',
-           'LocalRun', 'deploy_local', 'RunResult', 'run_local']
+__all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'pipeline_steps', 'digest', 'code_version', 'raw_data_fingerprint', 'StepRecord',
+           'StepCache', 'LocalRun', 'given_partition', 'deploy_local', 'RunResult', 'retrain_lock', 'run_local']
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #b9d0d53f
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ PIPELINE = (
     Step("RegisterRejected", "register", ("QualityGate",), False),
     Step("Fail", "fail", ("RegisterRejected",), False),
 )
+
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #c55ef1a0
+def pipeline_steps(preprocessed:bool=False) -> tuple:
+    "The steps of a run: `PIPELINE`, or without Preprocess when the data is a preprocessed partition."
+    if not preprocessed: return PIPELINE
+    return tuple(dataclasses.replace(s, after=tuple(a for a in s.after if a != "Preprocess")) for s in PIPELINE if s.name != "Preprocess")
 
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #0224441c
 def digest(*parts) -> str:
@@ -155,6 +162,15 @@ def _step_train(run:LocalRun):
         return {"model_dir": str(model_dir), "model_version": verify_model_dir(model_dir)["model_version"]}, [model_dir]
     run.state["model"] = run.cached("Train", key, inputs, go)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #7911a847
+def given_partition(uri) -> dict:
+    "A preprocessed partition's data as the Preprocess step would hand it on: `{path, data_version, counts}`."
+    manifest = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest): raise DataError(f"{uri} is no preprocessed partition: it has no manifest.json (written last, when it is complete)")
+    m = json.loads(storage.read_bytes(manifest))
+    if "data_version" not in m: raise DataError(f"{manifest} has no data_version: not a manifest ncf's preprocessing wrote")
+    return {"path": str(uri), "data_version": m["data_version"], "counts": m.get("counts", {})}
+
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #719918ef
 def _step_evaluate(run:LocalRun):
     p, data, model = run.p, run.state["data"], run.state["model"]
@@ -250,22 +266,45 @@ class RunResult:
         lines.append(f"result: {verdict}" + (f" ({self.version.summary()})" if self.version else ""))
         return "\n".join(lines)
 
+# %% ../../nbs/api/53_pipeline.retrain.ipynb #3ada07bf
+@contextlib.contextmanager
+def retrain_lock(work_dir, log=print):
+    "Hold `WORK/retrain.lock` for one run; a second run on the same work directory waits, saying who holds it."
+    import fcntl
+    path = Path(work_dir)/"retrain.lock"; path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or "a process that has not said"
+            log(f"another retrain holds {path} ({holder}): waiting for it to end")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()}, since {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"); f.flush()
+        try: yield path
+        finally:
+            f.seek(0); f.truncate(); f.flush(); fcntl.flock(f, fcntl.LOCK_UN)
+
 # %% ../../nbs/api/53_pipeline.retrain.ipynb #9e2eff10
-def run_local(params:PipelineParams|None=None, registry=None, log=print) -> RunResult:
-    "Run the retrain pipeline on this machine; every step is recorded in `WORK/runs/RUN_ID/run.json`."
-    params = params or PipelineParams()
-    run = LocalRun(params, registry, log)
+def _run(run:LocalRun) -> RunResult:
+    params, log = run.p, run.log
     run.dir.mkdir(parents=True, exist_ok=True)
-    log(f"retrain run {run.run_id}: data {params.data_uri}, work dir {run.work}")
+    log(f"retrain run {run.run_id}: data {params.data_uri}{' (preprocessed)' if params.preprocessed else ''}, work dir {run.work}")
+    step = None
     try:
-        for step in PIPELINE:
+        if params.preprocessed: run.state["data"] = given_partition(params.data_uri)
+        for step in pipeline_steps(params.preprocessed):
             if step.branch is not None and step.branch != run.state.get("passed"): continue
             log(f"[{step.name}] ...")
             STEP_FUNCTIONS[step.name](run)
     except BaseException as e:
-        run.records.append(StepRecord(step.name, "failed", note=str(e)))
+        run.records.append(StepRecord(step.name if step else "Data", "failed", note=str(e)))
         raise
     finally:
         write_json(run.dir/"run.json", {"run_id": run.run_id, "params": asdict(params), "code_version": run.code,
                                         "steps": [asdict(r) for r in run.records]})
     return RunResult(run.run_id, run.dir, run.records, bool(run.state.get("passed")), run.state.get("version"))
+
+def run_local(params:PipelineParams|None=None, registry=None, log=print) -> RunResult:
+    "Run the retrain pipeline on this machine, one run at a time per work directory; every step is recorded in `WORK/runs/RUN_ID/run.json`."
+    params = params or PipelineParams()
+    with retrain_lock(params.work_dir, log):
+        return _run(LocalRun(params, registry, log))
