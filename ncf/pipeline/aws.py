@@ -16,6 +16,7 @@ __all__ = ['SERVING_ENV', 'AwsSettings', 'has_credentials', 'aws_context', 'imag
 class AwsSettings:
     "The AWS resources the SageMaker pipeline uses."
     role_arn:str|None=None            # SageMaker execution role of the pipeline and its jobs (NCF_SAGEMAKER_ROLE_ARN)
+    model_role_arn:str|None=None      # the endpoint's model's role, read-only (NCF_MODEL_ROLE_ARN); default: ncf-sagemaker-model
     bucket:str|None=None              # artifacts bucket (NCF_BUCKET); default: the SDK's sagemaker-REGION-ACCOUNT bucket
     prefix:str="ncf"                  # key prefix for everything the pipeline writes (NCF_PREFIX)
     pipeline_name:str="ncf-retrain"   # NCF_PIPELINE_NAME
@@ -26,7 +27,7 @@ class AwsSettings:
     @classmethod
     def from_env(cls, env=None) -> AwsSettings:
         env = os.environ if env is None else env
-        names = {"role_arn": "NCF_SAGEMAKER_ROLE_ARN", "bucket": "NCF_BUCKET", "prefix": "NCF_PREFIX",
+        names = {"role_arn": "NCF_SAGEMAKER_ROLE_ARN", "model_role_arn": "NCF_MODEL_ROLE_ARN", "bucket": "NCF_BUCKET", "prefix": "NCF_PREFIX",
                  "pipeline_name": "NCF_PIPELINE_NAME", "deploy_lambda_arn": "NCF_DEPLOY_LAMBDA_ARN"}
         return cls(**{f: env[v] for f, v in names.items() if env.get(v)})
 

@@ -4,22 +4,23 @@
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #aff52f78
 from __future__ import annotations
-import dataclasses, hashlib, json, os, re, shutil, sys, tempfile, uuid
+import dataclasses, hashlib, json, os, re, shutil, sys, tempfile, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
 from ..core import NCFError, ConfigError, requirements, declared_requirements, REQUIREMENTS_FILE
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
-from .retrain import PIPELINE, code_version, digest
+from .retrain import PIPELINE, pipeline_steps, code_version, digest
 from .params import PipelineParams
 from .aws import AwsSettings, aws_context, _images, SERVING_ENV, _not_found
 from .sagemaker_registry import SageMakerRegistry
-from .lambdas import partition_files, partition_version
+from .lambdas import partition_files, partition_version, queued_key
 
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS',
-           'SDK_TYPES', 'Param', 'pipeline_parameters', 'execution_parameters', 'stage_code', 'build_pipeline',
-           'step_graph', 'check_definition', 'masked', 'definition', 'upsert', 'data_listing_version', 'start']
+           'SDK_TYPES', 'RUNNING', 'Param', 'pipeline_parameters', 'execution_parameters', 'stage_code',
+           'pipeline_name', 'build_pipeline', 'step_graph', 'check_definition', 'masked', 'definition', 'upsert',
+           'data_listing_version', 'running_executions', 'start']
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #a7eaca83
 COMMON_HYPERPARAMETERS = ("model", "epochs", "lr", "batch_size", "factor_num", "num_layers", "num_ng", "dropout")
@@ -46,9 +47,6 @@ def pipeline_parameters(params:PipelineParams, default_data_uri:str="s3://BUCKET
     return [Param("DataUri", "String", data_uri), Param("RunDate", "String", params.run_date or ""),
             Param("Days", "Integer", params.days or 0), Param("DataVersion", "String", ""),
             *(Param(f"hp_{h}", _hp_type(defaults[h]), _hp_value(params.hyperparameters.get(h, defaults[h]))) for h in hps),
-            Param("TrainInstanceType", "String", params.train_instance_type),
-            Param("ProcessingInstanceType", "String", params.processing_instance_type),
-            Param("EndpointInstanceType", "String", params.endpoint_instance_type),
             Param("HrThreshold", "Float", params.hr_threshold), Param("Tolerance", "Float", params.tolerance),
             Param("ProductionModelUri", "String", "")]
 
@@ -96,6 +94,7 @@ class _Build:
     sess:object               # the PipelineSession
     role:str
     lambda_arn:str            # the deploy Lambda
+    model_role:str            # the endpoint's model's role (read-only)
     root:str                  # s3://BUCKET/PREFIX
     code:str                  # code_version()
     train_image:str           # also used for processing
@@ -111,7 +110,7 @@ class _Build:
         return Join(on="/", values=[f"{self.root}/runs", ExecutionVariables.PIPELINE_EXECUTION_ID, name])
     def processor(self, name):
         from sagemaker.core.processing import FrameworkProcessor
-        return FrameworkProcessor(image_uri=self.train_image, role=self.role, instance_count=1, instance_type=self.par["ProcessingInstanceType"],
+        return FrameworkProcessor(image_uri=self.train_image, role=self.role, instance_count=1, instance_type=self.params.processing_instance_type,
                                   sagemaker_session=self.sess, base_job_name=f"ncf-{name}", code_location=f"{self.root}/code")
     def output(self, name):
         from sagemaker.core.shapes import ProcessingOutput, ProcessingS3Output
@@ -129,6 +128,7 @@ def _context(params:PipelineParams, s:AwsSettings, sess, role_arn:str|None, code
     account = sess.account_id()
     role = role_arn or s.role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-pipeline"
     lambda_arn = s.deploy_lambda_arn or f"arn:aws:lambda:{region}:{account}:function:ncf-deploy"
+    model_role = s.model_role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-model"
     root = f"s3://{bucket}/{s.prefix}"
     code = code_version()
     train_image, serve_image = _images(region, s, params.train_instance_type, params.endpoint_instance_type)
@@ -139,7 +139,7 @@ def _context(params:PipelineParams, s:AwsSettings, sess, role_arn:str|None, code
     # The SDK packs the code when the definition is rendered: `code_dir` must live until `.definition()` returns.
     staged = stage_code(Path(code_dir or tempfile.mkdtemp(prefix="ncf-sagemaker-code-"))/"code")
     tag = code.replace("+", "-").replace(".", "-")[:40]
-    return _Build(params, s, sess, role, lambda_arn, root, code, train_image, serve_image, par, staged, tag, cache)
+    return _Build(params, s, sess, role, lambda_arn, model_role, root, code, train_image, serve_image, par, staged, tag, cache)
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #3f5e4c69
 def _preprocess_step(b:_Build):
@@ -159,7 +159,7 @@ def _train_step(b:_Build, data_uri):
     trainer = ModelTrainer(training_image=b.train_image, role=b.role, sagemaker_session=b.sess, base_job_name="ncf-train",
                            input_s3_key_prefix=f"{b.settings.prefix}/train", output_data_config=OutputDataConfig(s3_output_path=f"{b.root}/train"),
                            source_code=SourceCode(source_dir=str(b.staged), entry_script="train.py", requirements="requirements.txt"),
-                           compute=Compute(instance_type=b.par["TrainInstanceType"], instance_count=1), hyperparameters=hps,
+                           compute=Compute(instance_type=b.params.train_instance_type, instance_count=1), hyperparameters=hps,
                            input_data_config=[InputData(channel_name="train", data_source=data_uri)])
     trainer = trainer.with_metric_definitions([MetricDefinition(name=n, regex=r) for n, r in METRICS])
     return TrainingStep(name="Train", step_args=trainer.train(), cache_config=b.cache)
@@ -200,32 +200,37 @@ def _deploy_steps(b:_Build, serving_tar, approved) -> tuple:
     from sagemaker.mlops.workflow.model_step import ModelStep
     from sagemaker.mlops.workflow.lambda_step import LambdaStep, LambdaOutput, LambdaOutputTypeEnum
     create = ModelBuilder(s3_model_data_url=serving_tar, image_uri=b.serve_image, env_vars=dict(SERVING_ENV),
-                          sagemaker_session=b.sess, role_arn=b.role).build()
+                          sagemaker_session=b.sess, role_arn=b.model_role).build()   # the model's own role: it reads its archive
     # Create the model from the registered package, so the endpoint's model names the version it serves.
     create.create_model_request["PrimaryContainer"] = {"ModelPackageName": approved.properties.ModelPackageArn}
     model = ModelStep(name="CreateModel", step_args=create)
     deploy = LambdaStep(name="Deploy", lambda_func=Lambda(function_arn=b.lambda_arn, session=b.sess),
         inputs={"endpoint_name": b.params.endpoint_name, "model_name": model.properties.ModelName,
                 "model_package_arn": approved.properties.ModelPackageArn,
-                "instance_type": b.par["EndpointInstanceType"], "instance_count": 1},
+                "instance_type": b.params.endpoint_instance_type, "instance_count": 1},
         outputs=[LambdaOutput(output_name=n, output_type=LambdaOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
     return model, deploy
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #19639d55
-def _gated(steps:dict, ev) -> list:
-    "Add `PIPELINE`'s explicit dependencies and the QualityGate ConditionStep to `steps`; return the top-level steps."
+def _gated(steps:dict, ev, description:tuple=PIPELINE) -> list:
+    "Add the description's explicit dependencies and the QualityGate ConditionStep to `steps`; return the top-level steps."
     from sagemaker.core.workflow.conditions import ConditionEquals
     from sagemaker.mlops.workflow.condition_step import ConditionStep
     # Explicit order where no property reference implies it (PIPELINE's `after`).
-    for st in PIPELINE:
+    for st in description:
         if st.kind in ("model", "lambda", "fail"): steps[st.name].add_depends_on([steps[a] for a in st.after])
-    branch = lambda b: [steps[st.name] for st in PIPELINE if st.branch is b]
-    gate = next(st for st in PIPELINE if st.kind == "condition")
+    branch = lambda b: [steps[st.name] for st in description if st.branch is b]
+    gate = next(st for st in description if st.kind == "condition")
     steps[gate.name] = ConditionStep(name=gate.name, conditions=[ConditionEquals(left=ev("gate.passed"), right=True)],
                                      if_steps=branch(True), else_steps=branch(False))
-    missing = [st.name for st in PIPELINE if st.name not in steps]
+    missing = [st.name for st in description if st.name not in steps]
     if missing: raise NCFError(f"the SageMaker pipeline has no step for {missing}: ncf.pipeline.retrain.PIPELINE and this builder disagree")
-    return [steps[st.name] for st in PIPELINE if st.branch is None]
+    return [steps[st.name] for st in description if st.branch is None]
+
+# %% ../../nbs/api/56_pipeline.sagemaker.ipynb #be089f21
+def pipeline_name(params:PipelineParams, s:AwsSettings) -> str:
+    "The pipeline of a run: `NAME` on raw logs, `NAME-preprocessed` on a preprocessed partition (no Preprocess step)."
+    return f"{s.pipeline_name}-preprocessed" if params.preprocessed else s.pipeline_name
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #5ef75bf6
 def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, session=None, role_arn:str|None=None, code_dir=None):
@@ -238,8 +243,10 @@ def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, sessio
     s = settings or AwsSettings.from_env()
     sess = session or PipelineSession(default_bucket=s.bucket, sagemaker_config=TELEMETRY_OFF)
     b = _context(params, s, sess, role_arn, code_dir)
-    steps = {"Preprocess": _preprocess_step(b)}
-    data_uri = steps["Preprocess"].properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
+    if params.preprocessed: steps, data_uri = {}, b.par["DataUri"]   # EMR's partition is the training data
+    else:
+        steps = {"Preprocess": _preprocess_step(b)}
+        data_uri = steps["Preprocess"].properties.ProcessingOutputConfig.Outputs["data"].S3Output.S3Uri
     steps["Train"] = _train_step(b, data_uri)
     steps["Evaluate"], evaluation = _evaluate_step(b, data_uri, steps["Train"].properties.ModelArtifacts.S3ModelArtifacts)
 
@@ -251,7 +258,8 @@ def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, sessio
         steps[name] = _register_step(b, name, status, serving_tar, evaluation_json, ev)
     steps["CreateModel"], steps["Deploy"] = _deploy_steps(b, serving_tar, steps["RegisterApproved"])
     steps["Fail"] = FailStep(name="Fail", error_message=Join(on=" ", values=["The quality gate rejected the new model:", ev("gate.reasons[0]")]))
-    return Pipeline(name=s.pipeline_name, parameters=list(b.par.values()), sagemaker_session=sess, steps=_gated(steps, ev))
+    return Pipeline(name=pipeline_name(params, s), parameters=list(b.par.values()), sagemaker_session=sess,
+                    steps=_gated(steps, ev, pipeline_steps(params.preprocessed)))
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #80aebbfb
 SDK_TYPES = {"processing": "Processing", "training": "Training", "condition": "Condition", "register": "RegisterModel",
@@ -281,12 +289,12 @@ def step_graph(definition) -> dict:
     return out
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #e4f36ae3
-def check_definition(definition) -> dict:
-    "Raise `NCFError` unless the definition has exactly `PIPELINE`'s steps, types, branches and dependencies."
+def check_definition(definition, description:tuple=PIPELINE) -> dict:
+    "Raise `NCFError` unless the definition has exactly the description's steps, types, branches and dependencies."
     g = step_graph(definition)
     problems = []
-    if set(g) != {s.name for s in PIPELINE}: problems.append(f"steps {sorted(g)} != {sorted(s.name for s in PIPELINE)}")
-    for s in PIPELINE:
+    if set(g) != {s.name for s in description}: problems.append(f"steps {sorted(g)} != {sorted(s.name for s in description)}")
+    for s in description:
         if s.name not in g: continue
         got = g[s.name]
         if got["type"] != SDK_TYPES[s.kind]: problems.append(f"{s.name} is a {got['type']} step, expected {SDK_TYPES[s.kind]}")
@@ -305,9 +313,10 @@ def masked(definition:str) -> str:
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #c76845d4
 def definition(params:PipelineParams|None=None, settings:AwsSettings|None=None) -> str:
     "The pipeline definition JSON, checked against `PIPELINE`; offline (moto) when no credentials are configured."
+    params = params or PipelineParams()
     with aws_context(), tempfile.TemporaryDirectory(prefix="ncf-sagemaker-code-") as code:
-        d = build_pipeline(params or PipelineParams(), settings, code_dir=code).definition()
-    check_definition(d)
+        d = build_pipeline(params, settings, code_dir=code).definition()
+    check_definition(d, pipeline_steps(params.preprocessed))
     return json.dumps(json.loads(d), indent=2)
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #f5beae78
@@ -320,16 +329,16 @@ def _upsert(sm, params:PipelineParams, role:str, s:AwsSettings) -> tuple[str, st
     from botocore.exceptions import ClientError
     with tempfile.TemporaryDirectory(prefix="ncf-sagemaker-code-") as code:
         d = build_pipeline(params, s, role_arn=role, code_dir=code).definition()
-    check_definition(d)
-    desc = _description(d)
-    try: old = sm.describe_pipeline(PipelineName=s.pipeline_name)
+    check_definition(d, pipeline_steps(params.preprocessed))
+    desc, name = _description(d), pipeline_name(params, s)
+    try: old = sm.describe_pipeline(PipelineName=name)
     except ClientError as e:
         if not _not_found(e): raise
-        token = hashlib.sha256(f"{s.pipeline_name}:{desc}".encode()).hexdigest()[:64]
-        return sm.create_pipeline(PipelineName=s.pipeline_name, PipelineDefinition=d, PipelineDescription=desc, RoleArn=role,
+        token = hashlib.sha256(f"{name}:{desc}".encode()).hexdigest()[:64]
+        return sm.create_pipeline(PipelineName=name, PipelineDefinition=d, PipelineDescription=desc, RoleArn=role,
                                   ClientRequestToken=token)["PipelineArn"], "created"
     if old.get("PipelineDescription") == desc and old.get("RoleArn") == role: return old["PipelineArn"], "unchanged"
-    return sm.update_pipeline(PipelineName=s.pipeline_name, PipelineDefinition=d, PipelineDescription=desc, RoleArn=role)["PipelineArn"], "updated"
+    return sm.update_pipeline(PipelineName=name, PipelineDefinition=d, PipelineDescription=desc, RoleArn=role)["PipelineArn"], "updated"
 
 def _role(role_arn, s:AwsSettings) -> str:
     if role := role_arn or s.role_arn: return role
@@ -342,7 +351,7 @@ def upsert(params:PipelineParams|None=None, role_arn:str|None=None, settings:Aws
     with aws_context(offline):
         import boto3
         arn, what = _upsert(boto3.client("sagemaker"), params or PipelineParams(), role, s)
-    print(f"pipeline {s.pipeline_name}: {what}", file=sys.stderr)
+    print(f"pipeline {pipeline_name(params or PipelineParams(), s)}: {what}", file=sys.stderr)
     return arn
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #2e04b964
@@ -355,28 +364,76 @@ def data_listing_version(s3, data_uri:str) -> str:
     return "listing:" + partition_version(files)
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #94637bce
+RUNNING = ("Executing", "Stopping")
+
+def _executions(sm, name:str) -> list[dict]:
+    "The newest executions of pipeline `name`, newest first (none while it does not exist)."
+    from botocore.exceptions import ClientError
+    try: got = sm.list_pipeline_executions(PipelineName=name, SortBy="CreationTime", SortOrder="Descending", MaxResults=50)
+    except ClientError as e:
+        if _not_found(e): return []
+        raise
+    return sorted(got["PipelineExecutionSummaries"], key=lambda x: x["StartTime"], reverse=True)
+
+def running_executions(sm, s:AwsSettings) -> list[dict]:
+    "The running executions of the two retrain pipelines (raw logs, preprocessed partitions)."
+    # One retrain runs at a time, so a running one is among the newest: every later one started after it ended.
+    return [x for p in (False, True) for x in _executions(sm, pipeline_name(PipelineParams(preprocessed=p), s))
+            if x.get("PipelineExecutionStatus") in RUNNING]
+
+def _attempt(sm, name:str, stem:str) -> tuple[int, dict|None]:
+    "This run's attempt number, and its earlier execution if that one runs or succeeded (a retried start then starts nothing)."
+    mine = [x for x in _executions(sm, name) if (x.get("PipelineExecutionDisplayName") or "").rsplit("-", 1)[0] == stem]
+    if not mine: return 1, None
+    n = max(int(x["PipelineExecutionDisplayName"].rsplit("-", 1)[1]) for x in mine)
+    last = next(x for x in mine if x["PipelineExecutionDisplayName"] == f"{stem}-{n}")
+    return (n, last) if last["PipelineExecutionStatus"] in (*RUNNING, "Succeeded") else (n + 1, None)
+
+# %% ../../nbs/api/56_pipeline.sagemaker.ipynb #99c51228
+def _queue(sm, s3, s:AwsSettings, env:dict, behind:dict) -> str|None:
+    "Queue the run behind a running execution; None if that one ended meanwhile (then it starts now)."
+    bucket = s.bucket or f"sagemaker-{sm.meta.region_name}-{_account(s3)}"
+    key = queued_key(f"{s.prefix}/pending/", env)
+    s3.put_object(Bucket=bucket, Key=key, ContentType="application/json", Body=json.dumps(
+        {"env": env, "behind": behind["PipelineExecutionArn"], "queued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
+    if running_executions(sm, s): return f"s3://{bucket}/{key}"   # the end of the running one releases it
+    s3.delete_object(Bucket=bucket, Key=key)
+    return None
+
+def _account(client) -> str:
+    "The account of a client's credentials."
+    import boto3
+    return boto3.client("sts", region_name=client.meta.region_name).get_caller_identity()["Account"]
+
+# %% ../../nbs/api/56_pipeline.sagemaker.ipynb #827345ef
 def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsSettings|None=None,
-          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None, s3=None) -> str:
-    "Start a pipeline execution with the run's parameters (creating the pipeline if missing); return the execution ARN."
+          data_version:str|None=None, registry=None, offline:bool|None=None, sagemaker=None, s3=None, log=lambda m: print(m, file=sys.stderr)) -> str:
+    "Start an execution with the run's parameters (creating the pipeline if missing), or queue it behind a running one; the execution ARN or the queued run's URI."
     params, s = params or PipelineParams(), settings or AwsSettings.from_env()
     given = data_version or os.environ.get("NCF_DATA_VERSION") or None
     with aws_context(offline):
         import boto3
         from botocore.exceptions import ClientError
-        data_version = given or data_listing_version(s3 or boto3.client("s3"), params.data_uri)   # before anything is created
-        sm = sagemaker or boto3.client("sagemaker")
-        try: sm.describe_pipeline(PipelineName=s.pipeline_name)
+        s3 = s3 or boto3.client("s3")
+        data_version = given or data_listing_version(s3, params.data_uri)   # before anything is created
+        sm, name = sagemaker or boto3.client("sagemaker"), pipeline_name(params, s)
+        try: sm.describe_pipeline(PipelineName=name)
         except ClientError as e:
             if not _not_found(e): raise
             _upsert(sm, params, _role(role_arn, s), s)
         prod = (registry or SageMakerRegistry(params.endpoint_name, s, sagemaker=sm)).production(params.model_group)
         values = execution_parameters(params, prod.model_uri if prod else None, data_version)
-        # Same given data version and parameters, same token: a retried trigger starts no second execution.
-        token = digest(s.pipeline_name, values)[:40] if given else uuid.uuid4().hex
+        stem = f"ncf-{params.run_date or 'latest'}-{(digest(name, values) if given else uuid.uuid4().hex)[:8]}"
+        n, earlier = _attempt(sm, name, stem)   # same given version and parameters: a retry after a failure is attempt n + 1
+        if earlier:
+            log(f"{earlier['PipelineExecutionArn']} is this run ({earlier['PipelineExecutionStatus']}): nothing started"); return earlier["PipelineExecutionArn"]
+        env = {"NCF_DATA_URI": params.data_uri, "NCF_RUN_DATE": params.run_date or "", "NCF_DATA_VERSION": data_version,
+               "NCF_PREPROCESSED": "1" if params.preprocessed else "", "NCF_TRIGGER_OBJECT": os.environ.get("NCF_TRIGGER_OBJECT", "")}
+        if (running := running_executions(sm, s)) and (queued := _queue(sm, s3, s, env, running[0])):
+            log(f"{running[0]['PipelineExecutionArn']} is running: this retrain is queued as {queued}, and starts when it ends"); return queued
         run = f"dt={params.run_date}" if params.run_date else "latest data"
         r = sm.start_pipeline_execution(
-            PipelineName=s.pipeline_name, PipelineParameters=values, ClientRequestToken=token,
-            PipelineExecutionDisplayName=f"ncf-{params.run_date or 'latest'}-{token[:8]}",
-            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + f", version {data_version}" +
+            PipelineName=name, PipelineParameters=values, ClientRequestToken=digest(stem, n)[:40], PipelineExecutionDisplayName=f"{stem}-{n}",
+            PipelineExecutionDescription=f"data {params.data_uri}, {run}" + f", version {data_version}" + (f", attempt {n}" if n > 1 else "") +
                                          (f"; compared with production v{prod.version}" if prod else "; no production model yet"))
     return r["PipelineExecutionArn"]

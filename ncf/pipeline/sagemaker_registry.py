@@ -177,8 +177,8 @@ class _Deploying:
         except ClientError as e:
             if not _client_error(e, "ValidationException"): raise
         now = self.serving()
-        role = self.settings.role_arn or (now or {}).get("role_arn")
-        if not role: raise ConfigError("creating a model needs an execution role: set NCF_SAGEMAKER_ROLE_ARN")
+        role = self.settings.model_role_arn or (now or {}).get("role_arn") or self.settings.role_arn   # the serving model's role first
+        if not role: raise ConfigError("creating a model needs an execution role: set NCF_MODEL_ROLE_ARN (the template's ModelRole)")
         arn = self._group_arn(v.group).replace(":model-package-group/", ":model-package/") + f"/{v.version}"
         self.sm.create_model(ModelName=name, PrimaryContainer={"ModelPackageName": arn}, ExecutionRoleArn=role,
                              Tags=[{"Key": "ncf:model-package", "Value": arn}])
