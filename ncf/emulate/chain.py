@@ -9,7 +9,7 @@ from unittest import mock
 from pathlib import Path
 from ..core import NCFError, extra
 from .definition import execute, Execution, DefinitionError, StepFailed, StepCache
-from .world import World, EmulationError, open_world, invoke_lambda, run_build, REGION, ACCOUNT
+from .world import World, EmulationError, open_world, invoke_lambda, run_build, emit, execution_event, dead_letter, REGION, ACCOUNT
 
 # %% auto #0
 __all__ = ['pipeline_runners', 'run_execution', 'settle', 'land_partition', 'endpoint_model', 'invoke_endpoint',
@@ -81,9 +81,19 @@ def run_execution(world:World, execution_arn:str):
     record = sagemaker_backends[ACCOUNT][REGION].pipelines[name].pipeline_executions[execution_arn]
     record.pipeline_execution_status, record.pipeline_execution_failure_reason = ex.status, ex.failure_reason
     world.log(f"execution {ex.id}: {ex.status}" + (f" ({ex.failure_reason})" if ex.failure_reason else ""))
+    emit(world, execution_event(pipeline_arn, execution_arn, ex.status, record.pipeline_execution_display_name or ""))   # SageMaker's event
     return ex
 
 # %% ../../nbs/api/66_emulate.chain.ipynb #aa981f39
+def _retried(world:World, function:str, event:dict, error) -> dict|None:
+    "Lambda's retries of a failed asynchronous invocation (the function's MaximumRetryAttempts), then its on-failure record, if it has a destination."
+    from moto.awslambda.models import lambda_backends
+    fn = lambda_backends[ACCOUNT][REGION].get_function(function.split(":function:")[-1])
+    for _ in range(int(fn.event_invoke_config[0].response().get("MaximumRetryAttempts", 2)) if fn.event_invoke_config else 2):
+        try: invoke_lambda(world, function, event); return None
+        except EmulationError as e: error = e
+    return dead_letter(world, function, event, str(error))
+
 def settle(world:World, max_items:int=200) -> list[dict]:
     "Run the queued Lambda invocations, builds and executions (and what they queue) until none is left."
     ran = []
@@ -92,7 +102,9 @@ def settle(world:World, max_items:int=200) -> list[dict]:
         kind, *args = world.queue.pop(0)
         if kind == "lambda":
             try: ran.append({"kind": kind, "function": args[0], "result": invoke_lambda(world, args[0], args[1])})
-            except EmulationError as e: ran.append({"kind": kind, "function": args[0], "error": str(e)}); world.log(f"lambda {args[0]}: {e}")
+            except EmulationError as e:   # an asynchronous invocation: Lambda retries it, then dead-letters it
+                ran.append({"kind": kind, "function": args[0], "error": str(e), "dead_letter": _retried(world, args[0], args[1], e)})
+                world.log(f"lambda {args[0]}: {e}")
         elif kind == "build": ran.append({"kind": kind, **run_build(world, *args)})
         elif kind == "execution": ran.append({"kind": kind, "arn": args[0], "execution": run_execution(world, args[0])})
         else: raise EmulationError(f"unknown queued work {kind!r}")

@@ -93,6 +93,7 @@ _ROLE_ARN = re.compile(r"arn:[\w-]+:iam::\d{12}:role/\S+\Z")
 def _fill(t:_Type, params:dict, where:dict) -> tuple[str, list[str]]:
     "`t`'s ARN with its variables filled (`where`, then the call's top-level parameters, case-insensitively), `*` for each missing one."
     lower = {k.lower(): v for k, v in params.items() if isinstance(v, str)}
+    if "queueurl" in lower: lower.setdefault("queuename", lower["queueurl"].rstrip("/").rsplit("/", 1)[-1])   # SQS names a queue by its URL
     arn, missing = t.arn, []
     for n in t.names:
         v = where.get(n) if n in _STANDARD else lower.get(n.lower())

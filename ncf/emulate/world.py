@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/65_emulate.world.ipynb #ce974ec3
 from __future__ import annotations
-import contextlib, io, json, logging, os, shutil, subprocess, sys, tempfile, time, zipfile
+import contextlib, io, json, logging, os, shutil, subprocess, sys, tempfile, time, uuid, zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -15,7 +15,8 @@ from ..serve.client import free_port
 # %% auto #0
 __all__ = ['REGION', 'ACCOUNT', 'TEMPLATE', 'NON_S3_PASS', 'ALLOW_ALL', 'PHASES', 'EmulationError', 'start_server', 'enforce_iam',
            'restore_iam', 'lambda_zip', 'repository_files', 'source_zip', 'moto_additions', 'Actor', 'World',
-           'open_world', 'FunctionError', 'function', 'invoke_lambda', 'build_env', 'run_build']
+           'open_world', 'FunctionError', 'function', 'invoke_lambda', 'emit', 'execution_event', 'fire_schedule',
+           'dead_letter', 'build_env', 'run_build']
 
 # %% ../../nbs/api/65_emulate.world.ipynb #50847680
 REGION, ACCOUNT = "us-east-1", "123456789012"
@@ -99,14 +100,16 @@ def _check_parameters(definition:str, given:list|None):
     try: bind_parameters(json.loads(definition), {p["Name"]: p["Value"] for p in given or []})
     except (DefinitionError, ValueError) as e: raise ValidationError(message=str(e)) from None
 
-def _queued_execution(queue:list, start_execution):
-    "moto's StartPipelineExecution, idempotent on its token, checking parameters, leaving the execution Executing and queued."
+def _queued_execution(queue:list, start_execution, starts:list):
+    "moto's StartPipelineExecution, idempotent on its token, checking parameters, leaving the execution Executing and queued; each start is recorded in `starts` with the executions then running."
     def execution(backend, pipeline_name, *args):
         token, pipeline = args[-1], backend.pipelines.get(pipeline_name)
         for arn, ex in (pipeline.pipeline_executions.items() if pipeline and token else []):
             if ex.client_request_token == token: return {"PipelineExecutionArn": arn}
         if pipeline: _check_parameters(pipeline.pipeline_definition, args[1])
+        running = [arn for p in backend.pipelines.values() for arn, ex in p.pipeline_executions.items() if ex.pipeline_execution_status in ("Executing", "Stopping")]
         out = start_execution(backend, pipeline_name, *args)
+        starts.append({"execution": out["PipelineExecutionArn"], "running": running})
         backend.pipelines[pipeline_name].pipeline_executions[out["PipelineExecutionArn"]].pipeline_execution_status = "Executing"
         queue.append(("execution", out["PipelineExecutionArn"]))
         return out
@@ -123,8 +126,8 @@ def _logged_s3_check(check, on_denied):
 
 # %% ../../nbs/api/65_emulate.world.ipynb #d8fa634d
 @contextlib.contextmanager
-def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None):
-    "Patch moto with the six additions; queued work goes to `queue` as `(kind, ...)` tuples."
+def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None):
+    "Patch moto with the six additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`."
     from moto.events.models import Rule
     from moto.sagemaker.responses import SageMakerResponse
     from moto.sagemaker.models import SageMakerModelBackend
@@ -147,7 +150,7 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None):
         queue.append(("build", meta["id"], resp._get_param("environmentVariablesOverride") or []))
         return out
     with mock.patch.object(Rule, "send_to_targets", send_to_targets), mock.patch.object(CodeBuildResponse, "start_build", build), \
-         mock.patch.object(SageMakerModelBackend, "start_pipeline_execution", _queued_execution(queue, start_execution)), \
+         mock.patch.object(SageMakerModelBackend, "start_pipeline_execution", _queued_execution(queue, start_execution, [] if starts is None else starts)), \
          mock.patch.object(SageMakerResponse, "update_endpoint", _update_endpoint, create=True), \
          mock.patch.dict(ACTION_MAP["BUCKET"]["HEAD"], {"DEFAULT": "ListBucket"}), \
          mock.patch.object(S3IAMRequest, "check_action_permitted", _logged_s3_check(S3IAMRequest.check_action_permitted, on_s3_denied)):
@@ -193,6 +196,7 @@ class World:
     queue:list = field(default_factory=list)
     log:object = print
     toolkits:dict = field(default_factory=dict)    # endpoint config -> the loaded inference toolkit
+    starts:list = field(default_factory=list)      # each execution start: {execution, running: the executions running then}
 
     @property
     def iam_log(self) -> Path: return self.root/"iam.jsonl"
@@ -262,7 +266,7 @@ def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=prin
         root = Path(root) if root else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ncf-emulate-")))
         server, url = start_server(); stack.callback(server.stop); stack.callback(_reset_moto)
         world = World(root, url, _admin(url), log=log)
-        stack.enter_context(moto_additions(world.queue, world._s3_denied))
+        stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts))
         _upload_code(world, parameters["CodeBucket"], parameters)
         session = boto3.Session(region_name=REGION, **world.admin)
         world.stack = create_stack(template, parameters, _EndpointSession(session, url), region=REGION, stack_name="ncf")
@@ -321,6 +325,54 @@ def invoke_lambda(world:World, name_or_arn:str, event:dict) -> dict:
     if r.returncode or not result:
         raise FunctionError(f"{fn.name} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]} (log {scratch/'log'})")
     return json.loads(result)
+
+# %% ../../nbs/api/65_emulate.world.ipynb #3e37ec0c
+def emit(world:World, event:dict) -> int:
+    "Offer `event` to every rule of the default bus (matching rules queue their Lambda targets); how many items were queued."
+    from moto.events.models import events_backends
+    before = len(world.queue)
+    for rule in list(events_backends[ACCOUNT][REGION].event_buses["default"].rules.values()): rule.send_to_targets(event)
+    return len(world.queue) - before
+
+def execution_event(pipeline_arn:str, execution_arn:str, status:str, display_name:str="", previous:str="Executing") -> dict:
+    "SageMaker's EventBridge event of a pipeline execution's status change."
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"version": "0", "id": uuid.uuid4().hex, "detail-type": "SageMaker Model Building Pipeline Execution Status Change",
+            "source": "aws.sagemaker", "account": ACCOUNT, "time": now, "region": REGION, "resources": [pipeline_arn, execution_arn],
+            "detail": {"pipelineExecutionDisplayName": display_name, "currentPipelineExecutionStatus": status,
+                       "previousPipelineExecutionStatus": previous, "executionEndTime": now, "pipelineArn": pipeline_arn,
+                       "pipelineExecutionArn": execution_arn}}
+
+# %% ../../nbs/api/65_emulate.world.ipynb #490e0a30
+def fire_schedule(world:World, name:str, when:str) -> dict:
+    "EventBridge Scheduler's invocation of schedule `name` at `when` (ISO 8601): its target queued with the filled-in Input; the event."
+    from moto.scheduler.models import scheduler_backends   # read in process: moto's server miscomputes the scheduler's signatures
+    s = scheduler_backends[ACCOUNT][REGION].get_schedule(None, name)
+    target = s.target
+    if target["Arn"].split(":")[2] != "lambda": raise EmulationError(f"schedule {name}: only Lambda targets are emulated, not {target['Arn']}")
+    text = target.get("Input", "{}")
+    for attribute, value in {"schedule-arn": s.arn, "scheduled-time": when, "execution-id": uuid.uuid4().hex, "attempt-number": "1"}.items():
+        text = text.replace(f"<aws.scheduler.{attribute}>", value)
+    world.check(world.actor(target["RoleArn"]), "lambda", "Invoke", {"FunctionName": target["Arn"]})   # the schedule's role invokes it
+    event = json.loads(text)
+    world.queue.append(("lambda", target["Arn"], event))
+    return event
+
+def dead_letter(world:World, name_or_arn:str, event:dict, error:str) -> dict|None:
+    "After Lambda's retries, the failed invocation's record goes to the function's on-failure destination (SQS); the record, or None without one."
+    from moto.awslambda.models import lambda_backends   # read in process, as the schedule is
+    fn = lambda_backends[ACCOUNT][REGION].get_function(function(world, name_or_arn).name)
+    if not fn.event_invoke_config: return None
+    config = fn.event_invoke_config[0].response()
+    queue_arn = ((config.get("DestinationConfig") or {}).get("OnFailure") or {}).get("Destination")
+    if not queue_arn: return None
+    record = {"version": "1.0", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "requestContext": {"requestId": uuid.uuid4().hex, "functionArn": config["FunctionArn"], "condition": "RetriesExhausted",
+                                 "approximateInvokeCount": int(config.get("MaximumRetryAttempts", 2)) + 1},
+              "requestPayload": event, "responseContext": {"statusCode": 200, "functionError": "Unhandled"}, "responsePayload": {"errorMessage": error}}
+    url = world.client("sqs").get_queue_url(QueueName=queue_arn.rsplit(":", 1)[-1])["QueueUrl"]   # Lambda knows the queue by its ARN
+    world.actor(function(world, name_or_arn).role_arn).client("sqs").send_message(QueueUrl=url, MessageBody=json.dumps(record))   # with the function's role
+    return record
 
 # %% ../../nbs/api/65_emulate.world.ipynb #ebcce475
 PHASES = ("install", "pre_build", "build", "post_build")
