@@ -11,7 +11,7 @@ import pytest
 
 
 from ncf.data.synthetic import write_days
-from ncf.emulate.world import open_world
+from ncf.emulate.world import open_world, fire_schedule
 from ncf.emulate.chain import land_partition, settle, endpoint_model, invoke_endpoint
 from helpers import SMALL_SHOP
 
@@ -166,6 +166,94 @@ def test_a_new_partition_updates_the_endpoint(chain):
     assert after["endpoint_config"] != before["endpoint_config"] and after["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[new]))
     assert status == 200, body
+
+
+def test_a_raw_day_without_a_marker_retrains_through_the_schedule(chain):
+    "Raw logs that arrive file by file, with no completion marker: the daily schedule retrains on the previous day."
+    world, tmp = chain
+    bucket = world.stack.resources["DataBucket"].physical_id
+    parts, _ = _days(tmp, 23)
+    day = sorted(parts)[-1]
+    land_partition(world, bucket, day, parts[day], marker=None)
+    assert _kinds(settle(world)) == []                                  # no marker: nothing yet
+    fire_schedule(world, world.stack.resources["RawDayRetrain"].name, f"{_next_day(day)}T00:30:00Z")
+    ran = settle(world)
+    assert _kinds(ran) == ["build", "execution"], ran
+    ex = ran[-1]["execution"]
+    assert ex.status == "Succeeded", ex.failure_reason
+    assert ex.statuses()["Preprocess"] == "Succeeded" and ex.parameters["RunDate"] == day and ex.parameters["Days"] == "30"
+    assert endpoint_model(world, "ncf")["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+
+
+def _next_day(day: str) -> str:
+    import datetime as dt
+    return (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat()
+
+
+def _emr_partition(tmp: Path, days: int) -> tuple[str, dict]:
+    "What EMR's preprocessing writes for the shop's first `days` days: the partition's tables, then its manifest (last)."
+    from ncf.data.preprocess import preprocess
+    from ncf.data.split import PreprocessParams
+    write_days(SMALL_SHOP, tmp / f"emr-raw-{days}", days)
+    m = preprocess(tmp / f"emr-raw-{days}", tmp / f"emr-out-{days}", PreprocessParams(days=30))
+    out = Path(m["path"])
+    files = {f.name: f.read_bytes() for f in sorted(out.glob("*.parquet"))}
+    return out.name[3:], {**files, "manifest.json": (out / "manifest.json").read_bytes()}
+
+
+def test_an_emr_partition_trains_and_deploys_without_preprocessing(chain):
+    world, tmp = chain
+    bucket = world.stack.resources["DataBucket"].physical_id
+    day, files = _emr_partition(tmp, 23)
+    land_partition(world, bucket, day, files, marker=None, prefix="preprocessed/")
+    ran = settle(world)
+    assert _kinds(ran) == ["build", "execution"], ran
+    ex = ran[-1]["execution"]
+    assert ex.status == "Succeeded", ex.failure_reason
+    assert list(ex.statuses()) == ["Train", "Evaluate", "QualityGate", "RegisterApproved", "CreateModel", "Deploy"]
+    assert ex.arn.split(":pipeline/")[1].startswith("ncf-retrain-preprocessed/")
+    assert ex.parameters["DataUri"] == f"s3://{bucket}/preprocessed/dt={day}"
+    served = endpoint_model(world, "ncf")
+    assert served["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+    assert served["role"] == _actor(world, "ModelRole").role_arn            # the endpoint's model runs with its own role
+    assert invoke_endpoint(world, "ncf", _seed_request(_days(tmp, 23)[0][day]))[0] == 200
+
+
+def test_two_partitions_landing_together_retrain_one_after_the_other(chain):
+    world, tmp = chain
+    bucket = world.stack.resources["DataBucket"].physical_id
+    landed = [_emr_partition(tmp, n) for n in (24, 25)]
+    starts = len(world.starts)
+    for day, files in landed: land_partition(world, bucket, day, files, marker=None, prefix="preprocessed/")
+    ran = settle(world)
+    assert _kinds(ran) == ["build", "build", "execution", "build", "execution"], _kinds(ran)
+    queued = Path(ran[2]["log"]).read_text() if ran[2]["kind"] == "build" else Path([r for r in ran if r["kind"] == "build"][1]["log"]).read_text()
+    assert "is running: this retrain is queued" in queued, queued[-2000:]
+    released = [x for r in ran if r["kind"] == "lambda" and "result" in r for x in r["result"]["results"] if x.get("action") == "released"]
+    assert [x["run_date"] for x in released] == [landed[1][0]]
+    executions = [r["execution"] for r in ran if r["kind"] == "execution"]
+    assert [e.parameters["DataUri"].rsplit("=", 1)[1] for e in executions] == [d for d, _ in landed]
+    assert all(e.status == "Succeeded" for e in executions), [e.failure_reason for e in executions]
+    assert [s["running"] for s in world.starts[starts:]] == [[], []]        # no execution started while another ran
+    assert endpoint_model(world, "ncf")["model_package_arn"] == executions[-1].properties["RegisterApproved"]["ModelPackageArn"]
+
+
+def test_a_trigger_that_keeps_failing_is_dead_lettered(chain):
+    world, _ = chain
+    world.queue.append(("lambda", _function_arn(world, "TriggerFunction"), {"ncf": "raw-day"}))   # a schedule event without its time
+    ran = settle(world)
+    record = ran[0]["dead_letter"]
+    assert "no ISO 8601 scheduled_time" in record["responsePayload"]["errorMessage"]
+    sqs = world.client("sqs")
+    url = sqs.get_queue_url(QueueName=world.stack.resources["TriggerDeadLetterQueue"].name)["QueueUrl"]
+    bodies = [json.loads(m["Body"]) for m in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]]
+    assert record in bodies and record["requestContext"]["approximateInvokeCount"] == 3
+    alarm, = world.client("cloudwatch").describe_alarms(AlarmNames=[world.stack.resources["DeadLetterAlarm"].name])["MetricAlarms"]
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": url.rsplit("/", 1)[-1]}]   # the alarm watches this queue
+
+
+def _function_arn(world, logical_id):
+    return world.stack.function(logical_id).arn
 
 
 def test_the_command_runs_the_chain(tmp_path):
