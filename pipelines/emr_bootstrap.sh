@@ -23,6 +23,12 @@ case "$WHEEL_URI" in
   *) echo "emr_bootstrap.sh: WHEEL_URI must be an s3://...whl URI, got '$WHEEL_URI'" >&2; exit 2 ;;
 esac
 
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+aws s3 cp --only-show-errors "$WHEEL_URI" "$WORK/"
+WHEEL="$WORK/${WHEEL_URI##*/}"
+[ -f "$WHEEL" ] || { echo "emr_bootstrap.sh: $WHEEL_URI was not downloaded" >&2; exit 1; }
+
 if ! command -v "$PY" >/dev/null; then
   if command -v dnf >/dev/null; then sudo dnf install -y "$PY"  # EMR 7 (Amazon Linux 2023) ships python3.9 only
   else echo "emr_bootstrap.sh: no $PY on this node and no dnf to install it" >&2; exit 1; fi
@@ -33,12 +39,6 @@ if [ ! -w "$(dirname "$VENV")" ] && [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi  #
 $SUDO mkdir -p "$VENV"
 $SUDO chown "$(id -u):$(id -g)" "$VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-aws s3 cp --only-show-errors "$WHEEL_URI" "$WORK/"
-WHEEL="$WORK/${WHEEL_URI##*/}"
-[ -f "$WHEEL" ] || { echo "emr_bootstrap.sh: $WHEEL_URI was not downloaded" >&2; exit 1; }
 
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check --no-input)
 "${PIP[@]}" install --quiet --no-deps --force-reinstall "${PIP_ARGS[@]}" "$WHEEL"
@@ -53,4 +53,4 @@ PYEOF
 echo "emr_bootstrap.sh: requirements: $(tr '\n' ' ' < "$WORK/requirements.txt")"
 "${PIP[@]}" install --quiet "${PIP_ARGS[@]}" -r "$WORK/requirements.txt"
 
-"$VENV/bin/python" -c "import ncf.cli.spark, ncf.data.split; print('emr_bootstrap.sh: ncf', ncf.__version__, 'in', '$VENV')"
+cd / && "$VENV/bin/python" -c "import ncf.cli.spark, ncf.data.split; print('emr_bootstrap.sh: ncf', ncf.__version__, 'in', '$VENV')"
