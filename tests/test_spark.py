@@ -1,26 +1,24 @@
 """The Spark preprocessing job against the pandas one: same tables, same data version, same errors.
 
 One local Spark session serves the whole module (starting one takes seconds)."""
-import ast, json
+import json
 from pathlib import Path
 
 import numpy as np, pandas as pd
 import pytest
 
 pytest.importorskip("pyspark")
-import ncf.cli.spark
 import ncf.data.spark, ncf.data.spark_read
 from ncf.core import ConfigError, DataError
 from ncf.data.dataset import load_splits, read_tables
 from ncf.data.split import PreprocessParams
-from ncf.cli.preprocess import main, parser
+from ncf.cli.preprocess import main
 from ncf.data.preprocess import preprocess
 from ncf.data.readers import Columns, read_interactions
 from ncf.data.spark import preprocess_spark
 from ncf.data.spark_read import read_spark, spark_session, to_pandas
 from ncf.data.synthetic import SyntheticSpec, generate, write_days
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = {"spark.sql.shuffle.partitions": 4, "spark.default.parallelism": 2, "spark.ui.enabled": "false",
         "spark.sql.adaptive.enabled": "false",  # adaptive planning pays off on big inputs, costs seconds on tiny ones
         "spark.driver.memory": "1g"}
@@ -225,36 +223,3 @@ def test_config_errors_same(spark, tmp_path):
     assert a == b == "ConfigError: rating_threshold is set but the input has no rating column"
     a, b = messages(tmp_path/"missing.csv", spark)
     assert a == b and "no such file" in a
-
-
-# ---- the pipeline files -----------------------------------------------------------------------------
-
-def test_airflow_dag_structure():
-    "The DAG file parses, schedules daily, adds the EMR step and waits for it (checked without Airflow)."
-    tree = ast.parse((ROOT/"pipelines"/"airflow_dag.py").read_text())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert {"DAG", "EmrAddStepsOperator", "EmrStepSensor"} <= imported
-    calls = {n.func.id: n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    assert {"DAG", "EmrAddStepsOperator", "EmrStepSensor"} <= set(calls)
-    kw = lambda call: {k.arg: k.value for k in call.keywords}
-    dag = kw(calls["DAG"])
-    assert ast.literal_eval(dag["schedule"]) == "@daily" and ast.literal_eval(dag["catchup"]) is False
-    add, wait = kw(calls["EmrAddStepsOperator"]), kw(calls["EmrStepSensor"])
-    assert "add_preprocess_step" in ast.unparse(wait["step_id"]) and ast.unparse(add["steps"]) == "STEPS"
-    assert "emr_step.json" in ast.get_source_segment((ROOT/"pipelines"/"airflow_dag.py").read_text(),
-                                                     next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "STEPS"))
-    assert any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.RShift) for n in ast.walk(tree))  # add >> wait
-
-
-def test_emr_step_definition():
-    "The EMR step is spark-submit of ncf's Spark module, with arguments `ncf_preprocess` accepts."
-    steps = json.loads((ROOT/"pipelines"/"emr_step.json").read_text())
-    assert isinstance(steps, list) and len(steps) == 1
-    jar = steps[0]["HadoopJarStep"]
-    assert jar["Jar"] == "command-runner.jar" and jar["Args"][0] == "spark-submit"
-    args = jar["Args"]
-    script = next(a for a in args if a.endswith("ncf/cli/spark.py"))
-    a = parser().parse_args(args[args.index(script) + 1:] + ["--engine", "spark"])
-    assert a.src.startswith("s3://") and a.out.startswith("s3://") and a.format == "partitioned"
-    assert a.run_date == "{{ ds }}" and a.end_date == "{{ ds }}"
-    assert Path(ncf.cli.spark.__file__).name == Path(script).name

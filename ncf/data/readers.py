@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
 from ..core import DataError, ConfigError
+from .storage import fetch_partitions
 
 # %% auto #0
 __all__ = ['SEPARATORS', 'ML_NAMES', 'ML_COLUMNS', 'FORMATS', 'Columns', 'Interactions', 'to_timestamps', 'to_numbers', 'to_ids',
@@ -272,8 +273,8 @@ def _data_files(d:Path) -> list[Path]:
 def read_partitioned(root, cols:Columns=Columns(), days:int|None=None, end:str|None=None) -> Interactions:
     "Read a window of daily partitions, each holding Parquet or CSV files."
     root = Path(root); parts = partitions(root); frames, files = [], []
-    for date in window(parts, days, end):
-        for f in _data_files(parts[date]):
+    for d in fetch_partitions([parts[date] for date in window(parts, days, end)]):  # from S3: only the window
+        for f in _data_files(d):
             one = read_parquet_log(f, cols) if f.suffix == ".parquet" else read_csv_log(f, cols)
             frames.append(one.df); files.append(str(f))
     if not frames: raise DataError(f"{root}: the selected partitions hold no data files")

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..core import NCFError
 
 # %% auto #0
-__all__ = ['is_s3', 'split_s3', 'join', 's3_client', 'local_copy', 'exists', 'read_bytes', 'publish_dir', 'staging_dir']
+__all__ = ['WORKERS', 'PENDING', 'is_s3', 'split_s3', 'join', 's3_client', 'local_copy', 'fetch_partitions', 'exists',
+           'read_bytes', 'publish_dir', 'staging_dir']
 
 # %% ../../nbs/api/11_data.storage.ipynb #cab4d34e
 def is_s3(uri) -> bool: return str(uri).startswith("s3://")
@@ -31,30 +32,70 @@ def s3_client():
     return boto3.client("s3")
 
 # %% ../../nbs/api/11_data.storage.ipynb #26adcd24
-def _s3_keys(bucket, prefix, client):
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for o in page.get("Contents", []): yield o["Key"]
+WORKERS = 8  # concurrent S3 requests of one download
+
+def _s3_objects(bucket, prefix, client, delimiter:str|None=None) -> tuple[list, list]:
+    "The objects `(key, size, etag)` under `prefix` and, with a `delimiter`, the sub-prefixes (not their objects)."
+    objects, prefixes = [], []
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **({"Delimiter": delimiter} if delimiter else {}))
+    for page in pages:
+        objects += [(o["Key"], o["Size"], o["ETag"]) for o in page.get("Contents", []) if not o["Key"].endswith("/")]  # no folder markers
+        prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    return objects, prefixes
+
+def _download(client, jobs:list, workers:int=WORKERS):
+    "Download `jobs` `(bucket, key, (size, etag), dest)` with at most `workers` requests at a time; raise the first failure."
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+    from s3transfer.subscribers import BaseSubscriber
+    class Listed(BaseSubscriber):  # the listing gave size and ETag: no HeadObject per file (GETs carry If-Match)
+        def __init__(self, meta): self.size, self.etag = meta
+        def on_queued(self, future, **kwargs): future.meta.provide_transfer_size(self.size); future.meta.provide_object_etag(self.etag)
+    with create_transfer_manager(client, TransferConfig(max_concurrency=workers)) as tm:
+        futures = []
+        for bucket, key, meta, dest in jobs:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            futures.append(tm.download(bucket, key, str(dest), subscribers=[Listed(meta)]))
+        for f in futures: f.result()
+
+# %% ../../nbs/api/11_data.storage.ipynb #a19d34bd
+PENDING = ".ncf-s3-pending"  # in a partition directory not downloaded yet: its S3 URI
+
+def _defer(d:Path, uri:str): d.mkdir(parents=True, exist_ok=True); (d/PENDING).write_text(uri)
 
 @contextlib.contextmanager
 def local_copy(uri):
-    "A local path holding `uri`: the path itself, or a temporary download of an S3 object or prefix."
+    "A local path holding `uri`: the path itself, or a temporary download of an S3 object or prefix (partitions lazily)."
     if not is_s3(uri):
         yield Path(uri); return
     bucket, key = split_s3(uri); client = s3_client()
     with tempfile.TemporaryDirectory(prefix="ncf-s3-") as d:
-        name = key.rsplit("/", 1)[-1] or bucket
-        keys = [k for k in _s3_keys(bucket, key + "/", client)]
-        if not keys:  # a single object
+        name, prefix = key.rsplit("/", 1)[-1] or bucket, f"{key}/" if key else ""
+        top, subs = _s3_objects(bucket, prefix, client, "/")
+        if not top and not subs:  # a single object
             dest = Path(d)/name
             try: client.download_file(bucket, key, str(dest))
             except Exception as e: raise NCFError(f"cannot read {uri}: {e}") from None
             yield dest; return
-        root = Path(d)/name
-        for k in keys:
-            dest = root/k[len(key)+1:]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, k, str(dest))
+        root = Path(d)/name; root.mkdir()
+        parts = [s for s in subs if s[len(prefix):].startswith("dt=")]
+        objects = top + [o for s in subs if s not in parts for o in _s3_objects(bucket, s, client)[0]]
+        _download(client, [(bucket, k, (size, etag), root/k[len(prefix):]) for k, size, etag in objects])
+        for s in parts: _defer(root/s[len(prefix):].rstrip("/"), f"s3://{bucket}/{s}")
         yield root
+
+# %% ../../nbs/api/11_data.storage.ipynb #172aede5
+def fetch_partitions(dirs, workers:int=WORKERS) -> list[Path]:
+    "Download those of `dirs` that `local_copy` left pending (only them: the others are not listed); return `dirs`."
+    dirs = [Path(p) for p in dirs]
+    pending = [p for p in dirs if (p/PENDING).exists()]
+    if not pending: return dirs
+    client, jobs = s3_client(), []
+    for p in pending:
+        bucket, prefix = split_s3((p/PENDING).read_text())
+        jobs += [(bucket, k, (size, etag), p/k[len(prefix)+1:]) for k, size, etag in _s3_objects(bucket, prefix + "/", client)[0]]
+    _download(client, jobs, workers)
+    for p in pending: (p/PENDING).unlink()
+    return dirs
 
 # %% ../../nbs/api/11_data.storage.ipynb #f7ca7687
 def exists(uri) -> bool:
