@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 # nbdev_test runs every notebook headless; NCF_SMALL makes them pick their small-data settings.
 export NCF_SMALL ?= 1
 
-.PHONY: demo test install sysdeps check nbtest pytest docs export clean-nbs readme lock clean
+.PHONY: demo test install sysdeps check nbtest pytest docs export clean-nbs readme lock wheels clean
 
 demo: $(STAMP)
 	$(BIN)/python -m ncf.cli.demo
@@ -59,6 +59,11 @@ readme: $(STAMP)
 # The docs site, offline (no Quarto): every notebook executed on small data and rendered to _site/.
 docs: $(STAMP)
 	$(BIN)/python -m tools.docs --out _site
+
+# What ships to AWS installs offline: the containers' wheelhouse (build/wheels/KEY/, for the DLC's Python 3.11 and
+# platform) and the Lambda's boto3 (build/lambda/KEY/), both keyed by their inputs and reused (ncf.pipeline.bundle).
+wheels: $(STAMP)
+	$(BIN)/python -c 'from ncf.pipeline.bundle import wheelhouse, lambda_site; print(wheelhouse()); print(lambda_site())'
 
 # Rewrite constraints.txt from the current venv (after changing a requirement on purpose).
 lock: $(STAMP)

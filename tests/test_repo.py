@@ -98,7 +98,7 @@ def test_gitlab_ci_validates_against_schema(root):
 def test_gitlab_ci_structure(root):
     text = (root / ".gitlab-ci.yml").read_text()
     ci = yaml.safe_load(text)
-    assert ci["stages"] == ["check", "test", "docs", "retrain", "deploy"]
+    assert ci["stages"] == ["check", "test", "ship", "docs", "retrain", "deploy"]
     jobs = {k: v for k, v in ci.items() if isinstance(v, dict) and "stage" in v}
     assert {j["stage"] for j in jobs.values()} == set(ci["stages"])
     assert any("make test" in s for s in jobs["test"]["script"])
@@ -113,6 +113,9 @@ def test_gitlab_ci_structure(root):
     assert all(r.get("when") == "manual" and '"main"' in r["if"] for r in deploy_rules)
     assert any("NCF_MODEL_VERSION" in s for s in jobs["deploy"]["script"])
     assert any("papermill" in s and "deploy.ipynb" in s for s in jobs["deploy"]["script"])
+    ship = " ".join(jobs["ship"]["script"])   # content-addressed upload, then the stack deploy with those keys
+    assert "ncf_pipeline ship" in ship and "cloudformation deploy" in ship and "--parameter-overrides $OVERRIDES" in ship
+    assert jobs["ship"]["needs"] == ["test"] and any(r.get("if") == "$CI_COMMIT_TAG" for r in jobs["ship"]["rules"])
     # every CI variable the jobs read is documented in the header
     header = text.split("\ndefault:")[0]
     used = set(re.findall(r"\$\{?((?:NCF|QUARTO)_[A-Z_]+)", text.split("\ndefault:")[1]))

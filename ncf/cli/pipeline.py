@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/78_cli.pipeline.ipynb #6211d3c0
 from __future__ import annotations
-import sys
+import os, sys
 from pathlib import Path
 from ..core import ConfigError
 from ..options import Parser, add_fields, from_fields, command
@@ -17,10 +17,10 @@ from ..pipeline import sagemaker
 from ..pipeline.sagemaker_registry import deploy_version
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'main']
+__all__ = ['COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'ship', 'main']
 
 # %% ../../nbs/api/78_cli.pipeline.ipynb #b8a4c837
-COMMANDS = ("run", "definition", "upsert", "start", "deploy", "versions")
+COMMANDS = ("run", "definition", "upsert", "start", "deploy", "versions", "ship")
 
 def parser() -> Parser:
     "`ncf_pipeline`'s options: the command, then every `PipelineParams` field, and the training hyperparameters as `--hp`."
@@ -30,6 +30,9 @@ def parser() -> Parser:
     p.add_argument("--local", action="store_true", help="use the local executor, registry and endpoint")
     p.add_argument("--emulate", action="store_true", help="run: the deployed chain (template, trigger, build, SageMaker definition) in an emulated AWS account")
     p.add_argument("--role-arn", default=None, help="SageMaker execution role for upsert/start (none: from the environment)")
+    p.add_argument("--code-bucket", default=os.environ.get("NCF_CODE_BUCKET"), help="ship: the stack's code bucket (default: $NCF_CODE_BUCKET)")
+    p.add_argument("--code-prefix", default=os.environ.get("NCF_CODE_PREFIX") or "ncf", help="ship: key prefix in the code bucket")
+    p.add_argument("--ship-dir", default=None, help="ship: where the zips and the wheel are built (default: a temporary directory)")
     add_fields(p, PipelineParams, skip=("hyperparameters",), title="pipeline parameters")
     g = p.add_argument_group("training hyperparameters")
     g.add_argument("--epochs", type=int, default=None, help="shorthand for --hp epochs=N")
@@ -77,7 +80,15 @@ def versions(a, params):
     reg = _registry(params, a.local); prod = reg.production(params.model_group)
     return "\n".join(("* " if prod and prod.version == v.version else "  ") + v.summary() for v in reg.versions(params.model_group))
 
-ACTIONS = {"run": run, "deploy": deploy, "versions": versions, "definition": lambda a, p: sagemaker.definition(p),
+def ship(a, params):
+    "Build and upload the Lambda zip, CodeBuild's source, the ncf wheel and the wheelhouse; the stack's `--parameter-overrides`."
+    if not a.code_bucket: raise ConfigError("ship needs the code bucket: --code-bucket or $NCF_CODE_BUCKET")
+    from ncf.core import extra
+    from ncf.pipeline.bundle import ship as upload
+    s3 = extra("boto3", "ncf_pipeline ship").client("s3")
+    return " ".join(f"{k}={v}" for k, v in upload(s3, a.code_bucket, a.code_prefix, a.ship_dir).items())
+
+ACTIONS = {"run": run, "ship": ship, "deploy": deploy, "versions": versions, "definition": lambda a, p: sagemaker.definition(p),
            "upsert": lambda a, p: sagemaker.upsert(p, a.role_arn), "start": lambda a, p: sagemaker.start(p, a.role_arn)}
 
 @command("ncf_pipeline", errors=(DeployError,))
