@@ -236,6 +236,9 @@ def test_two_partitions_landing_together_retrain_one_after_the_other(chain):
     assert all(e.status == "Succeeded" for e in executions), [e.failure_reason for e in executions]
     assert [s["running"] for s in world.starts[starts:]] == [[], []]        # no execution started while another ran
     assert endpoint_model(world, "ncf")["model_package_arn"] == executions[-1].properties["RegisterApproved"]["ModelPackageArn"]
+    # The schedule, the EMR partitions and the queue needed no permission beyond the template's: still only the SDK's two probes.
+    assert {(d["role"].rsplit("/", 1)[-1], d["action"]) for d in world.denials()} == {
+        ("ncf-retrain-codebuild", "iam:SimulatePrincipalPolicy"), ("ncf-retrain-codebuild", "s3:ListAllMyBuckets")}
 
 
 def test_a_trigger_that_keeps_failing_is_dead_lettered(chain):

@@ -50,8 +50,20 @@ def test_the_stack_has_every_piece(template):
     assert bucket["NotificationConfiguration"]["EventBridgeConfiguration"]["EventBridgeEnabled"] is True
     rule = template["Resources"]["NewDataRule"]["Properties"]
     assert rule["EventPattern"]["source"] == ["aws.s3"] and rule["EventPattern"]["detail-type"] == ["Object Created"]
-    assert rule["EventPattern"]["detail"]["object"]["key"] == [{"prefix": {"Ref": "RawPrefix"}}]
+    assert rule["EventPattern"]["detail"]["object"]["key"] == [{"prefix": {"Ref": "RawPrefix"}}, {"prefix": {"Ref": "PreprocessedPrefix"}}]
     assert rule["Targets"][0]["Arn"] == {"Fn::GetAtt": ["TriggerFunction", "Arn"]}
+    # Every way an event reaches the trigger ends in the dead-letter queue when it cannot be handled, and the queue alarms.
+    dlq = {"Fn::GetAtt": ["TriggerDeadLetterQueue", "Arn"]}
+    ended = template["Resources"]["PipelineEndedRule"]["Properties"]
+    assert ended["EventPattern"]["source"] == ["aws.sagemaker"] and ended["Targets"][0]["Arn"] == rule["Targets"][0]["Arn"]
+    schedule = template["Resources"]["RawDayRetrain"]["Properties"]["Target"]
+    assert schedule["Arn"] == rule["Targets"][0]["Arn"] and '"ncf": "' + lambdas.SCHEDULE_EVENT + '"' in schedule["Input"]
+    assert all(x["DeadLetterConfig"]["Arn"] == dlq for x in (rule["Targets"][0], ended["Targets"][0], schedule))
+    assert template["Resources"]["TriggerFailureDestination"]["Properties"]["DestinationConfig"]["OnFailure"]["Destination"] == dlq
+    alarm = template["Resources"]["DeadLetterAlarm"]["Properties"]
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["TriggerDeadLetterQueue", "QueueName"]}}]
+    assert alarm["AlarmActions"] == [{"Ref": "AlertTopic"}] and alarm["Threshold"] == 0
+    assert template["Resources"]["RetrainProject"]["Properties"]["ConcurrentBuildLimit"] == 1   # one build checks and starts at a time
     perm = template["Resources"]["TriggerInvokePermission"]["Properties"]
     assert perm["Principal"] == "events.amazonaws.com" and perm["SourceArn"] == {"Fn::GetAtt": ["NewDataRule", "Arn"]}
     params = template["Parameters"]
@@ -64,7 +76,10 @@ def test_lambda_handlers_and_environment_match_the_code(template):
     for f in fns.values():
         assert callable(getattr(lambdas, f["Properties"]["Handler"].split(".")[1]))
     env = fns["TriggerFunction"]["Properties"]["Environment"]["Variables"]
-    assert "NCF_CODEBUILD_PROJECT" in env and set(env) <= {"NCF_CODEBUILD_PROJECT", "NCF_RAW_PREFIX", "NCF_MARKER_PREFIX", "NCF_MARKER_BUCKET"}
+    assert "NCF_CODEBUILD_PROJECT" in env and set(env) <= {"NCF_CODEBUILD_PROJECT", "NCF_RAW_PREFIX", "NCF_MARKER_PREFIX", "NCF_MARKER_BUCKET",
+                                                           "NCF_PREPROCESSED_PREFIX", "NCF_PENDING_PREFIX", "NCF_DATA_BUCKET"}
+    source = Path(lambdas.__file__).read_text()
+    assert all(f'"{n}"' in source for n in env), [n for n in env if f'"{n}"' not in source]   # each is read by the handler
     # The pipeline's Deploy step calls PREFIX-deploy by default (ncf.pipeline.sagemaker): the same name as the stack's function.
     assert fns["DeployFunction"]["Properties"]["FunctionName"] == {"Fn::Sub": "${Prefix}-deploy"} and template["Parameters"]["Prefix"]["Default"] == "ncf"
 
@@ -74,10 +89,10 @@ def test_codebuild_project_runs_the_buildspec_with_the_settings_the_code_reads(t
     project = template["Resources"]["RetrainProject"]["Properties"]
     assert project["Source"]["BuildSpec"] == "pipelines/buildspec.yml" and BUILDSPEC.exists()
     names = {v["Name"] for v in project["Environment"]["EnvironmentVariables"]}
-    read_by_settings = {"NCF_SAGEMAKER_ROLE_ARN", "NCF_BUCKET", "NCF_PREFIX", "NCF_PIPELINE_NAME", "NCF_DEPLOY_LAMBDA_ARN"}
+    read_by_settings = {"NCF_SAGEMAKER_ROLE_ARN", "NCF_MODEL_ROLE_ARN", "NCF_BUCKET", "NCF_PREFIX", "NCF_PIPELINE_NAME", "NCF_DEPLOY_LAMBDA_ARN"}
     assert read_by_settings <= names
     s = AwsSettings.from_env({n: "x" for n in read_by_settings})
-    assert (s.role_arn, s.bucket, s.prefix, s.pipeline_name, s.deploy_lambda_arn) == ("x",) * 5
+    assert (s.role_arn, s.model_role_arn, s.bucket, s.prefix, s.pipeline_name, s.deploy_lambda_arn) == ("x",) * 6
     spec = BUILDSPEC.read_text()
     assert all(f"${n}" in spec for n in names - read_by_settings)  # the rest are used by the build commands
 
@@ -88,10 +103,12 @@ STAR_OK = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
 
 def test_roles_are_least_privilege(template):
     roles = resources(template, "AWS::IAM::Role")
-    assert set(roles) == {"TriggerRole", "DeployRole", "CodeBuildRole", "PipelineRole"}
+    assert set(roles) == {"TriggerRole", "DeployRole", "CodeBuildRole", "PipelineRole", "ModelRole", "SchedulerRole"}
     services = {n: r["Properties"]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"]["Service"] for n, r in roles.items()}
-    assert services == {"TriggerRole": "lambda.amazonaws.com", "DeployRole": "lambda.amazonaws.com",
-                        "CodeBuildRole": "codebuild.amazonaws.com", "PipelineRole": "sagemaker.amazonaws.com"}
+    assert services == {"TriggerRole": "lambda.amazonaws.com", "DeployRole": "lambda.amazonaws.com", "CodeBuildRole": "codebuild.amazonaws.com",
+                        "PipelineRole": "sagemaker.amazonaws.com", "ModelRole": "sagemaker.amazonaws.com", "SchedulerRole": "scheduler.amazonaws.com"}
+    # The endpoint's model reads and writes nothing but reading its archives: no write, no SageMaker, no PassRole.
+    assert not {a for a in allowed(roles["ModelRole"]) if a.startswith(("s3:Put", "s3:Delete", "sagemaker:", "iam:"))}
     for name, role in roles.items():
         assert "ManagedPolicyArns" not in role["Properties"], f"{name} uses a managed policy"
         for s in statements(role):

@@ -197,6 +197,7 @@ def test_codebuild_gets_the_run_as_environment_overrides(s3):
         {"name": "NCF_DATA_URI", "value": f"s3://{BUCKET}/raw", "type": "PLAINTEXT"},
         {"name": "NCF_RUN_DATE", "value": "2026-02-03", "type": "PLAINTEXT"},
         {"name": "NCF_DATA_VERSION", "value": f"2026-02-03:{version}", "type": "PLAINTEXT"},
+        {"name": "NCF_PREPROCESSED", "value": "", "type": "PLAINTEXT"},   # raw logs: the pipeline with preprocessing
         {"name": "NCF_TRIGGER_OBJECT", "value": f"s3://{BUCKET}/raw/dt=2026-02-03/_SUCCESS", "type": "PLAINTEXT"}]}
     with Stubber(cb) as stub:
         stub.add_response("start_build", {"build": {"id": f"{PROJECT}:1"}}, expected)

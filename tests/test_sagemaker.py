@@ -69,15 +69,15 @@ def test_definition_details(cli_definition):
     d, _ = cli_definition
     s = steps_by_name(d)
     params = {p["Name"]: p for p in d["Parameters"]}
-    assert {"DataUri", "RunDate", "Days", "DataVersion", "hp_epochs", "hp_lr", "TrainInstanceType", "ProcessingInstanceType",
-            "EndpointInstanceType", "HrThreshold", "Tolerance", "ProductionModelUri"} <= set(params)
+    assert {"DataUri", "RunDate", "Days", "DataVersion", "hp_epochs", "hp_lr", "HrThreshold", "Tolerance", "ProductionModelUri"} <= set(params)
+    assert not [p for p in params if "InstanceType" in p]   # types are definition-time options: the image follows the type
     assert params["DataUri"]["DefaultValue"] == "s3://shop-data/raw" and params["hp_epochs"] == {"Name": "hp_epochs", "Type": "Integer", "DefaultValue": 2}
     assert params["HrThreshold"]["DefaultValue"] == 0.3
 
     train = s["Train"]["Arguments"]
     assert train["HyperParameters"]["epochs"] == {"Get": "Parameters.hp_epochs"}
     assert {"Name": "HR", "Regex": "HR=(.*?);"} in train["AlgorithmSpecification"]["MetricDefinitions"]
-    assert train["ResourceConfig"]["InstanceType"] == {"Get": "Parameters.TrainInstanceType"}
+    assert train["ResourceConfig"]["InstanceType"] == PipelineParams().train_instance_type and "cpu" in train["AlgorithmSpecification"]["TrainingImage"]
     channel = next(c for c in train["InputDataConfig"] if c["ChannelName"] == "train")
     assert channel["DataSource"]["S3DataSource"]["S3Uri"]["Get"].startswith("Steps.Preprocess.ProcessingOutputConfig")
 
@@ -102,6 +102,22 @@ def test_definition_details(cli_definition):
     deploy = s["Deploy"]
     assert deploy["FunctionArn"] == f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ncf-deploy"
     assert deploy["Arguments"]["model_name"] == {"Get": "Steps.CreateModel.ModelName"} and deploy["Arguments"]["endpoint_name"] == "ncf"
+
+
+def test_the_definition_on_a_preprocessed_partition_has_no_preprocessing(aws):
+    "EMR's partition is the training data: the pipeline NAME-preprocessed trains on the DataUri parameter itself."
+    from ncf.pipeline.retrain import pipeline_steps
+    params = PipelineParams(data_uri="s3://shop-data/preprocessed/dt=2026-02-01", preprocessed=True, train_instance_type="ml.g5.xlarge")
+    d = json.loads(nsm.definition(params, AwsSettings(bucket=BUCKET, role_arn=ROLE)))
+    g = check_definition(d, pipeline_steps(True))
+    assert "Preprocess" not in g and g["Train"]["after"] == set()
+    s = steps_by_name(d)
+    channel = next(c for c in s["Train"]["Arguments"]["InputDataConfig"] if c["ChannelName"] == "train")
+    assert channel["DataSource"]["S3DataSource"]["S3Uri"] == {"Get": "Parameters.DataUri"}
+    train = s["Train"]["Arguments"]
+    assert train["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge" and "gpu" in train["AlgorithmSpecification"]["TrainingImage"]   # the image follows the type
+    assert s["CreateModel"]["Arguments"]["ExecutionRoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/ncf-sagemaker-model"   # not the pipeline's role
+    with pytest.raises(Exception, match="does not match PIPELINE"): check_definition(d)
 
 
 def test_check_definition_catches_drift(cli_definition):
@@ -203,10 +219,10 @@ def test_start_request_token_is_idempotent_per_data_version(aws):
     sm.meta.events.register("provide-client-params.sagemaker.StartPipelineExecution", lambda params, **kw: sent.append(dict(params)))
     put_raw("token-data", "raw/dt=2026-02-01/part-0.parquet")
     params = PipelineParams(data_uri="s3://token-data/raw", run_date="2026-02-01")
-    for version in ("2026-02-01:a", "2026-02-01:a", "2026-02-01:b", None, None):
-        nsm.start(params, settings=SETTINGS, data_version=version, sagemaker=sm)
+    arns = [nsm.start(params, settings=SETTINGS, data_version=version, sagemaker=sm) for version in ("2026-02-01:a", "2026-02-01:a", "2026-02-01:b", None, None)]
     tokens = [p["ClientRequestToken"] for p in sent]
-    assert tokens[0] == tokens[1] and len({tokens[1], tokens[2], tokens[3], tokens[4]}) == 4
+    assert arns[0] == arns[1] and len(sent) == 4   # the same run again (moto's executions succeed at once): nothing new is started
+    assert len(set(tokens)) == 4 and len(set(arns)) == 4
     assert all(32 <= len(t) <= 128 for t in tokens)
 
 

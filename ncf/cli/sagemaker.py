@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core import NCFError
 from ..options import command
 from ..data import storage
-from ..serve import package
+from ..pipeline.bundle import serving_archive
 from ..train.trainer import resolve_data
 from ..pipeline.sagemaker import PROCESSING
 from ..pipeline.params import HR_THRESHOLD, TOLERANCE
@@ -63,6 +63,6 @@ def evaluate_entry(argv=None) -> int:
         rc = evaluate_main(["--model", str(new), "--data", str(resolve_data(a.data)), "--production", prod, "--out", a.out,
                             "--hr-threshold", str(a.hr_threshold), "--tolerance", str(a.tolerance)])
         if rc: return rc
-        built = package.package_model(new, Path(a.package_out)/"model.tar.gz")
+        built = serving_archive(new, Path(a.package_out)/"model.tar.gz")   # with the wheels its requirements install from
         print(f"serving archive {built['path']} ({built['bytes']:,} bytes, model {built['model_version']})")
         return 0

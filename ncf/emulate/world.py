@@ -11,12 +11,12 @@ from unittest import mock
 import ncf
 from ..core import NCFError, ConfigError, extra
 from ..serve.client import free_port
+from ..pipeline.bundle import lambda_zip, repository_files, source_zip
 
 # %% auto #0
 __all__ = ['REGION', 'ACCOUNT', 'TEMPLATE', 'NON_S3_PASS', 'ALLOW_ALL', 'PHASES', 'EmulationError', 'start_server', 'enforce_iam',
-           'restore_iam', 'lambda_zip', 'repository_files', 'source_zip', 'moto_additions', 'Actor', 'World',
-           'open_world', 'FunctionError', 'function', 'invoke_lambda', 'emit', 'execution_event', 'fire_schedule',
-           'dead_letter', 'build_env', 'run_build']
+           'restore_iam', 'moto_additions', 'Actor', 'World', 'open_world', 'FunctionError', 'function',
+           'invoke_lambda', 'emit', 'execution_event', 'fire_schedule', 'dead_letter', 'build_env', 'run_build']
 
 # %% ../../nbs/api/65_emulate.world.ipynb #50847680
 REGION, ACCOUNT = "us-east-1", "123456789012"
@@ -55,27 +55,6 @@ def restore_iam(before:tuple):
     from moto import settings
     from moto.core.authorization import ActionAuthenticatorMixin
     settings.INITIAL_NO_AUTH_ACTION_COUNT, ActionAuthenticatorMixin.request_count = before
-
-# %% ../../nbs/api/65_emulate.world.ipynb #cf7919dd
-def lambda_zip(dest) -> Path:
-    "The Lambda code zip: `lambdas.py` at its root (the template's `Handler: lambdas.*`)."
-    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z: z.write(Path(ncf.__file__).parent/"pipeline"/"lambdas.py", "lambdas.py")
-    return dest
-
-def repository_files(root=None) -> list[str]:
-    "The working tree's files that git does not ignore (tracked or not)."
-    root = Path(root or TEMPLATE.parents[1])
-    if not (root/".git").exists(): raise ConfigError(f"{root} is not a git checkout: the emulated build needs the repository's source")
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True, check=True).stdout
-    return sorted(f for f in out.decode().split("\0") if f and (root/f).is_file())
-
-def source_zip(dest, root=None) -> Path:
-    "CodeBuild's source zip: the repository's working tree."
-    root, dest = Path(root or TEMPLATE.parents[1]), Path(dest)
-    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in repository_files(root): z.write(root/f, f)
-    return dest
 
 # %% ../../nbs/api/65_emulate.world.ipynb #00128fea
 def _update_endpoint(self):

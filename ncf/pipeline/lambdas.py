@@ -169,21 +169,21 @@ def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker
             "run_date": obj.run_date, "version": obj.version, "data_version": version}
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #bd5a72b7
-def _preprocessed_version(s3, obj:DataObject) -> tuple[str|None, dict|None]:
-    "A preprocessed partition's data version, from its manifest; or why it cannot start a run."
+def _preprocessed_version(s3, obj:DataObject) -> tuple[str|None, int, dict|None]:
+    "A preprocessed partition's data version, from its manifest, and its number of files; or why it cannot start a run."
     from botocore.exceptions import ClientError
     try: version = str(json.loads(s3.get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read())["data_version"])[:16]
     except (ClientError, ValueError, KeyError, TypeError) as e:
-        return None, {"action": "invalid", "reason": f"s3://{obj.bucket}/{obj.key} holds no data_version: {type(e).__name__}: {e}"}
-    if not partition_files(s3, obj.bucket, obj.partition, nested=True):   # Spark writes each table as a folder of parts
-        return None, {"action": "empty", "reason": f"s3://{obj.bucket}/{obj.partition} has no data files"}
-    return version, None
+        return None, 0, {"action": "invalid", "reason": f"s3://{obj.bucket}/{obj.key} holds no data_version: {type(e).__name__}: {e}"}
+    if not (files := partition_files(s3, obj.bucket, obj.partition, nested=True)):   # Spark writes each table as a folder of parts
+        return None, 0, {"action": "empty", "reason": f"s3://{obj.bucket}/{obj.partition} has no data files"}
+    return version, len(files), None
 
-def _data_version(s3, obj:DataObject) -> tuple[str|None, dict|None]:
-    "The version of a completed partition's content, or why it cannot start a run."
+def _data_version(s3, obj:DataObject) -> tuple[str|None, int, dict|None]:
+    "The version of a completed partition's content and its number of files, or why it cannot start a run."
     if obj.preprocessed: return _preprocessed_version(s3, obj)
     files, problem = _completed_files(s3, obj)
-    return (None, problem) if problem else (partition_version(files), None)
+    return (None, 0, problem) if problem else (partition_version(files), len(files), None)
 
 def _completed_files(s3, obj:DataObject) -> tuple[list[dict], dict|None]:
     "The partition's data files (a manifest's: exactly those it lists), or why it cannot start a run."
@@ -208,11 +208,11 @@ class _Clients:
         if self.given.get(name) is None: self.given[name] = _client(name)
         return self.given[name]
 
-def _claim_and_start(obj:DataObject, version:str, env, c:_Clients) -> dict:
+def _claim_and_start(obj:DataObject, version:str, files:int, env, c:_Clients) -> dict:
     "Claim this content of the partition once, and start its retrain (raw: up to the newest complete partition)."
     marker_bucket = env.get("NCF_MARKER_BUCKET") or obj.bucket
     marker = claim_key(env.get("NCF_MARKER_PREFIX", "triggers/"), obj.bucket, obj.partition, version)
-    if not claim(c.s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "claimed_at": time.time()}):
+    if not claim(c.s3, marker_bucket, marker, {**asdict(obj), "data_version": version, "files": files, "claimed_at": time.time()}):
         return {"key": obj.key, "action": "duplicate", "data_version": version}
     root = obj.partition[:obj.partition.rindex("dt=")]
     newer = None if obj.preprocessed else newest_complete_day(c.s3, obj.bucket, root, obj.run_date)   # a late raw partition
@@ -225,8 +225,8 @@ def _object_created(rec:dict, env, c:_Clients) -> dict:
     obj = (preprocessed_object(rec["bucket"], rec["key"], rec["version"], env.get("NCF_PREPROCESSED_PREFIX", "preprocessed/"))
            or data_object(rec["bucket"], rec["key"], rec["version"], env.get("NCF_RAW_PREFIX", "raw/")))
     if obj is None: return {"key": rec["key"], "action": "ignored"}
-    version, problem = _data_version(c.s3, obj)
-    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, env, c)
+    version, files, problem = _data_version(c.s3, obj)
+    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, files, env, c)
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #c674e0e7
 SCHEDULE_EVENT = "raw-day"   # the schedule's Input: {"ncf": "raw-day", "scheduled_time": ...}
@@ -243,8 +243,8 @@ def _scheduled(event:dict, env, c:_Clients) -> dict:
     if not (bucket := env.get("NCF_DATA_BUCKET")): raise RuntimeError("NCF_DATA_BUCKET is not set: the schedule does not name the bucket")
     prefix, day = env.get("NCF_RAW_PREFIX", "raw/"), scheduled_day(event)
     obj = DataObject(bucket, f"{prefix}dt={day}/", f"s3://{bucket}/{prefix.rstrip('/')}", day, str(event.get("scheduled_time")))
-    version, problem = _data_version(c.s3, obj)
-    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, env, c)
+    version, files, problem = _data_version(c.s3, obj)
+    return {"key": obj.key, **problem} if problem else _claim_and_start(obj, version, files, env, c)
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #88b51190
 def queued_key(prefix:str, env:dict, now:float|None=None) -> str:

@@ -8,7 +8,8 @@ import dataclasses, hashlib, json, os, re, shutil, sys, tempfile, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
-from ..core import NCFError, ConfigError, requirements, declared_requirements, REQUIREMENTS_FILE
+from ..core import NCFError, ConfigError
+from .bundle import CONTAINER_REQUIREMENTS, ENTRY_SCRIPTS, stage_code
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
 from .retrain import PIPELINE, pipeline_steps, code_version, digest
 from .params import PipelineParams
@@ -17,10 +18,9 @@ from .sagemaker_registry import SageMakerRegistry
 from .lambdas import partition_files, partition_version, queued_key
 
 # %% auto #0
-__all__ = ['COMMON_HYPERPARAMETERS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS',
-           'SDK_TYPES', 'RUNNING', 'Param', 'pipeline_parameters', 'execution_parameters', 'stage_code',
-           'pipeline_name', 'build_pipeline', 'step_graph', 'check_definition', 'masked', 'definition', 'upsert',
-           'data_listing_version', 'running_executions', 'start']
+__all__ = ['COMMON_HYPERPARAMETERS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS', 'SDK_TYPES', 'RUNNING', 'Param',
+           'pipeline_parameters', 'execution_parameters', 'pipeline_name', 'build_pipeline', 'step_graph',
+           'check_definition', 'masked', 'definition', 'upsert', 'data_listing_version', 'running_executions', 'start']
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #a7eaca83
 COMMON_HYPERPARAMETERS = ("model", "epochs", "lr", "batch_size", "factor_num", "num_layers", "num_ng", "dropout")
@@ -58,26 +58,6 @@ def execution_parameters(params:PipelineParams, production_uri:str|None=None, da
     values = {p.name: p.default for p in pipeline_parameters(params)}
     values.update(DataUri=params.data_uri, ProductionModelUri=production_uri or "", DataVersion=data_version or "")
     return [{"Name": k, "Value": str(v)} for k, v in values.items()]
-
-# %% ../../nbs/api/56_pipeline.sagemaker.ipynb #1a78e5c7
-# The core requirements of settings.ini without torch, which the container image provides.
-CONTAINER_REQUIREMENTS = tuple(r for r in requirements() if not r.startswith("torch"))   # settings.ini's; the image has torch
-
-ENTRY_SCRIPTS = {
-    "train.py": "import sys\nfrom ncf.cli.train import main\nsys.exit(main())\n",
-    "preprocess.py": "import sys\nfrom ncf.cli.sagemaker import preprocess_entry\nsys.exit(preprocess_entry())\n",
-    "evaluate.py": "import sys\nfrom ncf.cli.sagemaker import evaluate_entry\nsys.exit(evaluate_entry())\n",
-}
-
-def stage_code(dest) -> Path:
-    "Write the source directory the SageMaker jobs run: `ncf/`, the entry scripts and `requirements.txt`."
-    dest, pkg = Path(dest), Path(ncf.__file__).parent
-    for p in sorted(pkg.rglob("*.py")):   # the whole package, every subpackage
-        (dest/"ncf"/p.relative_to(pkg)).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(p, dest/"ncf"/p.relative_to(pkg))
-    for name, text in ENTRY_SCRIPTS.items(): (dest/name).write_text(text)
-    (dest/"requirements.txt").write_text("\n".join(CONTAINER_REQUIREMENTS) + "\n")
-    (dest/"ncf"/REQUIREMENTS_FILE).write_text(json.dumps(declared_requirements()))   # what `ncf.core.requirements` reads there
-    return dest
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #8385b9c6
 PROCESSING = "/opt/ml/processing"
