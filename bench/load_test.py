@@ -60,7 +60,10 @@ def run_scenario(name: str, url: str, server_pid: int, args, workdir: Path) -> d
     r = {"requests": w["requests"], "failures": w["failures"], "rps": w["requests"] / wall, **percentiles(workdir / name)}
     server, gen = cpu["server"] / wall, cpu["locust"] / wall
     busy = cpu["machine_busy"] / wall
+    from ncf.serve.inference import serving_threads
     r.update(scenario=name, seconds=round(wall, 1), users=args.users, workers=args.workers,
+             threads_per_worker=1 if args.workers > 1 else os.cpu_count(),                 # ncf_serve pins 1 per worker when it has several
+             endpoint_threads_per_worker=serving_threads(os.cpu_count(), args.workers),    # what model_fn sets on an endpoint like this machine
              cpu_cores={"server": round(server, 2), "locust": round(gen, 2), "other": round(max(busy - server - gen, 0), 2),
                         "machine": os.cpu_count()},
              cpu_us_per_request={"server": round(cpu["server"] / max(r["requests"], 1) * 1e6), "locust": round(cpu["locust"] / max(r["requests"], 1) * 1e6)},
@@ -72,7 +75,8 @@ def run_scenario(name: str, url: str, server_pid: int, args, workdir: Path) -> d
 def report(r: dict) -> str:
     c = r["cpu_cores"]
     return (f"{r['scenario']:5s} {r['rps']:8,.0f} req/s  {r['requests']:,} requests, {r['failures']} failures  "
-            f"p50 {r['50']:g} ms  p95 {r['95']:g} ms  p99 {r['99']:g} ms  [{r['seconds']:g} s, {r['users']} Locust users, {r['workers']} server worker(s)]\n"
+            f"p50 {r['50']:g} ms  p95 {r['95']:g} ms  p99 {r['99']:g} ms  [{r['seconds']:g} s, {r['users']} Locust users, {r['workers']} server worker(s), {r['threads_per_worker']} thread(s) each;"
+            f" an endpoint of {r['cpu_cores']['machine']} vCPUs with {r['workers']} worker(s) gives each {r['endpoint_threads_per_worker']}]\n"
             f"      CPU (cores of {c['machine']}): server {c['server']}, locust {c['locust']}, other {c['other']};"
             f" per request: server {r['cpu_us_per_request']['server']} µs, locust {r['cpu_us_per_request']['locust']} µs;"
             f" load average before {' '.join(r['loadavg_before'])}\n"

@@ -134,6 +134,11 @@ def test_ship_uploads_by_content_under_moto(tmp_path, monkeypatch):
         wheel_key = s3.get_object(Bucket="code", Key="ncf/dist/LATEST")["Body"].read().decode()
         assert wheel_key.endswith(".whl") and s3.head_object(Bucket="code", Key=wheel_key)
         assert s3.head_object(Bucket="code", Key="ncf/wheels/k1/x-1-py3-none-any.whl")
+        # EMR's job flow names the bootstrap and the wheel by these keys (pipelines/emr_job_flow.json, with ncf_version)
+        flow = json.loads((ROOT / "pipelines" / "emr_job_flow.json").read_text())["BootstrapActions"][0]["ScriptBootstrapAction"]
+        for uri in (flow["Path"], flow["Args"][0]):
+            key = uri.split("}}/", 1)[1].replace("{{ var.value.ncf_version }}", bundle.ncf.__version__)
+            assert s3.head_object(Bucket="code", Key=key), key
         assert bundle.ship(s3, "code", "ncf", tmp_path / "w2", wheels=fake, log=lambda m: None) == first   # same content
         changed = tmp_path / "lambdas.py"; changed.write_text((Path(bundle.ncf.__file__).parent / "pipeline" / "lambdas.py").read_text() + "\n# changed\n")
         real_zip = bundle.lambda_zip

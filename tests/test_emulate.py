@@ -272,8 +272,10 @@ def test_the_command_runs_the_chain(tmp_path):
 def test_serving_leaves_this_process_as_it_was(chain):
     "The archive's inference.py puts its code/ first on sys.path; a later child process must still import this ncf."
     world, tmp = chain
-    path, program = list(sys.path), os.environ.get("SAGEMAKER_PROGRAM")
+    import torch
+    path, program, threads = list(sys.path), os.environ.get("SAGEMAKER_PROGRAM"), torch.get_num_threads()
     world.toolkits.clear()
     assert invoke_endpoint(world, "ncf", _seed_request(_days(tmp, 22)[0][sorted(_days(tmp, 22)[0])[-1]]))[0] == 200
     assert sys.path == path and os.environ.get("SAGEMAKER_PROGRAM") == program
+    assert torch.get_num_threads() == threads   # model_fn pins a container worker's threads, not this process's
     assert not [n for n, m in sys.modules.items() if "/endpoints/" in (getattr(m, "__file__", None) or "")]

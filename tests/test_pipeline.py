@@ -101,3 +101,26 @@ def test_bad_parameters_are_refused():
         PipelineParams(hyperparameters={"epoch": 3})
     with pytest.raises(Exception, match="hr_threshold"):
         PipelineParams(hr_threshold=2)
+
+
+def test_two_local_runs_on_one_work_directory_run_one_after_the_other(tmp_path):
+    "Two `ncf_pipeline run --local` at once on the same work directory: the second waits for the first (and says so)."
+    import calendar, subprocess, sys, time
+    write_days(SMALL_SHOP, tmp_path / "raw", 12)
+    cmd = [sys.executable, "-m", "ncf.cli.pipeline", "run", "--local", "--data-uri", str(tmp_path / "raw"), "--work-dir", str(tmp_path / "work"),
+           "--endpoint-url", "http://127.0.0.1:9", "--hr-threshold", "0", "--hp", "epochs=1", "--hp", "full_ranking=false", "--hp", "precision=fp32"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (tmp_path / "work" / "retrain.lock").exists() or not (tmp_path / "work" / "retrain.lock").read_text():
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0 and second.returncode == 0, out + second.stdout + second.stderr
+    assert f"pid {first.pid}" in second.stdout and "waiting for it to end" in second.stdout, second.stdout
+    runs = sorted((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == 2
+    first_run = json.loads((runs[0] / "run.json").read_text())
+    ended = (runs[0] / "run.json").stat().st_mtime
+    started = calendar.timegm(time.strptime(runs[1].name[:15], "%Y%m%dT%H%M%S"))   # the run id is its start, in UTC
+    assert started >= int(ended) - 1, (runs[1].name, ended)   # the second began after the first had written its record
+    assert first_run["steps"][0]["name"] == "Preprocess"

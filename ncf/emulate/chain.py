@@ -151,13 +151,16 @@ def _load_toolkit(model_dir:Path, environment:dict):
     code = str(model_dir/"code")
     ours = lambda: [n for n, m in sys.modules.items() if (getattr(m, "__file__", None) or "").startswith(code)]
     sys.modules.pop(Path(environment.get("SAGEMAKER_PROGRAM", "inference.py")).stem, None)   # another model's inference.py
-    path = list(sys.path)
+    import torch
+    from threadpoolctl import threadpool_limits
+    path, threads = list(sys.path), torch.get_num_threads()
     sys.path.insert(0, code)
-    try:
-        with mock.patch.dict(os.environ, environment):   # the container's environment, while the toolkit reads it
+    try:   # the container's environment while the toolkit reads it; model_fn's thread setting is the container's, not this process's
+        with mock.patch.dict(os.environ, environment), threadpool_limits(limits=None):
             t = Transformer(default_inference_handler=DefaultInferenceHandler())
             t.validate_and_initialize(model_dir=str(model_dir))
-    finally:   # the archive's inference.py puts code/ first on sys.path: a later child process must not import its reduced ncf
+    finally:
+        torch.set_num_threads(threads)   # the archive's inference.py puts code/ first on sys.path: a later child process must not import its reduced ncf
         sys.path[:] = path
         for name in ours(): sys.modules.pop(name)   # the model's own modules stay with its transformer, not in this process's import table
     return t

@@ -358,6 +358,9 @@ def ship(s3, # a boto3 S3 client
     _put(s3, bucket, wheel_key, whl)
     s3.put_object(Bucket=bucket, Key=f"{prefix.strip('/')}/dist/LATEST", Body=wheel_key.encode(), ContentType="text/plain")
     log(f"ncf wheel: s3://{bucket}/{wheel_key} (named by s3://{bucket}/{prefix.strip('/')}/dist/LATEST)")
+    for key, path in ((f"{prefix.strip('/')}/wheels/{whl.name}", whl), (f"{prefix.strip('/')}/emr/emr_bootstrap.sh", root/"pipelines"/"emr_bootstrap.sh")):
+        s3.upload_file(str(path), bucket, key)   # where EMR's job flow (pipelines/emr_job_flow.json) finds them: the newest shipped code
+        log(f"for EMR: s3://{bucket}/{key}")
     if wheels is not False:
         wh = wheelhouse(root=root) if wheels is None else Path(wheels)
         base = f"{prefix.strip('/')}/wheels/{json.loads((wh/'WHEELHOUSE.json').read_text()).get('key') or sha256_file(wh/'WHEELHOUSE.json')[:16]}"

@@ -153,10 +153,8 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Sta
 _WORKER_ENV = "NCF_SERVE_WORKER"
 
 def _one_thread():
-    import torch
-    torch.set_num_threads(1)
-    from threadpoolctl import threadpool_limits   # numpy's BLAS pool, which torch's setting does not reach
-    threadpool_limits(1)
+    from ncf.serve.inference import pin_threads
+    pin_threads(1)   # one thread per worker, as each endpoint worker has (ncf.serve.inference.serving_threads)
 
 def worker_app() -> Starlette:
     "The app of one of several worker processes (`uvicorn --factory`), configured by the parent through the environment."

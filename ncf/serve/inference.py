@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/41_serve.inference.ipynb #0cabdaa5
 from __future__ import annotations
-import json, math, re
+import json, math, os, re
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -16,8 +16,8 @@ from fastcore.basics import patch   # a class a method per cell; fastcore is a c
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',
            'IdIndex', 'category_index', 'seen_csr', 'Recommender', 'Query', 'Batch', 'parse_query', 'media_type',
-           'parse_json', 'parse_recommendation', 'model_fn', 'input_fn', 'Prediction', 'predict_fn', 'accepts_json',
-           'output_fn']
+           'parse_json', 'parse_recommendation', 'serving_threads', 'pin_threads', 'model_fn', 'input_fn', 'Prediction',
+           'predict_fn', 'accepts_json', 'output_fn']
 
 # %% ../../nbs/api/41_serve.inference.ipynb #41694e23
 try:  # orjson is several times faster; the managed container may lack it
@@ -295,9 +295,24 @@ def parse_recommendation(q) -> dict:
         out["categories"] = cats
     return out
 
+# %% ../../nbs/api/41_serve.inference.ipynb #3745ef54
+def serving_threads(cpus:int|None=None, workers:int|None=None) -> int:
+    "Threads for one serving worker: the CPUs it may use, shared among the workers (`SAGEMAKER_MODEL_SERVER_WORKERS`, else one per CPU)."
+    cpus = cpus or len(os.sched_getaffinity(0))
+    workers = workers or int(os.environ.get("SAGEMAKER_MODEL_SERVER_WORKERS") or cpus)
+    return max(1, cpus // max(1, workers))
+
+def pin_threads(n:int):
+    "Use `n` threads for torch and for numpy's BLAS (which torch's setting does not reach)."
+    torch.set_num_threads(n)
+    try: from threadpoolctl import threadpool_limits
+    except ImportError: return   # not in the serving container's requirements: torch's own pool is the one that counts
+    threadpool_limits(n)
+
 # %% ../../nbs/api/41_serve.inference.ipynb #5c8ced14
 def model_fn(model_dir) -> Recommender:
-    "Load the model directory (verified) for serving."
+    "Load the model directory (verified) for serving, in a worker given its share of the CPUs."
+    pin_threads(serving_threads())
     return Recommender.load(model_dir)
 
 # %% ../../nbs/api/41_serve.inference.ipynb #e89a7a63
