@@ -18,9 +18,9 @@ TORCH = "2.13.0"   # constraints.txt's torch: stands in for the image's 2.5.1+cp
 OFFLINE = {"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "HOME": "/tmp", "NCF_SMALL": "1"}
 
 
-def offline(cmd, cwd, timeout=300):
+def offline(cmd, cwd, timeout=300, **env):
     "Run `cmd` with no network (and no pip config); fail the test with its output when it fails."
-    p = subprocess.run(["unshare", "-rn", *map(str, cmd)], cwd=cwd, env=OFFLINE, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(["unshare", "-rn", *map(str, cmd)], cwd=cwd, env={**OFFLINE, **env}, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(map(str, cmd))}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
 
@@ -81,6 +81,12 @@ def test_staged_job_code_installs_offline_and_imports(tmp_path, wheels, image_wh
     assert have["numpy"].startswith("1.26") and have["torch"].startswith(TORCH) and "orjson" in have and "pyarrow" in have
     out = offline([py, "-c", "import ncf, ncf.cli.train, ncf.cli.sagemaker, ncf.core as c; print(ncf.__file__); print(c.requirements())"], cwd=code)
     assert out.splitlines()[0].startswith(str(code)), out
+    # The image's numpy and pandas, not this machine's newer ones: one epoch of the staged train.py, as SageMaker runs it.
+    from helpers import small_dataset
+    data = small_dataset(tmp_path / "shop", days=12)
+    out = offline([py, "train.py", "--epochs", "1", "--batch_size", "512", "--factor_num", "8", "--num_layers", "2", "--full_ranking", "false",
+                   "--precision", "fp32"], cwd=code, SM_CHANNEL_TRAIN=str(data.parent), SM_MODEL_DIR=str(tmp_path / "model"))
+    assert "HR=" in out and (tmp_path / "model" / "manifest.json").exists(), out[-2000:]
 
 
 def test_serving_archive_installs_offline_and_imports(tmp_path, wheels, image_wheels):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #4bf1aafe
 from __future__ import annotations
-import hashlib, json, os, re, shutil, subprocess, sys, tempfile, zipfile
+import contextlib, hashlib, json, os, re, shutil, subprocess, sys, tempfile, zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import ncf
@@ -139,6 +139,17 @@ def _download_args(image:Image, dest:Path) -> list[str]:
     return ["download", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "--implementation", "cp",
             "--python-version", ".".join(image.python.split(".")[:2]), *(a for p in plats for a in ("--platform", p)), "-d", str(dest)]
 
+# %% ../../nbs/api/55_pipeline.bundle.ipynb #ab7497e6
+@contextlib.contextmanager
+def _building(dest:Path):
+    "Hold an exclusive lock beside `dest` while it is built: processes building the same cache wait for the first (notebooks run two at a time)."
+    import fcntl
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent/f".{dest.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #3b3ce625
 def wheel_metadata(whl) -> dict:
     "A wheel's name, version and Requires-Python, from its METADATA."
@@ -154,7 +165,12 @@ def wheelhouse(dest=None, reqs=None, images=IMAGES, root=None) -> Path:
     wanted = [r for r in reqs if not all(im.exact(_req_name(r)) for im in images)]   # torch: the image's
     key = hashlib.sha256(json.dumps([wanted, cons, [im.name for im in images], PLATFORMS]).encode()).hexdigest()[:16]
     dest = Path(dest) if dest else root/"build"/"wheels"/key
-    if (dest/"WHEELHOUSE.json").exists() and json.loads((dest/"WHEELHOUSE.json").read_text())["key"] == key: return dest
+    done = lambda: (dest/"WHEELHOUSE.json").exists() and json.loads((dest/"WHEELHOUSE.json").read_text())["key"] == key
+    if done(): return dest
+    with _building(dest):   # another process building the same wheelhouse: wait for it, then use its result
+        return dest if done() else _download_wheelhouse(dest, key, reqs, wanted, cons, images)
+
+def _download_wheelhouse(dest:Path, key:str, reqs, wanted, cons, images) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".wheels-", dir=dest.parent if dest.parent.exists() else None))
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as c: c.write("\n".join(cons) + "\n")
     try:
@@ -263,6 +279,10 @@ def lambda_site(dest=None, root=None) -> Path:
     key = hashlib.sha256(json.dumps([pins, LAMBDA_PYTHON]).encode()).hexdigest()[:16]
     dest = Path(dest) if dest else root/"build"/"lambda"/key
     if (dest/"LAMBDA_SITE.json").exists(): return dest
+    with _building(dest):
+        return dest if (dest/"LAMBDA_SITE.json").exists() else _install_lambda_site(dest, key, pins, root)
+
+def _install_lambda_site(dest:Path, key:str, pins, root:Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".lambda-"))
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile", "--target", str(tmp),
            "--only-binary=:all:", "--implementation", "cp", "--python-version", LAMBDA_PYTHON, "--platform", "manylinux2014_x86_64",
