@@ -5,7 +5,7 @@ Building the wheels needs PyPI (cached under build/); every install under test r
 network namespace with no interface but loopback, with pip's configuration files ignored (PIP_CONFIG_FILE=/dev/null),
 so neither an index nor a machine-wide --find-links can stand in for the shipped wheels.
 """
-import glob, hashlib, json, os, shutil, subprocess, sys, tarfile, zipfile
+import glob, hashlib, json, os, subprocess, sys, tarfile, zipfile
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 import ncf
-from ..core import NCFError, ConfigError, extra
+from ..core import NCFError, extra
 from ..serve.client import free_port
 from ..pipeline.bundle import lambda_zip, repository_files, source_zip
 

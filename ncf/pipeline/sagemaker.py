@@ -4,12 +4,11 @@
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #aff52f78
 from __future__ import annotations
-import dataclasses, hashlib, json, os, re, shutil, sys, tempfile, time, uuid
+import dataclasses, hashlib, json, os, re, sys, tempfile, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
-import ncf
 from ..core import NCFError, ConfigError
-from .bundle import CONTAINER_REQUIREMENTS, ENTRY_SCRIPTS, stage_code
+from .bundle import CONTAINER_REQUIREMENTS, stage_code   # CONTAINER_REQUIREMENTS: read here by older callers
 from ..train.config import TrainConfig, METRIC_DEFINITIONS
 from .retrain import PIPELINE, pipeline_steps, code_version, digest
 from .params import PipelineParams
