@@ -12,9 +12,9 @@ from datetime import date, datetime, timedelta, timezone
 __all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
            'DataObject', 'is_data_file', 'data_object', 'preprocessed_object', 'object_events', 'partition_files',
            'partition_version', 'claim_key', 'claim', 'ManifestError', 'manifest_names', 'newest_complete_day',
-           'env_overrides', 'build_overrides', 'scheduled_day', 'queued_key', 'queued_runs', 'release_next',
-           'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'DeployError',
-           'deploy', 'wait_in_service', 'deploy_handler']
+           'env_overrides', 'run_variables', 'build_overrides', 'scheduled_day', 'queued_key', 'queued_runs',
+           'release_next', 'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config',
+           'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -151,10 +151,14 @@ def env_overrides(env:dict) -> list[dict]:
     if bad := sorted(set(env) - set(RUN_VARIABLES)): raise ValueError(f"not run variables: {bad} (known: {', '.join(RUN_VARIABLES)})")
     return [{"name": k, "value": str(env[k]), "type": "PLAINTEXT"} for k in RUN_VARIABLES if k in env]
 
+def run_variables(data_uri:str, run_date:str, data_version:str, preprocessed:bool, trigger:str) -> dict:
+    "A run as the build's variables (`RUN_VARIABLES`): what the trigger starts a build with, and what a queued run keeps."
+    return {"NCF_DATA_URI": data_uri, "NCF_RUN_DATE": run_date or "", "NCF_DATA_VERSION": data_version,
+            "NCF_PREPROCESSED": "1" if preprocessed else "", "NCF_TRIGGER_OBJECT": trigger}
+
 def build_overrides(obj:DataObject, data_version:str) -> list[dict]:
     "The build's overrides for a completed partition of data version `data_version`."
-    return env_overrides({"NCF_DATA_URI": obj.data_uri, "NCF_RUN_DATE": obj.run_date, "NCF_DATA_VERSION": f"{obj.run_date}:{data_version}",
-                          "NCF_PREPROCESSED": "1" if obj.preprocessed else "", "NCF_TRIGGER_OBJECT": f"s3://{obj.bucket}/{obj.key}"})
+    return env_overrides(run_variables(obj.data_uri, obj.run_date, f"{obj.run_date}:{data_version}", obj.preprocessed, f"s3://{obj.bucket}/{obj.key}"))
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #b7c2e4a1
 def _start_build(codebuild, project:str, obj:DataObject, version:str, s3, marker_bucket:str, marker:str) -> dict:
@@ -236,7 +240,7 @@ def scheduled_day(event:dict) -> str:
     t = str(event.get("scheduled_time", ""))
     try: when = datetime.fromisoformat(t.replace("Z", "+00:00"))
     except ValueError: raise ValueError(f"the schedule's event has no ISO 8601 scheduled_time: {event!r}") from None
-    return (when.astimezone(timezone.utc).date() - timedelta(days=1)).isoformat() if when.tzinfo else (when.date() - timedelta(days=1)).isoformat()
+    return ((when.astimezone(timezone.utc) if when.tzinfo else when).date() - timedelta(days=1)).isoformat()
 
 def _scheduled(event:dict, env, c:_Clients) -> dict:
     "The previous day's raw partition, as a completed one."

@@ -14,7 +14,7 @@ from .retrain import PIPELINE, pipeline_steps, code_version, digest
 from .params import PipelineParams
 from .aws import AwsSettings, aws_context, _images, SERVING_ENV, _not_found
 from .sagemaker_registry import SageMakerRegistry
-from .lambdas import partition_files, partition_version, queued_key
+from .lambdas import partition_files, partition_version, queued_key, run_variables
 
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS', 'SDK_TYPES', 'RUNNING', 'Param',
@@ -406,8 +406,7 @@ def start(params:PipelineParams|None=None, role_arn:str|None=None, settings:AwsS
         n, earlier = _attempt(sm, name, stem)   # same given version and parameters: a retry after a failure is attempt n + 1
         if earlier:
             log(f"{earlier['PipelineExecutionArn']} is this run ({earlier['PipelineExecutionStatus']}): nothing started"); return earlier["PipelineExecutionArn"]
-        env = {"NCF_DATA_URI": params.data_uri, "NCF_RUN_DATE": params.run_date or "", "NCF_DATA_VERSION": data_version,
-               "NCF_PREPROCESSED": "1" if params.preprocessed else "", "NCF_TRIGGER_OBJECT": os.environ.get("NCF_TRIGGER_OBJECT", "")}
+        env = run_variables(params.data_uri, params.run_date, data_version, params.preprocessed, os.environ.get("NCF_TRIGGER_OBJECT", ""))
         if (running := running_executions(sm, s)) and (queued := _queue(sm, s3, s, env, running[0])):
             log(f"{running[0]['PipelineExecutionArn']} is running: this retrain is queued as {queued}, and starts when it ends"); return queued
         run = f"dt={params.run_date}" if params.run_date else "latest data"
