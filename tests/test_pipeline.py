@@ -103,24 +103,42 @@ def test_bad_parameters_are_refused():
         PipelineParams(hr_threshold=2)
 
 
+def said(proc, text: str, timeout: float = 300) -> str:
+    "Read `proc`'s output until a line contains `text`; fail if it ends or stays silent for `timeout` seconds."
+    import select, time
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        line = proc.stdout.readline() if ready else ""
+        assert line, f"no {text!r} from pid {proc.pid} (exit {proc.poll()}): {seen}"
+        seen += line
+    return seen
+
+
 def test_two_local_runs_on_one_work_directory_run_one_after_the_other(tmp_path):
-    "Two `ncf_pipeline run --local` at once on the same work directory: the second waits for the first (and says so)."
-    import calendar, subprocess, sys, time
+    """Two `ncf_pipeline run --local` at once on the same work directory run one after the other, and say whom they wait for.
+    The test itself holds the lock while both start (a retrain already running), so that both are certain to meet it
+    however fast this machine trains."""
+    import calendar, os, subprocess, sys, time
+    from ncf.pipeline.retrain import retrain_lock
     write_days(SMALL_SHOP, tmp_path / "raw", 12)
     cmd = [sys.executable, "-m", "ncf.cli.pipeline", "run", "--local", "--data-uri", str(tmp_path / "raw"), "--work-dir", str(tmp_path / "work"),
            "--endpoint-url", "http://127.0.0.1:9", "--hr-threshold", "0", "--hp", "epochs=1", "--hp", "full_ranking=false", "--hp", "precision=fp32"]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not (tmp_path / "work" / "retrain.lock").exists() or not (tmp_path / "work" / "retrain.lock").read_text():
-        assert first.poll() is None, first.stdout.read()
-        time.sleep(0.2)
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    out, _ = first.communicate(timeout=600)
-    assert first.returncode == 0 and second.returncode == 0, out + second.stdout + second.stderr
-    assert f"pid {first.pid}" in second.stdout and "waiting for it to end" in second.stdout, second.stdout
-    runs = sorted((tmp_path / "work" / "runs").iterdir())
-    assert len(runs) == 2
-    first_run = json.loads((runs[0] / "run.json").read_text())
-    ended = (runs[0] / "run.json").stat().st_mtime
-    started = calendar.timegm(time.strptime(runs[1].name[:15], "%Y%m%dT%H%M%S"))   # the run id is its start, in UTC
-    assert started >= int(ended) - 1, (runs[1].name, ended)   # the second began after the first had written its record
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with retrain_lock(tmp_path / "work", log=print):
+        runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+        try: waited = [said(p, "waiting for it to end") for p in runs]
+        except BaseException:
+            for p in runs: p.kill()
+            raise
+        assert all(f"pid {os.getpid()}" in w for w in waited), waited   # each names the holder
+        assert not (tmp_path / "work" / "runs").exists()                # and neither has begun
+    outs = [p.communicate(timeout=600)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outs
+    dirs = sorted((tmp_path / "work" / "runs").iterdir())
+    assert len(dirs) == 2
+    first_run = json.loads((dirs[0] / "run.json").read_text())
+    ended = (dirs[0] / "run.json").stat().st_mtime
+    started = calendar.timegm(time.strptime(dirs[1].name[:15], "%Y%m%dT%H%M%S"))   # the run id is its start, in UTC
+    assert started >= int(ended) - 1, (dirs[1].name, ended)   # the second began after the first had written its record
     assert first_run["steps"][0]["name"] == "Preprocess"
