@@ -12,7 +12,8 @@ import pytest
 
 from ncf.data.synthetic import write_days
 from ncf.emulate.world import open_world, fire_schedule
-from ncf.emulate.chain import land_partition, settle, endpoint_model, invoke_endpoint
+from ncf.emulate.chain import land_partition, settle
+from ncf.emulate.hosting import endpoint_model, invoke_endpoint
 from helpers import SMALL_SHOP
 
 

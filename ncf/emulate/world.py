@@ -57,19 +57,42 @@ def restore_iam(before:tuple):
     settings.INITIAL_NO_AUTH_ACTION_COUNT, ActionAuthenticatorMixin.request_count = before
 
 # %% ../../nbs/api/65_emulate.world.ipynb #00128fea
-def _update_endpoint(self):
-    "moto's missing `UpdateEndpoint`: switch the endpoint to the new config."
+def _endpoint_changes(queue:list) -> tuple:
+    "moto's missing `UpdateEndpoint`, and a `CreateEndpoint` that does not serve at once: each leaves the change to a queued `deployment`."
     from moto.sagemaker.exceptions import ValidationError
     from moto.sagemaker.utils import arn_formatter
+    from moto.sagemaker.responses import SageMakerResponse
     from moto.core.responses import ActionResult
-    b, name, config = self.sagemaker_backend, self._get_param("EndpointName"), self._get_param("EndpointConfigName")
-    if name not in b.endpoints: raise ValidationError(message=f'Could not find endpoint "{arn_formatter("endpoint", name, b.account_id, b.region_name)}".')
-    try: cfg = b.describe_endpoint_config(config)
-    except KeyError: raise ValidationError(message=f'Could not find endpoint configuration "{arn_formatter("endpoint-config", config, b.account_id, b.region_name)}".') from None
-    ep = b.endpoints[name]
-    if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
-    ep.endpoint_config_name, ep.production_variants = config, ep._process_production_variants(cfg["ProductionVariants"])
-    return ActionResult({"EndpointArn": ep.arn})
+    create = SageMakerResponse.create_endpoint
+    def create_endpoint(self):
+        out = create(self)
+        ep = self.sagemaker_backend.endpoints[self._get_param("EndpointName")]
+        ep.endpoint_status, ep.ncf_change = "Creating", {"config": ep.endpoint_config_name, "deployment": None, "previous": None}
+        queue.append(("deployment", ep.endpoint_name)); return out
+    def update_endpoint(self):
+        b, name, config = self.sagemaker_backend, self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+        if name not in b.endpoints: raise ValidationError(message=f'Could not find endpoint "{arn_formatter("endpoint", name, b.account_id, b.region_name)}".')
+        try: b.describe_endpoint_config(config)
+        except KeyError: raise ValidationError(message=f'Could not find endpoint configuration "{arn_formatter("endpoint-config", config, b.account_id, b.region_name)}".') from None
+        ep = b.endpoints[name]
+        if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
+        ep.endpoint_status = "Updating"
+        ep.ncf_change = {"config": config, "deployment": self._get_param("DeploymentConfig"), "previous": ep.endpoint_config_name}
+        queue.append(("deployment", name)); return ActionResult({"EndpointArn": ep.arn})
+    return create_endpoint, update_endpoint
+
+def _callback_answers(callbacks:dict) -> tuple:
+    "moto's missing `SendPipelineExecutionStepSuccess`/`Failure`: the answer is kept in `callbacks[token]` for the waiting step."
+    from moto.sagemaker.exceptions import ValidationError
+    from moto.core.responses import ActionResult
+    def answer(self, outcome:dict):
+        token = self._get_param("CallbackToken")
+        if token not in callbacks or callbacks[token]["answer"] is not None:
+            raise ValidationError(message=f"Callback token {token!r} does not belong to a step waiting for it")
+        callbacks[token]["answer"] = outcome
+        return ActionResult({"PipelineExecutionArn": callbacks[token]["execution"]})
+    return (lambda self: answer(self, {"status": "Succeeded", "outputs": self._get_param("OutputParameters") or []}),
+            lambda self: answer(self, {"status": "Failed", "reason": self._get_param("FailureReason") or ""}))
 
 # %% ../../nbs/api/65_emulate.world.ipynb #d9e56eb2
 def _check_parameters(definition:str, given:list|None):
@@ -105,14 +128,15 @@ def _logged_s3_check(check, on_denied):
 
 # %% ../../nbs/api/65_emulate.world.ipynb #d8fa634d
 @contextlib.contextmanager
-def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None):
-    "Patch moto with the six additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`."
+def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None, callbacks:dict|None=None):
+    "Patch moto with the additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`, callback answers to `callbacks`."
     from moto.events.models import Rule
     from moto.sagemaker.responses import SageMakerResponse
     from moto.sagemaker.models import SageMakerModelBackend
     from moto.codebuild.responses import CodeBuildResponse
     from moto.s3.responses import ACTION_MAP
     from moto.iam.access_control import S3IAMRequest
+    from moto.awslambda.models import LambdaBackend
     send, start_build, start_execution = Rule.send_to_targets, CodeBuildResponse.start_build, SageMakerModelBackend.start_pipeline_execution
     def send_to_targets(rule, event, transform_input=True):
         # moto's S3 offers each event to every rule of every bus; S3's events go to the default bus, to enabled rules only
@@ -120,7 +144,7 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, 
         is_lambda = lambda t: t["Arn"].split(":")[2] == "lambda"
         if others := [t for t in rule.targets if not is_lambda(t)]:   # moto's own delivery, which raises on a Lambda target
             saved, rule.targets = rule.targets, others
-            try: send(rule, event, transform_input)
+            try: send(rule, {"ingestion-time": time.time(), **event}, transform_input)   # moto's delivery reads the bus's ingestion time
             finally: rule.targets = saved
         queue.extend(("lambda", t["Arn"], json.loads(json.dumps(event, default=str))) for t in rule.targets if is_lambda(t))
     def build(resp):
@@ -128,9 +152,18 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, 
         meta = resp.codebuild_backend.build_metadata[resp._get_param("projectName")].build_metadata
         queue.append(("build", meta["id"], resp._get_param("environmentVariablesOverride") or []))
         return out
+    def sqs_batch(backend, function_arn, message, queue_arn):   # the event source mapping's delivery: queued, not run in a container
+        event = {"Records": [{"messageId": message.id, "receiptHandle": message.receipt_handle, "body": message.body, "eventSource": "aws:sqs",
+                              "eventSourceARN": queue_arn, "awsRegion": backend.region_name, "attributes": {"ApproximateReceiveCount": "1"}}]}
+        queue.append(("lambda", function_arn, event)); return True
+    create_endpoint, update_endpoint = _endpoint_changes(queue)
+    success, failure = _callback_answers({} if callbacks is None else callbacks)
     with mock.patch.object(Rule, "send_to_targets", send_to_targets), mock.patch.object(CodeBuildResponse, "start_build", build), \
          mock.patch.object(SageMakerModelBackend, "start_pipeline_execution", _queued_execution(queue, start_execution, [] if starts is None else starts)), \
-         mock.patch.object(SageMakerResponse, "update_endpoint", _update_endpoint, create=True), \
+         mock.patch.object(SageMakerResponse, "update_endpoint", update_endpoint, create=True), \
+         mock.patch.object(SageMakerResponse, "create_endpoint", create_endpoint), mock.patch.object(LambdaBackend, "_send_sqs_message", sqs_batch), \
+         mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_success", success, create=True), \
+         mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_failure", failure, create=True), \
          mock.patch.dict(ACTION_MAP["BUCKET"]["HEAD"], {"DEFAULT": "ListBucket"}), \
          mock.patch.object(S3IAMRequest, "check_action_permitted", _logged_s3_check(S3IAMRequest.check_action_permitted, on_s3_denied)):
         yield queue
@@ -175,6 +208,9 @@ class World:
     queue:list = field(default_factory=list)
     log:object = print
     toolkits:dict = field(default_factory=dict)    # endpoint config -> the loaded inference toolkit
+    callbacks:dict = field(default_factory=dict)   # callback token -> {execution, answer}: the steps waiting on one
+    served:list = field(default_factory=list)      # each endpoint invocation: {endpoint, config, status}
+    while_baking:list = field(default_factory=list)   # hooks(endpoint, percent) run during each bake of a traffic shift
     starts:list = field(default_factory=list)      # each execution start: {execution, running: the executions running then}
 
     @property
@@ -245,7 +281,7 @@ def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=prin
         root = Path(root) if root else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ncf-emulate-")))
         server, url = start_server(); stack.callback(server.stop); stack.callback(_reset_moto)
         world = World(root, url, _admin(url), log=log)
-        stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts))
+        stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts, world.callbacks))
         _upload_code(world, parameters["CodeBucket"], parameters)
         session = boto3.Session(region_name=REGION, **world.admin)
         world.stack = create_stack(template, parameters, _EndpointSession(session, url), region=REGION, stack_name="ncf")
