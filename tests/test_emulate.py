@@ -5,7 +5,7 @@ One world serves the tests of this module, in order (it takes minutes: two build
 real SDK, and five executions that preprocess, train and evaluate): each test starts from what the one before left, as
 a deployment lives from one retrain to the next. The emulation extra is part of the dev install, so nothing here is
 skipped when it is missing: the import fails."""
-import io, json, os, subprocess, sys
+import contextlib, io, json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -161,14 +161,74 @@ def test_a_new_partition_updates_the_endpoint(chain):
     parts, _ = _days(tmp, 22)
     new = sorted(parts)[-1]
     land_partition(world, bucket, new, parts[new])
-    ran = settle(world)
+    with _during_deployments(world, _seed_request(parts[new])) as seen:
+        ran = settle(world)
     ex = next(r["execution"] for r in ran if r["kind"] == "execution")
     assert ex.status == "Succeeded", ex.failure_reason
     assert ex.properties["Deploy"]["OutputParameters"]["action"] == "updated"
     after = endpoint_model(world, "ncf")
     assert after["endpoint_config"] != before["endpoint_config"] and after["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+    # blue/green: the canary's share of requests went to the new fleet, the rest to the old, then all to the new
+    assert [p for p, *_ in seen] == [0, 20, 100]
+    canary = [s["config"] for s in seen[1][1]]
+    assert canary.count(after["endpoint_config"]) == 2 and canary.count(before["endpoint_config"]) == 8, canary
+    assert {s["config"] for s in seen[2][1]} == {after["endpoint_config"]}
+    assert all(s["status"] == 200 for _, served, _ in seen for s in served)
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[new]))
     assert status == 200, body
+
+
+@contextlib.contextmanager
+def _during_deployments(world, request: bytes, then=lambda endpoint, config, percent: None):
+    "Ten requests at each step of every deployment (none while a fleet starts), then `then`; yields `[(percent, what served them, new config)]`."
+    seen = []
+    def bake(endpoint, config, percent):
+        start = len(world.served)
+        for _ in range(10 if percent else 0): invoke_endpoint(world, endpoint, request)
+        seen.append((percent, world.served[start:], config)); then(endpoint, config, percent)
+    world.while_baking.append(bake)
+    try: yield seen
+    finally: world.while_baking.remove(bake)
+
+
+def _rejected_and_unchanged(world, ex, before, request: bytes, reason: str):
+    "The Deploy step failed for `reason`, its package is Rejected, and every answer came from the model served before."
+    assert ex.status == "Failed" and ex.statuses()["Deploy"] == "Failed", ex.statuses()
+    assert reason in ex.step("Deploy")["FailureReason"], ex.step("Deploy")
+    package = world.client("sagemaker").describe_model_package(ModelPackageName=ex.properties["RegisterApproved"]["ModelPackageArn"])
+    assert package["ModelApprovalStatus"] == "Rejected" and reason in package["ApprovalDescription"], package
+    assert endpoint_model(world, "ncf") == before
+    status, _ = invoke_endpoint(world, "ncf", request)
+    assert status == 200 and world.served[-1]["config"] == before["endpoint_config"]
+
+
+def test_an_alarm_during_the_traffic_shift_rolls_back_and_rejects_the_package(chain):
+    world, tmp = chain
+    parts, _ = _days(tmp, 22); seed = _seed_request(parts[sorted(parts)[-1]])
+    before, cw = endpoint_model(world, "ncf"), world.client("cloudwatch")
+    def alarm(endpoint, config, percent):
+        if percent == 20: cw.set_alarm_state(AlarmName="ncf-5xx", StateValue="ALARM", StateReason="5xx from the canary")
+    with _during_deployments(world, seed, alarm) as seen:
+        try: ex = _execution(world, {"DataVersion": "manual-alarm"})   # the same data again: a new model of the same quality
+        finally: cw.set_alarm_state(AlarmName="ncf-5xx", StateValue="OK", StateReason="test over")
+    assert [p for p, *_ in seen] == [0, 20]   # rolled back after the canary's bake, before the rest of the traffic moved
+    assert {s["config"] for s in seen[1][1]} == {before["endpoint_config"], seen[1][2]}   # the canary did answer, then lost its traffic
+    _rejected_and_unchanged(world, ex, before, seed, "went into ALARM")
+
+
+def test_a_model_that_fails_its_health_check_never_serves(chain):
+    world, tmp = chain
+    parts, _ = _days(tmp, 22); seed = _seed_request(parts[sorted(parts)[-1]])
+    before = endpoint_model(world, "ncf")
+    def corrupt(endpoint, config, percent):   # the archive is damaged between registration and deployment
+        if percent == 0:
+            from ncf.emulate.hosting import config_model
+            bucket, _, key = config_model(world, config)["model_data_url"][len("s3://"):].partition("/")
+            world.client("s3").put_object(Bucket=bucket, Key=key, Body=b"not a gzip archive")
+    with _during_deployments(world, seed, corrupt) as seen:
+        ex = _execution(world, {"DataVersion": "manual-broken-archive"})
+    assert [p for p, *_ in seen] == [0]
+    _rejected_and_unchanged(world, ex, before, seed, "did not pass the ping health check")
 
 
 def test_a_raw_day_without_a_marker_retrains_through_the_schedule(chain):

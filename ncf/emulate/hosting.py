@@ -144,6 +144,7 @@ def run_deployment(world:World, endpoint_name:str) -> dict:
         world.log(f"endpoint {endpoint_name}: {status} on {config}" + (f" ({reason})" if reason else ""))
         emit(world, endpoint_event(ep, status))
         return {"endpoint": endpoint_name, "status": status, "config": config, "target": target, "reason": reason}
+    for hook in list(world.while_baking): hook(endpoint_name, target, 0)   # the new fleet starts, with no traffic yet
     try: fleet_toolkit(world, target)   # the container loads the model before its first /ping
     except Exception as e:
         reason = f"The primary container for production variant {change.get('variant', 'AllTraffic')} did not pass the ping health check: {type(e).__name__}: {e}"[:1024]
@@ -152,7 +153,7 @@ def run_deployment(world:World, endpoint_name:str) -> dict:
     alarms = [a["AlarmName"] for a in ((change["deployment"] or {}).get("AutoRollbackConfiguration") or {}).get("Alarms", [])]
     for percent in traffic_steps(change["deployment"]):
         ep.ncf_shift = {"config": target, "percent": percent}
-        for hook in list(world.while_baking): hook(endpoint_name, percent)
+        for hook in list(world.while_baking): hook(endpoint_name, target, percent)
         if firing := alarms_in_alarm(world, alarms):
             return end("InService", previous, f"Rolled back: the alarm(s) {firing} went into ALARM while {percent}% of traffic was on the new fleet")
     return end("InService", target)

@@ -141,11 +141,15 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, 
     def send_to_targets(rule, event, transform_input=True):
         # moto's S3 offers each event to every rule of every bus; S3's events go to the default bus, to enabled rules only
         if rule.state != "ENABLED" or rule.event_bus_name != "default" or not rule.event_pattern.matches_event(event): return
-        is_lambda = lambda t: t["Arn"].split(":")[2] == "lambda"
-        if others := [t for t in rule.targets if not is_lambda(t)]:   # moto's own delivery, which raises on a Lambda target
+        service = lambda t: t["Arn"].split(":")[2]
+        if others := [t for t in rule.targets if service(t) not in ("lambda", "sns")]:   # moto's own delivery, which raises on a Lambda target
             saved, rule.targets = rule.targets, others
-            try: send(rule, {"ingestion-time": time.time(), **event}, transform_input)   # moto's delivery reads the bus's ingestion time
+            try: send(rule, event, transform_input)
             finally: rule.targets = saved
+        from moto.sns.models import sns_backends   # EventBridge publishes the event itself as the message
+        for t in (t for t in rule.targets if service(t) == "sns"):
+            sns_backends[rule.account_id][rule.region_name].publish(json.dumps(event, default=str), arn=t["Arn"])
+        is_lambda = lambda t: service(t) == "lambda"
         queue.extend(("lambda", t["Arn"], json.loads(json.dumps(event, default=str))) for t in rule.targets if is_lambda(t))
     def build(resp):
         out = start_build(resp)
@@ -210,7 +214,7 @@ class World:
     toolkits:dict = field(default_factory=dict)    # endpoint config -> the loaded inference toolkit
     callbacks:dict = field(default_factory=dict)   # callback token -> {execution, answer}: the steps waiting on one
     served:list = field(default_factory=list)      # each endpoint invocation: {endpoint, config, status}
-    while_baking:list = field(default_factory=list)   # hooks(endpoint, percent) run during each bake of a traffic shift
+    while_baking:list = field(default_factory=list)   # hooks(endpoint, new config, percent) run as a fleet starts (0) and in each bake
     starts:list = field(default_factory=list)      # each execution start: {execution, running: the executions running then}
 
     @property
