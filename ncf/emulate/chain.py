@@ -6,10 +6,10 @@
 from __future__ import annotations
 import json, secrets, shutil, string
 from pathlib import Path
-from ..core import NCFError, extra
+from ..core import NCFError
 from .definition import execute, Execution, DefinitionError, StepFailed, StepCache
 from .world import World, EmulationError, open_world, invoke_lambda, run_build, emit, execution_event, dead_letter, function, REGION, ACCOUNT
-from .hosting import endpoint_model, invoke_endpoint, run_deployment
+from .hosting import endpoint_model, run_deployment
 
 # %% auto #0
 __all__ = ['pipeline_runners', 'run_execution', 'settle', 'land_partition', 'stack_parameters', 'emulated_run']

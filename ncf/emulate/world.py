@@ -81,6 +81,7 @@ def _endpoint_changes(queue:list) -> tuple:
         queue.append(("deployment", name)); return ActionResult({"EndpointArn": ep.arn})
     return create_endpoint, update_endpoint
 
+# %% ../../nbs/api/65_emulate.world.ipynb #e35a03b8
 def _callback_answers(callbacks:dict) -> tuple:
     "moto's missing `SendPipelineExecutionStepSuccess`/`Failure`: the answer is kept in `callbacks[token]` for the waiting step."
     from moto.sagemaker.exceptions import ValidationError
@@ -126,18 +127,9 @@ def _logged_s3_check(check, on_denied):
             on_denied(getattr(request._access_key, "_access_key_id", None), request._action, resource); raise
     return check_action_permitted
 
-# %% ../../nbs/api/65_emulate.world.ipynb #d8fa634d
-@contextlib.contextmanager
-def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None, callbacks:dict|None=None):
-    "Patch moto with the additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`, callback answers to `callbacks`."
-    from moto.events.models import Rule
-    from moto.sagemaker.responses import SageMakerResponse
-    from moto.sagemaker.models import SageMakerModelBackend
-    from moto.codebuild.responses import CodeBuildResponse
-    from moto.s3.responses import ACTION_MAP
-    from moto.iam.access_control import S3IAMRequest
-    from moto.awslambda.models import LambdaBackend
-    send, start_build, start_execution = Rule.send_to_targets, CodeBuildResponse.start_build, SageMakerModelBackend.start_pipeline_execution
+# %% ../../nbs/api/65_emulate.world.ipynb #6f5d5c7c
+def _rule_delivery(queue:list, send):
+    "A rule's delivery: Lambda targets queued, SNS targets published with the event as the message, others by moto (`send`)."
     def send_to_targets(rule, event, transform_input=True):
         # moto's S3 offers each event to every rule of every bus; S3's events go to the default bus, to enabled rules only
         if rule.state != "ENABLED" or rule.event_bus_name != "default" or not rule.event_pattern.matches_event(event): return
@@ -151,6 +143,21 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, 
             sns_backends[rule.account_id][rule.region_name].publish(json.dumps(event, default=str), arn=t["Arn"])
         is_lambda = lambda t: service(t) == "lambda"
         queue.extend(("lambda", t["Arn"], json.loads(json.dumps(event, default=str))) for t in rule.targets if is_lambda(t))
+    return send_to_targets
+
+# %% ../../nbs/api/65_emulate.world.ipynb #d8fa634d
+@contextlib.contextmanager
+def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None, callbacks:dict|None=None):
+    "Patch moto with the additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`, callback answers to `callbacks`."
+    from moto.events.models import Rule
+    from moto.sagemaker.responses import SageMakerResponse
+    from moto.sagemaker.models import SageMakerModelBackend
+    from moto.codebuild.responses import CodeBuildResponse
+    from moto.s3.responses import ACTION_MAP
+    from moto.iam.access_control import S3IAMRequest
+    from moto.awslambda.models import LambdaBackend
+    send, start_build, start_execution = Rule.send_to_targets, CodeBuildResponse.start_build, SageMakerModelBackend.start_pipeline_execution
+    send_to_targets = _rule_delivery(queue, send)
     def build(resp):
         out = start_build(resp)
         meta = resp.codebuild_backend.build_metadata[resp._get_param("projectName")].build_metadata
