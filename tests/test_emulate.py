@@ -142,10 +142,23 @@ def test_a_failing_job_fails_the_execution_and_changes_nothing_deployed(chain):
     assert invoke_endpoint(world, "ncf", _seed_request(_days(tmp, 21)[0][sorted(_days(tmp, 21)[0])[-1]]))[0] == 200
 
 
+def _alerts(world) -> str:
+    "A queue subscribed to the stack's alert topic, as an operator subscribes a pager or a chat hook; its URL."
+    sqs, sns = world.client("sqs"), world.client("sns")
+    url = sqs.create_queue(QueueName="operator-alerts")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=world.stack.resources["AlertTopic"].physical_id, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"})
+    return url
+
+
 def test_a_zero_epoch_model_is_rejected_and_the_endpoint_keeps_its_model(chain):
     world, tmp = chain
-    before = endpoint_model(world, "ncf")
+    before, alerts = endpoint_model(world, "ncf"), _alerts(world)
     ex = _execution(world, {"hp_epochs": 0, "DataVersion": "manual-zero-epochs"})
+    # the failed execution reached the alert topic (the stack's PipelineFailedRule), as SageMaker's event
+    got = world.client("sqs").receive_message(QueueUrl=alerts, MaxNumberOfMessages=10)["Messages"]
+    events = [json.loads(m["Body"]) for m in got]
+    assert [(e["detail"]["pipelineExecutionArn"], e["detail"]["currentPipelineExecutionStatus"]) for e in events] == [(ex.arn, "Failed")], events
     assert ex.status == "Failed" and ex.statuses()["QualityGate"] == "Succeeded" and ex.statuses()["Fail"] == "Failed"
     assert "The quality gate rejected the new model" in ex.failure_reason
     assert ex.step("Preprocess").get("CacheHitResult") is None           # a new data version: preprocessed again
