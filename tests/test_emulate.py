@@ -73,6 +73,15 @@ def test_a_completed_partition_retrains_and_deploys(chain):
     assert keys and {k.split("/")[0] for k in keys} == {"raw", "triggers", "ncf"}   # the template's prefixes: data, claims, artifacts
     served = endpoint_model(world, "ncf")
     assert served["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+    # the Deploy step ended when the endpoint served: it captures requests under the artifact prefix and scales between
+    # the stack's minimum and maximum, on invocations per instance
+    capture = world.client("sagemaker").describe_endpoint_config(EndpointConfigName=served["endpoint_config"])["DataCaptureConfig"]
+    assert (capture["DestinationS3Uri"], capture["InitialSamplingPercentage"]) == (f"s3://{bucket}/ncf/data-capture/", 10)
+    aas = world.client("application-autoscaling")
+    target = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in target] == [("endpoint/ncf/variant/AllTraffic", 2, 5)]
+    policy = aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"][0]["TargetTrackingScalingPolicyConfiguration"]
+    assert policy["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[last]))
     assert status == 200, body
     assert sorted(json.loads(body)) == sorted(json.loads(_seed_request(parts[last]))["item"])
