@@ -46,6 +46,17 @@ def int_model() -> Path:
     return dest
 
 
+def diverged_copy(src: Path, dest: Path) -> Path:
+    "A model directory like `src` whose weights are all NaN, as a diverged training writes it: complete and verified, unfit to serve."
+    import torch
+    from ncf.model.modeldir import load_model_dir, write_model_dir
+    md = load_model_dir(src)
+    with torch.no_grad():
+        for p in md.model.parameters(): p.fill_(float("nan"))
+    write_model_dir(dest, md.model, md.users, md.items, md.seen, md.metrics, md.config["train"], md.data_version)
+    return dest
+
+
 def damaged_copy(src: Path, dest: Path, file: str = "seen.parquet") -> Path:
     "A copy of a model directory with one file changed behind the manifest's back."
     shutil.copytree(src, dest)

@@ -5,14 +5,15 @@ One world serves the tests of this module, in order (it takes minutes: two build
 real SDK, and five executions that preprocess, train and evaluate): each test starts from what the one before left, as
 a deployment lives from one retrain to the next. The emulation extra is part of the dev install, so nothing here is
 skipped when it is missing: the import fails."""
-import io, json, os, subprocess, sys
+import contextlib, io, json, os, subprocess, sys
 from pathlib import Path
 import pytest
 
 
 from ncf.data.synthetic import write_days
 from ncf.emulate.world import open_world, fire_schedule
-from ncf.emulate.chain import land_partition, settle, endpoint_model, invoke_endpoint
+from ncf.emulate.chain import land_partition, settle
+from ncf.emulate.hosting import endpoint_model, invoke_endpoint
 from helpers import SMALL_SHOP
 
 
@@ -72,6 +73,15 @@ def test_a_completed_partition_retrains_and_deploys(chain):
     assert keys and {k.split("/")[0] for k in keys} == {"raw", "triggers", "ncf"}   # the template's prefixes: data, claims, artifacts
     served = endpoint_model(world, "ncf")
     assert served["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+    # the Deploy step ended when the endpoint served: it captures requests under the artifact prefix and scales between
+    # the stack's minimum and maximum, on invocations per instance
+    capture = world.client("sagemaker").describe_endpoint_config(EndpointConfigName=served["endpoint_config"])["DataCaptureConfig"]
+    assert (capture["DestinationS3Uri"], capture["InitialSamplingPercentage"]) == (f"s3://{bucket}/ncf/data-capture/", 10)
+    aas = world.client("application-autoscaling")
+    target = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in target] == [("endpoint/ncf/variant/AllTraffic", 2, 5)]
+    policy = aas.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"][0]["TargetTrackingScalingPolicyConfiguration"]
+    assert policy["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[last]))
     assert status == 200, body
     assert sorted(json.loads(body)) == sorted(json.loads(_seed_request(parts[last]))["item"])
@@ -141,10 +151,23 @@ def test_a_failing_job_fails_the_execution_and_changes_nothing_deployed(chain):
     assert invoke_endpoint(world, "ncf", _seed_request(_days(tmp, 21)[0][sorted(_days(tmp, 21)[0])[-1]]))[0] == 200
 
 
+def _alerts(world) -> str:
+    "A queue subscribed to the stack's alert topic, as an operator subscribes a pager or a chat hook; its URL."
+    sqs, sns = world.client("sqs"), world.client("sns")
+    url = sqs.create_queue(QueueName="operator-alerts")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=world.stack.resources["AlertTopic"].physical_id, Protocol="sqs", Endpoint=arn, Attributes={"RawMessageDelivery": "true"})
+    return url
+
+
 def test_a_zero_epoch_model_is_rejected_and_the_endpoint_keeps_its_model(chain):
     world, tmp = chain
-    before = endpoint_model(world, "ncf")
+    before, alerts = endpoint_model(world, "ncf"), _alerts(world)
     ex = _execution(world, {"hp_epochs": 0, "DataVersion": "manual-zero-epochs"})
+    # the failed execution reached the alert topic (the stack's PipelineFailedRule), as SageMaker's event
+    got = world.client("sqs").receive_message(QueueUrl=alerts, MaxNumberOfMessages=10)["Messages"]
+    events = [json.loads(m["Body"]) for m in got]
+    assert [(e["detail"]["pipelineExecutionArn"], e["detail"]["currentPipelineExecutionStatus"]) for e in events] == [(ex.arn, "Failed")], events
     assert ex.status == "Failed" and ex.statuses()["QualityGate"] == "Succeeded" and ex.statuses()["Fail"] == "Failed"
     assert "The quality gate rejected the new model" in ex.failure_reason
     assert ex.step("Preprocess").get("CacheHitResult") is None           # a new data version: preprocessed again
@@ -160,14 +183,74 @@ def test_a_new_partition_updates_the_endpoint(chain):
     parts, _ = _days(tmp, 22)
     new = sorted(parts)[-1]
     land_partition(world, bucket, new, parts[new])
-    ran = settle(world)
+    with _during_deployments(world, _seed_request(parts[new])) as seen:
+        ran = settle(world)
     ex = next(r["execution"] for r in ran if r["kind"] == "execution")
     assert ex.status == "Succeeded", ex.failure_reason
     assert ex.properties["Deploy"]["OutputParameters"]["action"] == "updated"
     after = endpoint_model(world, "ncf")
     assert after["endpoint_config"] != before["endpoint_config"] and after["model_package_arn"] == ex.properties["RegisterApproved"]["ModelPackageArn"]
+    # blue/green: the canary's share of requests went to the new fleet, the rest to the old, then all to the new
+    assert [p for p, *_ in seen] == [0, 20, 100]
+    canary = [s["config"] for s in seen[1][1]]
+    assert canary.count(after["endpoint_config"]) == 2 and canary.count(before["endpoint_config"]) == 8, canary
+    assert {s["config"] for s in seen[2][1]} == {after["endpoint_config"]}
+    assert all(s["status"] == 200 for _, served, _ in seen for s in served)
     status, body = invoke_endpoint(world, "ncf", _seed_request(parts[new]))
     assert status == 200, body
+
+
+@contextlib.contextmanager
+def _during_deployments(world, request: bytes, then=lambda endpoint, config, percent: None):
+    "Ten requests at each step of every deployment (none while a fleet starts), then `then`; yields `[(percent, what served them, new config)]`."
+    seen = []
+    def bake(endpoint, config, percent):
+        start = len(world.served)
+        for _ in range(10 if percent else 0): invoke_endpoint(world, endpoint, request)
+        seen.append((percent, world.served[start:], config)); then(endpoint, config, percent)
+    world.while_baking.append(bake)
+    try: yield seen
+    finally: world.while_baking.remove(bake)
+
+
+def _rejected_and_unchanged(world, ex, before, request: bytes, reason: str):
+    "The Deploy step failed for `reason`, its package is Rejected, and every answer came from the model served before."
+    assert ex.status == "Failed" and ex.statuses()["Deploy"] == "Failed", ex.statuses()
+    assert reason in ex.step("Deploy")["FailureReason"], ex.step("Deploy")
+    package = world.client("sagemaker").describe_model_package(ModelPackageName=ex.properties["RegisterApproved"]["ModelPackageArn"])
+    assert package["ModelApprovalStatus"] == "Rejected" and reason in package["ApprovalDescription"], package
+    assert endpoint_model(world, "ncf") == before
+    status, _ = invoke_endpoint(world, "ncf", request)
+    assert status == 200 and world.served[-1]["config"] == before["endpoint_config"]
+
+
+def test_an_alarm_during_the_traffic_shift_rolls_back_and_rejects_the_package(chain):
+    world, tmp = chain
+    parts, _ = _days(tmp, 22); seed = _seed_request(parts[sorted(parts)[-1]])
+    before, cw = endpoint_model(world, "ncf"), world.client("cloudwatch")
+    def alarm(endpoint, config, percent):
+        if percent == 20: cw.set_alarm_state(AlarmName="ncf-5xx", StateValue="ALARM", StateReason="5xx from the canary")
+    with _during_deployments(world, seed, alarm) as seen:
+        try: ex = _execution(world, {"DataVersion": "manual-alarm"})   # the same data again: a new model of the same quality
+        finally: cw.set_alarm_state(AlarmName="ncf-5xx", StateValue="OK", StateReason="test over")
+    assert [p for p, *_ in seen] == [0, 20]   # rolled back after the canary's bake, before the rest of the traffic moved
+    assert {s["config"] for s in seen[1][1]} == {before["endpoint_config"], seen[1][2]}   # the canary did answer, then lost its traffic
+    _rejected_and_unchanged(world, ex, before, seed, "went into ALARM")
+
+
+def test_a_model_that_fails_its_health_check_never_serves(chain):
+    world, tmp = chain
+    parts, _ = _days(tmp, 22); seed = _seed_request(parts[sorted(parts)[-1]])
+    before = endpoint_model(world, "ncf")
+    def corrupt(endpoint, config, percent):   # the archive is damaged between registration and deployment
+        if percent == 0:
+            from ncf.emulate.hosting import config_model
+            bucket, _, key = config_model(world, config)["model_data_url"][len("s3://"):].partition("/")
+            world.client("s3").put_object(Bucket=bucket, Key=key, Body=b"not a gzip archive")
+    with _during_deployments(world, seed, corrupt) as seen:
+        ex = _execution(world, {"DataVersion": "manual-broken-archive"})
+    assert [p for p, *_ in seen] == [0]
+    _rejected_and_unchanged(world, ex, before, seed, "did not pass the ping health check")
 
 
 def test_a_raw_day_without_a_marker_retrains_through_the_schedule(chain):

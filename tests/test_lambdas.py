@@ -279,7 +279,8 @@ def test_deploy_updates_an_endpoint_in_service_and_deletes_nothing():
         stub.add_client_error("describe_endpoint_config", "ValidationException", f'Could not find endpoint configuration "{new}".')
         stub.add_response("create_endpoint_config", {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{new}"}, {"EndpointConfigName": new, "ProductionVariants": ANY})
         stub.add_response("describe_endpoint", {**ENDPOINT, "EndpointConfigName": "ncf-old", "EndpointStatus": "InService"}, {"EndpointName": "ncf"})
-        stub.add_response("update_endpoint", {"EndpointArn": ENDPOINT["EndpointArn"]}, {"EndpointName": "ncf", "EndpointConfigName": new})
+        stub.add_response("update_endpoint", {"EndpointArn": ENDPOINT["EndpointArn"]},
+                          {"EndpointName": "ncf", "EndpointConfigName": new, "RetainAllVariantProperties": True, "DeploymentConfig": ANY})
         r = deploy_handler({"endpoint_name": "ncf", "model_name": "ncf-v2", "instance_type": "ml.m5.large"}, sagemaker=sm)
         stub.assert_no_pending_responses()
     assert (r["action"], r["previous_endpoint_config_name"]) == ("updated", "ncf-old")

@@ -58,7 +58,7 @@ def test_definition_has_every_step_with_its_dependencies(cli_definition):
     g = check_definition(d)  # same steps, types, branches and dependencies as ncf.pipeline.retrain.PIPELINE
     assert {n: v["type"] for n, v in g.items()} == {
         "Preprocess": "Processing", "Train": "Training", "Evaluate": "Processing", "QualityGate": "Condition",
-        "RegisterApproved": "RegisterModel", "CreateModel": "Model", "Deploy": "Lambda", "RegisterRejected": "RegisterModel", "Fail": "Fail"}
+        "RegisterApproved": "RegisterModel", "CreateModel": "Model", "Deploy": "Callback", "RegisterRejected": "RegisterModel", "Fail": "Fail"}
     assert g["Train"]["after"] >= {"Preprocess"} and g["Evaluate"]["after"] >= {"Train", "Preprocess"}
     assert g["QualityGate"]["after"] == {"Evaluate"}
     assert g["CreateModel"]["after"] >= {"RegisterApproved"} and g["Deploy"]["after"] >= {"CreateModel", "RegisterApproved"}
@@ -100,7 +100,8 @@ def test_definition_details(cli_definition):
     assert s["RegisterApproved"]["Arguments"]["ModelPackageGroupName"] == "ncf"
     assert s["CreateModel"]["Arguments"]["PrimaryContainer"] == {"ModelPackageName": {"Get": "Steps.RegisterApproved.ModelPackageArn"}}
     deploy = s["Deploy"]
-    assert deploy["FunctionArn"] == f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ncf-deploy"
+    assert deploy["SqsQueueUrl"] == f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ncf-deploy"   # the callback's queue, read by the deploy Lambda
+    assert [o["OutputName"] for o in deploy["OutputParameters"]] == ["action", "endpoint_config_name"]
     assert deploy["Arguments"]["model_name"] == {"Get": "Steps.CreateModel.ModelName"} and deploy["Arguments"]["endpoint_name"] == "ncf"
 
 
@@ -249,7 +250,7 @@ class UpdatableSageMaker:
     with botocore's Stubber in tests/test_lambdas.py."""
     def __init__(self, client): self._c, self.updates = client, []
     def __getattr__(self, name): return getattr(self._c, name)
-    def update_endpoint(self, EndpointName, EndpointConfigName):
+    def update_endpoint(self, EndpointName, EndpointConfigName, RetainAllVariantProperties=False, DeploymentConfig=None):
         self.updates.append(EndpointConfigName)
         self._c.delete_endpoint(EndpointName=EndpointName)
         return self._c.create_endpoint(EndpointName=EndpointName, EndpointConfigName=EndpointConfigName)

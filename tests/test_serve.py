@@ -18,7 +18,7 @@ from ncf.serve.inference import MAX_K, Recommender
 from ncf.serve.app import MAX_BODY, make_app
 from ncf.serve.client import current_version, free_port, swap_model
 from ncf.serve.client import launch as _launch
-from serve_helpers import damaged_copy, trained_models, workdir
+from serve_helpers import damaged_copy, diverged_copy, trained_models, workdir
 
 JSON = {"content-type": "application/json"}
 _logs = iter(range(10**6))
@@ -220,9 +220,9 @@ def test_admin_refuses_non_loopback_over_the_network(models, recs):
 
 
 def test_swap_under_concurrent_load(models, recs, tmp_path):
-    "Clients hammer the server while it swaps a→b, refuses a damaged model, swaps b→a: no request fails."
+    "Clients hammer the server while it swaps a→b, refuses a damaged model and a diverged one, swaps b→a: no request fails."
     a, b = recs["a"], recs["b"]
-    bad = damaged_copy(models["b"], tmp_path / "bad")
+    bad, diverged = damaged_copy(models["b"], tmp_path / "bad"), diverged_copy(models["b"], tmp_path / "nan")
     queries = [{"user": [a.users.ids[i]] * 25, "item": a.items.ids[i:i + 25]} for i in range(0, 200, 10)]
     expected = {m.version: [m.rank(q["user"][0], q["item"]) for q in queries] for m in (a, b)}
     proc = launch(models["a"], port=0)
@@ -253,7 +253,8 @@ def test_swap_under_concurrent_load(models, recs, tmp_path):
         assert swap_model(proc.url, models["b"]) == b.version
         t_b = time.monotonic()
         time.sleep(1.0)
-        with pytest.raises(NCFError, match="HTTP 422"): swap_model(proc.url, bad)
+        with pytest.raises(NCFError, match="HTTP 422"): swap_model(proc.url, bad)          # does not load
+        with pytest.raises(NCFError, match="HTTP 422.*smoke request"): swap_model(proc.url, diverged)   # loads, answers NaN
         time.sleep(0.5)
         assert current_version(proc.url) == b.version          # the refused model changed nothing
         t_a0 = time.monotonic()

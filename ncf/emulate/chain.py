@@ -4,16 +4,15 @@
 
 # %% ../../nbs/api/66_emulate.chain.ipynb #02b48b89
 from __future__ import annotations
-import os, secrets, shutil, sys, tarfile, tempfile
-from unittest import mock
+import json, secrets, shutil, string
 from pathlib import Path
-from ..core import NCFError, extra
+from ..core import NCFError
 from .definition import execute, Execution, DefinitionError, StepFailed, StepCache
-from .world import World, EmulationError, open_world, invoke_lambda, run_build, emit, execution_event, dead_letter, REGION, ACCOUNT
+from .world import World, EmulationError, open_world, invoke_lambda, run_build, emit, execution_event, dead_letter, function, REGION, ACCOUNT
+from .hosting import endpoint_model, run_deployment
 
 # %% auto #0
-__all__ = ['pipeline_runners', 'run_execution', 'settle', 'land_partition', 'endpoint_model', 'invoke_endpoint',
-           'stack_parameters', 'emulated_run']
+__all__ = ['pipeline_runners', 'run_execution', 'settle', 'land_partition', 'stack_parameters', 'emulated_run']
 
 # %% ../../nbs/api/66_emulate.chain.ipynb #ed99b1f8
 def _name(execution_id:str, step:dict) -> str:
@@ -36,6 +35,24 @@ def _job_runner(world:World, pipeline_actor, kind:str):
         return props
     return runner
 
+# %% ../../nbs/api/66_emulate.chain.ipynb #6e13bf5c
+def _callback_runner(world:World, pipeline_actor):
+    sqs = pipeline_actor.client("sqs")
+    def callback(step, args, ctx):
+        token = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(10))   # SageMaker's tokens: 10 alphanumerics
+        world.callbacks[token] = {"execution": ctx.execution["PipelineExecutionArn"], "answer": None}
+        sqs.send_message(QueueUrl=step["SqsQueueUrl"], MessageBody=json.dumps(
+            {"token": token, "pipelineExecutionArn": ctx.execution["PipelineExecutionArn"], "arguments": args, "status": "Executing"}))
+        settle(world)
+        answer = world.callbacks.pop(token)["answer"]
+        if answer is None: raise StepFailed(f"nobody answered callback token {token} (queue {step['SqsQueueUrl']}) once everything queued had run")
+        if answer["status"] == "Failed": raise StepFailed(answer["reason"])
+        outputs = {o["Name"]: o["Value"] for o in answer["outputs"]}
+        if missing := [o["OutputName"] for o in step.get("OutputParameters", []) if o["OutputName"] not in outputs]:
+            raise StepFailed(f"the callback's success gave no {missing} (it gave {sorted(outputs)})")
+        return {"CallbackToken": token, "OutputParameters": outputs}
+    return callback
+
 # %% ../../nbs/api/66_emulate.chain.ipynb #94de5b32
 def pipeline_runners(world:World, role_arn:str) -> dict:
     "The runners of every step type the project's definition uses, acting for the pipeline role `role_arn`."
@@ -55,7 +72,7 @@ def pipeline_runners(world:World, role_arn:str) -> dict:
         if missing := [k for k, v in outputs.items() if v is None]: raise StepFailed(f"the Lambda returned no {missing} (it returned {sorted(result)})")
         return {"OutputParameters": outputs}
     return {"Processing": _job_runner(world, actor, "Processing"), "Training": _job_runner(world, actor, "Training"),
-            "RegisterModel": register, "Model": model, "Lambda": lambda_step}
+            "RegisterModel": register, "Model": model, "Lambda": lambda_step, "Callback": _callback_runner(world, actor)}
 
 # %% ../../nbs/api/66_emulate.chain.ipynb #054bb3bd
 def _read_s3(client):
@@ -84,6 +101,14 @@ def run_execution(world:World, execution_arn:str):
     emit(world, execution_event(pipeline_arn, execution_arn, ex.status, record.pipeline_execution_display_name or ""))   # SageMaker's event
     return ex
 
+# %% ../../nbs/api/66_emulate.chain.ipynb #7ff9ae66
+def _check_poll(world:World, function_arn:str, event:dict):
+    "Lambda polls a queue for an event source mapping with the function's role: receive, then delete, each checked."
+    actor = world.actor(function(world, function_arn).role_arn)
+    queue = event["Records"][0]["eventSourceARN"].split(":")
+    url = f"https://sqs.{queue[3]}.amazonaws.com/{queue[4]}/{queue[5]}"
+    for op in ("ReceiveMessage", "DeleteMessage"): world.check(actor, "sqs", op, {"QueueUrl": url})
+
 # %% ../../nbs/api/66_emulate.chain.ipynb #aa981f39
 def _retried(world:World, function:str, event:dict, error) -> dict|None:
     "Lambda's retries of a failed asynchronous invocation (the function's MaximumRetryAttempts), then its on-failure record, if it has a destination."
@@ -100,6 +125,7 @@ def settle(world:World, max_items:int=200) -> list[dict]:
     while world.queue:
         if len(ran) >= max_items: raise EmulationError(f"more than {max_items} queued items: a loop? last: {ran[-3:]}")
         kind, *args = world.queue.pop(0)
+        if kind == "lambda" and args[1].get("Records", [{}])[0].get("eventSource") == "aws:sqs": _check_poll(world, *args)
         if kind == "lambda":
             try: ran.append({"kind": kind, "function": args[0], "result": invoke_lambda(world, args[0], args[1])})
             except EmulationError as e:   # an asynchronous invocation: Lambda retries it, then dead-letters it
@@ -107,6 +133,7 @@ def settle(world:World, max_items:int=200) -> list[dict]:
                 world.log(f"lambda {args[0]}: {e}")
         elif kind == "build": ran.append({"kind": kind, **run_build(world, *args)})
         elif kind == "execution": ran.append({"kind": kind, "arn": args[0], "execution": run_execution(world, args[0])})
+        elif kind == "deployment": ran.append({"kind": kind, **run_deployment(world, args[0])})
         else: raise EmulationError(f"unknown queued work {kind!r}")
     return ran
 
@@ -116,69 +143,6 @@ def land_partition(world:World, bucket:str, day:str, files:dict, marker:str="_SU
     for name, body in [*files.items(), *([(marker, b"")] if marker else [])]:
         key = f"{prefix}dt={day}/{name}"; s3.put_object(Bucket=bucket, Key=key, Body=body); keys.append(key)
     return keys
-
-# %% ../../nbs/api/66_emulate.chain.ipynb #099c8d01
-def endpoint_model(world:World, endpoint_name:str) -> dict:
-    "What the endpoint serves now: `{endpoint_config, model_name, model_package_arn, model_data_url, environment, role}`."
-    sm = world.client("sagemaker")
-    config = sm.describe_endpoint(EndpointName=endpoint_name)["EndpointConfigName"]
-    variant = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][0]
-    model = sm.describe_model(ModelName=variant["ModelName"])
-    container, package = model["PrimaryContainer"], None
-    if container.get("ModelPackageName"):
-        package = sm.describe_model_package(ModelPackageName=container["ModelPackageName"])
-        container = package["InferenceSpecification"]["Containers"][0]
-    return {"endpoint_config": config, "model_name": variant["ModelName"], "model_package_arn": package and package["ModelPackageArn"],
-            "model_data_url": container["ModelDataUrl"], "environment": container.get("Environment", {}), "role": model["ExecutionRoleArn"]}
-
-# %% ../../nbs/api/66_emulate.chain.ipynb #1efc7e3d
-class _Context:
-    "The request context the toolkit reads (TorchServe's, reduced to what `Transformer.transform` uses)."
-    def __init__(self, model_dir, content_type, accept):
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.request_processor = [self]; self._headers = {"Content-Type": content_type, "Accept": accept}
-        self.status, self.response_content_type = 200, None
-    def get_request_properties(self): return self._headers
-    def set_response_content_type(self, idx, ct): self.response_content_type = ct
-    def set_response_status(self, code, phrase=""): self.status = code
-
-# %% ../../nbs/api/66_emulate.chain.ipynb #59d6e001
-def _load_toolkit(model_dir:Path, environment:dict):
-    "A `Transformer` of the toolkit with the archive's `code/inference.py` loaded, as the serving container loads it."
-    extra("sagemaker_inference", "serving the emulated endpoint")
-    from sagemaker_inference.transformer import Transformer
-    from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
-    code = str(model_dir/"code")
-    ours = lambda: [n for n, m in sys.modules.items() if (getattr(m, "__file__", None) or "").startswith(code)]
-    sys.modules.pop(Path(environment.get("SAGEMAKER_PROGRAM", "inference.py")).stem, None)   # another model's inference.py
-    import torch
-    from threadpoolctl import threadpool_limits
-    path, threads = list(sys.path), torch.get_num_threads()
-    sys.path.insert(0, code)
-    try:   # the container's environment while the toolkit reads it; model_fn's thread setting is the container's, not this process's
-        with mock.patch.dict(os.environ, environment), threadpool_limits(limits=None):
-            t = Transformer(default_inference_handler=DefaultInferenceHandler())
-            t.validate_and_initialize(model_dir=str(model_dir))
-    finally:
-        torch.set_num_threads(threads)   # the archive's inference.py puts code/ first on sys.path: a later child process must not import its reduced ncf
-        sys.path[:] = path
-        for name in ours(): sys.modules.pop(name)   # the model's own modules stay with its transformer, not in this process's import table
-    return t
-
-def invoke_endpoint(world:World, endpoint_name:str, body:bytes, content_type:str="application/json", accept:str="application/json") -> tuple[int, bytes]:
-    "`(status, body)` of a request to the endpoint's current model, through the toolkit."
-    m = endpoint_model(world, endpoint_name)
-    model_dir = world.root/"endpoints"/m["endpoint_config"]/"model"
-    if not model_dir.exists():
-        bucket, _, key = m["model_data_url"][len("s3://"):].partition("/")
-        with tempfile.TemporaryDirectory() as d:
-            world.actor(m["role"]).client("s3").download_file(bucket, key, f"{d}/model.tar.gz")
-            with tarfile.open(f"{d}/model.tar.gz") as t: t.extractall(model_dir, filter="data")
-    if m["endpoint_config"] not in world.toolkits: world.toolkits[m["endpoint_config"]] = _load_toolkit(model_dir, m["environment"])
-    toolkit = world.toolkits[m["endpoint_config"]]
-    ctx = _Context(model_dir, content_type, accept)
-    out = toolkit.transform([{"body": body}], ctx)[0]
-    return ctx.status, out if isinstance(out, bytes) else str(out).encode()
 
 # %% ../../nbs/api/66_emulate.chain.ipynb #3a884971
 def _upload_logs(world:World, bucket:str, root:Path) -> str:

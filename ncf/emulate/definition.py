@@ -222,7 +222,7 @@ class StepCache:
 # %% ../../nbs/api/61_emulate.definition.ipynb #c441f8d0
 BUILTIN_STEPS = ("Condition", "Fail")
 DEFINITION_KEYS = {"Version", "Metadata", "Parameters", "PipelineExperimentConfig", "MlflowConfig", "Steps"}
-STEP_KEYS = {"Name", "Type", "Arguments", "DependsOn", "CacheConfig", "PropertyFiles", "FunctionArn", "OutputParameters",
+STEP_KEYS = {"Name", "Type", "Arguments", "DependsOn", "CacheConfig", "PropertyFiles", "FunctionArn", "SqsQueueUrl", "OutputParameters",
              "DisplayName", "Description"}
 
 def _functions(obj, found:set):
@@ -273,8 +273,9 @@ class Execution:
 def _metadata(st:dict, props:dict) -> dict:
     for key, kind in (("ProcessingJobArn", "ProcessingJob"), ("TrainingJobArn", "TrainingJob"), ("ModelPackageArn", "RegisterModel"), ("ModelArn", "Model")):
         if key in props: return {kind: {"Arn": props[key]}}
-    if st["Type"] == "Lambda":
-        return {"Lambda": {"Arn": st.get("FunctionArn"), "OutputParameters": [{"Name": k, "Value": v} for k, v in props.get("OutputParameters", {}).items()]}}
+    outputs = [{"Name": k, "Value": v} for k, v in props.get("OutputParameters", {}).items()]
+    if st["Type"] == "Lambda": return {"Lambda": {"Arn": st.get("FunctionArn"), "OutputParameters": outputs}}
+    if st["Type"] == "Callback": return {"Callback": {"CallbackToken": props.get("CallbackToken"), "SqsQueueUrl": st.get("SqsQueueUrl"), "OutputParameters": outputs}}
     if st["Type"] == "Condition": return {"Condition": {"Outcome": str(props["Outcome"])}}
     return {}
 

@@ -315,6 +315,8 @@ NAMES = {   # CloudFormation type -> how it is named; a type the emulation creat
     "AWS::Lambda::EventInvokeConfig": Naming(None, lambda n, p, w: (n, {}), arn=None),
     "AWS::SQS::Queue": Naming("QueueName", _queue_values, limit=80),
     "AWS::SQS::QueuePolicy": Naming(None, lambda n, p, w: (n, {"Id": n}), arn=None),
+    "AWS::Lambda::EventSourceMapping": Naming(None, lambda n, p, w: (n, {"Id": n}), arn=None),
+    "AWS::SNS::TopicPolicy": Naming(None, lambda n, p, w: (n, {"Id": n}), arn=None),
     "AWS::SNS::Topic": Naming("TopicName", lambda n, p, w: (_arn(w, "sns", n), {"TopicArn": _arn(w, "sns", n), "TopicName": n}), arn="TopicArn", limit=256),
     "AWS::SNS::Subscription": Naming(None, lambda n, p, w: (n, {}), arn=None),
     "AWS::CloudWatch::Alarm": Naming("AlarmName", lambda n, p, w: (n, {"Arn": _arn(w, "cloudwatch", f"alarm:{n}")}), limit=255),
@@ -470,6 +472,7 @@ def _create_queue(w, r:Resource, p:dict):
     "AWS::SQS::Queue: create_queue with its attributes as text, as the API takes them."
     attrs = {k: _text(v).lower() if isinstance(v, bool) else _text(v) for k, v in _pop(p, "MessageRetentionPeriod", "SqsManagedSseEnabled", "VisibilityTimeout",
              "DelaySeconds", "ReceiveMessageWaitTimeSeconds", "MaximumMessageSize", "KmsMasterKeyId", "FifoQueue").items()}
+    if "RedrivePolicy" in p: attrs["RedrivePolicy"] = json.dumps(p.pop("RedrivePolicy"))
     sqs = w.client("sqs")
     url = sqs.create_queue(QueueName=r.name, Attributes=attrs)["QueueUrl"]
     return {"Arn": sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]}
@@ -493,14 +496,28 @@ def _create_subscription(w, r:Resource, p:dict):
     "AWS::SNS::Subscription: subscribe."
     w.client("sns").subscribe(**_pop(p, "TopicArn", "Protocol", "Endpoint"))
 
+def _create_topic_policy(w, r:Resource, p:dict):
+    "AWS::SNS::TopicPolicy: the policy as each topic's `Policy` attribute."
+    policy = json.dumps(p.pop("PolicyDocument"))
+    for arn in p.pop("Topics"): w.client("sns").set_topic_attributes(TopicArn=arn, AttributeName="Policy", AttributeValue=policy)
+
+def _create_event_source_mapping(w, r:Resource, p:dict):
+    "AWS::Lambda::EventSourceMapping: create_event_source_mapping (nothing in the template refers to it)."
+    kw = _pop(p, "EventSourceArn", "FunctionName", "Enabled")
+    if "BatchSize" in p: kw["BatchSize"] = int(p.pop("BatchSize"))
+    w.client("lambda").create_event_source_mapping(**kw)
+
 # %% ../../nbs/api/64_emulate.stack.ipynb #f51d3dac
 _ALARM_NUMBERS = {"Period": int, "EvaluationPeriods": int, "DatapointsToAlarm": int, "Threshold": float}
 
 def _create_alarm(w, r:Resource, p:dict):
     "AWS::CloudWatch::Alarm: put_metric_alarm."
-    kw = _pop(p, "AlarmDescription", "Namespace", "MetricName", "Dimensions", "Statistic", "ComparisonOperator", "TreatMissingData",
+    kw = _pop(p, "AlarmDescription", "Namespace", "MetricName", "Dimensions", "Statistic", "ExtendedStatistic", "ComparisonOperator", "TreatMissingData",
               "AlarmActions", "OKActions", "InsufficientDataActions", "ActionsEnabled", "Unit")
     kw |= {k: f(p.pop(k)) for k, f in _ALARM_NUMBERS.items() if k in p}
+    if "Metrics" in p:   # metric math: each query's numbers as numbers, its ReturnData as a boolean
+        kw["Metrics"] = [{**m, **({"ReturnData": str(m["ReturnData"]).lower() == "true"} if "ReturnData" in m else {}),
+                          **({"MetricStat": {**m["MetricStat"], "Period": int(m["MetricStat"]["Period"])}} if "MetricStat" in m else {})} for m in p.pop("Metrics")]
     w.client("cloudwatch").put_metric_alarm(AlarmName=r.name, **kw)
 
 def _create_schedule(w, r:Resource, p:dict):
@@ -518,7 +535,8 @@ CREATORS = {   # CloudFormation type -> creator(stack, resource, properties to p
     "AWS::Lambda::Function": _create_function, "AWS::Lambda::Permission": _create_permission, "AWS::CodeBuild::Project": _create_project,
     "AWS::Lambda::EventInvokeConfig": _create_event_invoke_config, "AWS::SQS::Queue": _create_queue, "AWS::SQS::QueuePolicy": _create_queue_policy,
     "AWS::SNS::Topic": _create_topic, "AWS::SNS::Subscription": _create_subscription, "AWS::CloudWatch::Alarm": _create_alarm,
-    "AWS::Scheduler::Schedule": _create_schedule,
+    "AWS::Scheduler::Schedule": _create_schedule, "AWS::SNS::TopicPolicy": _create_topic_policy,
+    "AWS::Lambda::EventSourceMapping": _create_event_source_mapping,
 }
 
 def _create(w, r:Resource):

@@ -57,19 +57,43 @@ def restore_iam(before:tuple):
     settings.INITIAL_NO_AUTH_ACTION_COUNT, ActionAuthenticatorMixin.request_count = before
 
 # %% ../../nbs/api/65_emulate.world.ipynb #00128fea
-def _update_endpoint(self):
-    "moto's missing `UpdateEndpoint`: switch the endpoint to the new config."
+def _endpoint_changes(queue:list) -> tuple:
+    "moto's missing `UpdateEndpoint`, and a `CreateEndpoint` that does not serve at once: each leaves the change to a queued `deployment`."
     from moto.sagemaker.exceptions import ValidationError
     from moto.sagemaker.utils import arn_formatter
+    from moto.sagemaker.responses import SageMakerResponse
     from moto.core.responses import ActionResult
-    b, name, config = self.sagemaker_backend, self._get_param("EndpointName"), self._get_param("EndpointConfigName")
-    if name not in b.endpoints: raise ValidationError(message=f'Could not find endpoint "{arn_formatter("endpoint", name, b.account_id, b.region_name)}".')
-    try: cfg = b.describe_endpoint_config(config)
-    except KeyError: raise ValidationError(message=f'Could not find endpoint configuration "{arn_formatter("endpoint-config", config, b.account_id, b.region_name)}".') from None
-    ep = b.endpoints[name]
-    if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
-    ep.endpoint_config_name, ep.production_variants = config, ep._process_production_variants(cfg["ProductionVariants"])
-    return ActionResult({"EndpointArn": ep.arn})
+    create = SageMakerResponse.create_endpoint
+    def create_endpoint(self):
+        out = create(self)
+        ep = self.sagemaker_backend.endpoints[self._get_param("EndpointName")]
+        ep.endpoint_status, ep.ncf_change = "Creating", {"config": ep.endpoint_config_name, "deployment": None, "previous": None}
+        queue.append(("deployment", ep.endpoint_name)); return out
+    def update_endpoint(self):
+        b, name, config = self.sagemaker_backend, self._get_param("EndpointName"), self._get_param("EndpointConfigName")
+        if name not in b.endpoints: raise ValidationError(message=f'Could not find endpoint "{arn_formatter("endpoint", name, b.account_id, b.region_name)}".')
+        try: b.describe_endpoint_config(config)
+        except KeyError: raise ValidationError(message=f'Could not find endpoint configuration "{arn_formatter("endpoint-config", config, b.account_id, b.region_name)}".') from None
+        ep = b.endpoints[name]
+        if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
+        ep.endpoint_status = "Updating"
+        ep.ncf_change = {"config": config, "deployment": self._get_param("DeploymentConfig"), "previous": ep.endpoint_config_name}
+        queue.append(("deployment", name)); return ActionResult({"EndpointArn": ep.arn})
+    return create_endpoint, update_endpoint
+
+# %% ../../nbs/api/65_emulate.world.ipynb #e35a03b8
+def _callback_answers(callbacks:dict) -> tuple:
+    "moto's missing `SendPipelineExecutionStepSuccess`/`Failure`: the answer is kept in `callbacks[token]` for the waiting step."
+    from moto.sagemaker.exceptions import ValidationError
+    from moto.core.responses import ActionResult
+    def answer(self, outcome:dict):
+        token = self._get_param("CallbackToken")
+        if token not in callbacks or callbacks[token]["answer"] is not None:
+            raise ValidationError(message=f"Callback token {token!r} does not belong to a step waiting for it")
+        callbacks[token]["answer"] = outcome
+        return ActionResult({"PipelineExecutionArn": callbacks[token]["execution"]})
+    return (lambda self: answer(self, {"status": "Succeeded", "outputs": self._get_param("OutputParameters") or []}),
+            lambda self: answer(self, {"status": "Failed", "reason": self._get_param("FailureReason") or ""}))
 
 # %% ../../nbs/api/65_emulate.world.ipynb #d9e56eb2
 def _check_parameters(definition:str, given:list|None):
@@ -103,34 +127,54 @@ def _logged_s3_check(check, on_denied):
             on_denied(getattr(request._access_key, "_access_key_id", None), request._action, resource); raise
     return check_action_permitted
 
+# %% ../../nbs/api/65_emulate.world.ipynb #6f5d5c7c
+def _rule_delivery(queue:list, send):
+    "A rule's delivery: Lambda targets queued, SNS targets published with the event as the message, others by moto (`send`)."
+    def send_to_targets(rule, event, transform_input=True):
+        # moto's S3 offers each event to every rule of every bus; S3's events go to the default bus, to enabled rules only
+        if rule.state != "ENABLED" or rule.event_bus_name != "default" or not rule.event_pattern.matches_event(event): return
+        service = lambda t: t["Arn"].split(":")[2]
+        if others := [t for t in rule.targets if service(t) not in ("lambda", "sns")]:   # moto's own delivery, which raises on a Lambda target
+            saved, rule.targets = rule.targets, others
+            try: send(rule, event, transform_input)
+            finally: rule.targets = saved
+        from moto.sns.models import sns_backends   # EventBridge publishes the event itself as the message
+        for t in (t for t in rule.targets if service(t) == "sns"):
+            sns_backends[rule.account_id][rule.region_name].publish(json.dumps(event, default=str), arn=t["Arn"])
+        is_lambda = lambda t: service(t) == "lambda"
+        queue.extend(("lambda", t["Arn"], json.loads(json.dumps(event, default=str))) for t in rule.targets if is_lambda(t))
+    return send_to_targets
+
 # %% ../../nbs/api/65_emulate.world.ipynb #d8fa634d
 @contextlib.contextmanager
-def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None):
-    "Patch moto with the six additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`."
+def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, starts:list|None=None, callbacks:dict|None=None):
+    "Patch moto with the additions; queued work goes to `queue` as `(kind, ...)` tuples, execution starts to `starts`, callback answers to `callbacks`."
     from moto.events.models import Rule
     from moto.sagemaker.responses import SageMakerResponse
     from moto.sagemaker.models import SageMakerModelBackend
     from moto.codebuild.responses import CodeBuildResponse
     from moto.s3.responses import ACTION_MAP
     from moto.iam.access_control import S3IAMRequest
+    from moto.awslambda.models import LambdaBackend
     send, start_build, start_execution = Rule.send_to_targets, CodeBuildResponse.start_build, SageMakerModelBackend.start_pipeline_execution
-    def send_to_targets(rule, event, transform_input=True):
-        # moto's S3 offers each event to every rule of every bus; S3's events go to the default bus, to enabled rules only
-        if rule.state != "ENABLED" or rule.event_bus_name != "default" or not rule.event_pattern.matches_event(event): return
-        is_lambda = lambda t: t["Arn"].split(":")[2] == "lambda"
-        if others := [t for t in rule.targets if not is_lambda(t)]:   # moto's own delivery, which raises on a Lambda target
-            saved, rule.targets = rule.targets, others
-            try: send(rule, event, transform_input)
-            finally: rule.targets = saved
-        queue.extend(("lambda", t["Arn"], json.loads(json.dumps(event, default=str))) for t in rule.targets if is_lambda(t))
+    send_to_targets = _rule_delivery(queue, send)
     def build(resp):
         out = start_build(resp)
         meta = resp.codebuild_backend.build_metadata[resp._get_param("projectName")].build_metadata
         queue.append(("build", meta["id"], resp._get_param("environmentVariablesOverride") or []))
         return out
+    def sqs_batch(backend, function_arn, message, queue_arn):   # the event source mapping's delivery: queued, not run in a container
+        event = {"Records": [{"messageId": message.id, "receiptHandle": message.receipt_handle, "body": message.body, "eventSource": "aws:sqs",
+                              "eventSourceARN": queue_arn, "awsRegion": backend.region_name, "attributes": {"ApproximateReceiveCount": "1"}}]}
+        queue.append(("lambda", function_arn, event)); return True
+    create_endpoint, update_endpoint = _endpoint_changes(queue)
+    success, failure = _callback_answers({} if callbacks is None else callbacks)
     with mock.patch.object(Rule, "send_to_targets", send_to_targets), mock.patch.object(CodeBuildResponse, "start_build", build), \
          mock.patch.object(SageMakerModelBackend, "start_pipeline_execution", _queued_execution(queue, start_execution, [] if starts is None else starts)), \
-         mock.patch.object(SageMakerResponse, "update_endpoint", _update_endpoint, create=True), \
+         mock.patch.object(SageMakerResponse, "update_endpoint", update_endpoint, create=True), \
+         mock.patch.object(SageMakerResponse, "create_endpoint", create_endpoint), mock.patch.object(LambdaBackend, "_send_sqs_message", sqs_batch), \
+         mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_success", success, create=True), \
+         mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_failure", failure, create=True), \
          mock.patch.dict(ACTION_MAP["BUCKET"]["HEAD"], {"DEFAULT": "ListBucket"}), \
          mock.patch.object(S3IAMRequest, "check_action_permitted", _logged_s3_check(S3IAMRequest.check_action_permitted, on_s3_denied)):
         yield queue
@@ -175,6 +219,9 @@ class World:
     queue:list = field(default_factory=list)
     log:object = print
     toolkits:dict = field(default_factory=dict)    # endpoint config -> the loaded inference toolkit
+    callbacks:dict = field(default_factory=dict)   # callback token -> {execution, answer}: the steps waiting on one
+    served:list = field(default_factory=list)      # each endpoint invocation: {endpoint, config, status}
+    while_baking:list = field(default_factory=list)   # hooks(endpoint, new config, percent) run as a fleet starts (0) and in each bake
     starts:list = field(default_factory=list)      # each execution start: {execution, running: the executions running then}
 
     @property
@@ -245,7 +292,7 @@ def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=prin
         root = Path(root) if root else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ncf-emulate-")))
         server, url = start_server(); stack.callback(server.stop); stack.callback(_reset_moto)
         world = World(root, url, _admin(url), log=log)
-        stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts))
+        stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts, world.callbacks))
         _upload_code(world, parameters["CodeBucket"], parameters)
         session = boto3.Session(region_name=REGION, **world.admin)
         world.stack = create_stack(template, parameters, _EndpointSession(session, url), region=REGION, stack_name="ncf")

@@ -20,7 +20,7 @@ class AwsSettings:
     bucket:str|None=None              # artifacts bucket (NCF_BUCKET); default: the SDK's sagemaker-REGION-ACCOUNT bucket
     prefix:str="ncf"                  # key prefix for everything the pipeline writes (NCF_PREFIX)
     pipeline_name:str="ncf-retrain"   # NCF_PIPELINE_NAME
-    deploy_lambda_arn:str|None=None   # the deploy Lambda (NCF_DEPLOY_LAMBDA_ARN); default: function ncf-deploy of this account
+    deploy_queue_url:str|None=None   # the deploy queue the Deploy callback step writes to (NCF_DEPLOY_QUEUE_URL); default: queue ncf-deploy of this account
     framework_version:str="2.5"       # PyTorch deep learning container for training, processing and serving
     py_version:str="py311"
 
@@ -28,7 +28,7 @@ class AwsSettings:
     def from_env(cls, env=None) -> AwsSettings:
         env = os.environ if env is None else env
         names = {"role_arn": "NCF_SAGEMAKER_ROLE_ARN", "model_role_arn": "NCF_MODEL_ROLE_ARN", "bucket": "NCF_BUCKET", "prefix": "NCF_PREFIX",
-                 "pipeline_name": "NCF_PIPELINE_NAME", "deploy_lambda_arn": "NCF_DEPLOY_LAMBDA_ARN"}
+                 "pipeline_name": "NCF_PIPELINE_NAME", "deploy_queue_url": "NCF_DEPLOY_QUEUE_URL"}
         return cls(**{f: env[v] for f, v in names.items() if env.get(v)})
 
 # %% ../../nbs/api/55_pipeline.aws.ipynb #d2dd7017

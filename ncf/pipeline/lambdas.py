@@ -9,12 +9,13 @@ from dataclasses import dataclass, asdict, replace
 from datetime import date, datetime, timedelta, timezone
 
 # %% auto #0
-__all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
+__all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'VARIANT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
            'DataObject', 'is_data_file', 'data_object', 'preprocessed_object', 'object_events', 'partition_files',
            'partition_version', 'claim_key', 'claim', 'ManifestError', 'manifest_names', 'newest_complete_day',
            'env_overrides', 'run_variables', 'build_overrides', 'scheduled_day', 'queued_key', 'queued_runs',
-           'release_next', 'trigger_handler', 'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config',
-           'DeployError', 'deploy', 'wait_in_service', 'deploy_handler']
+           'release_next', 'trigger_handler', 'capture_config', 'endpoint_config_name', 'describe_endpoint',
+           'ensure_endpoint_config', 'guardrails', 'DeployError', 'deploy', 'wait_in_service', 'fleet',
+           'deployment_record', 'ensure_autoscaling', 'settle_deployment', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -209,7 +210,7 @@ class _Clients:
     def __init__(self, **given): self.given = given
     def __getattr__(self, name):
         if name.startswith("_"): raise AttributeError(name)
-        if self.given.get(name) is None: self.given[name] = _client(name)
+        if self.given.get(name) is None: self.given[name] = _client({"autoscaling": "application-autoscaling"}.get(name, name))
         return self.given[name]
 
 def _claim_and_start(obj:DataObject, version:str, files:int, env, c:_Clients) -> dict:
@@ -285,10 +286,22 @@ def trigger_handler(event:dict, context=None, *, s3=None, codebuild=None, env=No
     print(json.dumps({"trigger": results}))
     return {"results": results}
 
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #47922f50
+def capture_config(uri:str|None, percent:int=10) -> dict|None:
+    "The endpoint config's `DataCaptureConfig`: requests and responses, `percent`% of them, to `uri`; None without a uri."
+    if not uri: return None
+    if not 0 <= int(percent) <= 100: raise ValueError(f"capture percent must be 0..100, not {percent}")
+    return {"EnableCapture": True, "InitialSamplingPercentage": int(percent), "DestinationS3Uri": uri,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+            "CaptureContentTypeHeader": {"JsonContentTypes": ["application/json"]}}
+
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0eda1a6
-def endpoint_config_name(endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1) -> str:
-    "A config name that is the same for the same model and fleet (at most 63 characters)."
-    h = hashlib.sha256(f"{model_name}|{instance_type}|{int(instance_count)}".encode()).hexdigest()[:12]
+VARIANT = "AllTraffic"   # the one variant's name, the same in every config: guardrails, autoscaling and alarms name it
+
+def endpoint_config_name(endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1, capture:dict|None=None) -> str:
+    "A config name that is the same for the same model, fleet and data capture (at most 63 characters)."
+    extra = f"|{json.dumps(capture, sort_keys=True)}" if capture else ""
+    h = hashlib.sha256(f"{model_name}|{instance_type}|{int(instance_count)}{extra}".encode()).hexdigest()[:12]
     return f"{endpoint_name[:50]}-{h}"
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f2216b86
@@ -305,21 +318,30 @@ def describe_endpoint(sm, endpoint_name:str) -> dict|None:
         raise
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #d7efdc73
-def ensure_endpoint_config(sm, name:str, model_name:str, instance_type:str, instance_count:int=1) -> bool:
-    "Create the endpoint config unless it exists; True if this call created it."
+def ensure_endpoint_config(sm, name:str, model_name:str, instance_type:str, instance_count:int=1, capture:dict|None=None) -> bool:
+    "Create the endpoint config (variant `VARIANT`, data capture if given) unless it exists; True if this call created it."
     from botocore.exceptions import ClientError
     try:
         sm.describe_endpoint_config(EndpointConfigName=name); return False
     except ClientError as e:
         if not _not_found(e, "endpoint configuration"): raise
     try:
-        sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
-            "VariantName": "AllTraffic", "ModelName": model_name, "InitialInstanceCount": int(instance_count),
+        sm.create_endpoint_config(EndpointConfigName=name, **({"DataCaptureConfig": capture} if capture else {}), ProductionVariants=[{
+            "VariantName": VARIANT, "ModelName": model_name, "InitialInstanceCount": int(instance_count),
             "InstanceType": instance_type, "InitialVariantWeight": 1.0}])
         return True
     except ClientError as e:
         if "already exist" in e.response.get("Error", {}).get("Message", "").lower(): return False  # a concurrent call made it
         raise
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #c5e33c14
+def guardrails(alarms:list[str], instance_count:int, canary_percent:int=20, bake_s:int=300, timeout_s:int=3600) -> dict:
+    "`DeploymentConfig` of an update: a canary of `canary_percent`% (all at once for one instance), `bake_s` of watching `alarms`."
+    shift = ({"Type": "CANARY", "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": int(canary_percent)}, "WaitIntervalInSeconds": int(bake_s)}
+             if int(instance_count) >= 2 else {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": int(bake_s)})
+    return {"BlueGreenUpdatePolicy": {"TrafficRoutingConfiguration": shift, "TerminationWaitInSeconds": int(bake_s),
+                                      "MaximumExecutionTimeoutInSeconds": int(timeout_s)},
+            **({"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": a} for a in alarms]}} if alarms else {})}
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0eda1a7
 class DeployError(RuntimeError):
@@ -327,10 +349,11 @@ class DeployError(RuntimeError):
 
 BUSY = ("Creating", "Updating", "SystemUpdating", "RollingBack", "UpdateRollbackFailed", "Deleting")
 
-def deploy(sm, endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1) -> dict:
-    "Make the endpoint serve `model_name`: create it, update it, or leave it. Starts the change and returns."
-    config = endpoint_config_name(endpoint_name, model_name, instance_type, instance_count)
-    ensure_endpoint_config(sm, config, model_name, instance_type, instance_count)
+def deploy(sm, endpoint_name:str, model_name:str, instance_type:str, instance_count:int=1, capture:dict|None=None,
+           guardrails:dict|None=None) -> dict:
+    "Make the endpoint serve `model_name`: create it, update it (blue/green with `guardrails`), or leave it. Starts the change and returns."
+    config = endpoint_config_name(endpoint_name, model_name, instance_type, instance_count, capture)
+    ensure_endpoint_config(sm, config, model_name, instance_type, instance_count, capture)
     out = {"endpoint_name": endpoint_name, "endpoint_config_name": config, "model_name": model_name}
     ep = describe_endpoint(sm, endpoint_name)
     if ep is None:
@@ -343,7 +366,9 @@ def deploy(sm, endpoint_name:str, model_name:str, instance_type:str, instance_co
     if status in BUSY: raise DeployError(f"endpoint {endpoint_name} is {status} (towards {pending or current}); deploy again when it is InService")
     if status == "Failed":
         raise DeployError(f"endpoint {endpoint_name} is Failed ({ep.get('FailureReason', 'no reason given')}); delete it, then deploy again")
-    sm.update_endpoint(EndpointName=endpoint_name, EndpointConfigName=config)
+    # RetainAllVariantProperties: the fleet keeps the instance count autoscaling gave it, not the config's initial count
+    sm.update_endpoint(EndpointName=endpoint_name, EndpointConfigName=config, RetainAllVariantProperties=True,
+                       **({"DeploymentConfig": guardrails} if guardrails else {}))
     return {**out, "action": "updated", "previous_endpoint_config_name": current}
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #b5a3ffaf
@@ -367,12 +392,99 @@ def wait_in_service(sm, endpoint_name:str, endpoint_config_name:str|None=None, t
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #a260571c
 DEFAULT_INSTANCE_TYPE = "ml.m5.large"   # = PipelineParams.endpoint_instance_type (this module imports no ncf code; a test checks)
 
-def deploy_handler(event:dict, context=None, *, sagemaker=None) -> dict:
-    "LambdaStep: deploy `event['model_name']` to `event['endpoint_name']`; returns the action and the endpoint config."
+def fleet(event:dict, env) -> dict:
+    "`deploy`'s arguments: the model and the endpoint from the event, the fleet, data capture and guardrails from the function's environment."
     missing = [k for k in ("endpoint_name", "model_name") if not event.get(k)]
     if missing: raise ValueError(f"deploy event lacks {missing}; got keys {sorted(event)}")
-    sm = sagemaker or _client("sagemaker")
-    instance_type = event.get("instance_type") or os.environ.get("NCF_ENDPOINT_INSTANCE_TYPE", DEFAULT_INSTANCE_TYPE)
-    r = deploy(sm, event["endpoint_name"], event["model_name"], instance_type, int(event.get("instance_count") or 1))
-    print(json.dumps({"deploy": r, "model_package_arn": event.get("model_package_arn")}))
-    return {k: str(v) for k, v in r.items()}
+    count = int(event.get("instance_count") or env.get("NCF_MIN_INSTANCES") or 1)
+    alarms = [a for a in env.get("NCF_ROLLBACK_ALARMS", "").split(",") if a]
+    return {"endpoint_name": event["endpoint_name"], "model_name": event["model_name"], "instance_count": count,
+            "instance_type": event.get("instance_type") or env.get("NCF_ENDPOINT_INSTANCE_TYPE", DEFAULT_INSTANCE_TYPE),
+            "capture": capture_config(env.get("NCF_CAPTURE_URI"), int(env.get("NCF_CAPTURE_PERCENT", 10))),
+            "guardrails": guardrails(alarms, count, int(env.get("NCF_CANARY_PERCENT", 20)), int(env.get("NCF_BAKE_SECONDS", 300)))}
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #4235469f
+def _record_location(env, endpoint_name:str) -> tuple[str, str]:
+    uri = env.get("NCF_DEPLOYMENTS_URI") or ""
+    if not uri.startswith("s3://"): raise RuntimeError(f"NCF_DEPLOYMENTS_URI must be s3://BUCKET/PREFIX/, not {uri!r}")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    return bucket, f"{prefix.rstrip('/')}/{endpoint_name}.json".lstrip("/")
+
+def deployment_record(s3, env, endpoint_name:str) -> dict|None:
+    "The deployment that waits on `endpoint_name`, or None."
+    bucket, key = _record_location(env, endpoint_name)
+    try: return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey: return None
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #24f12bab
+def ensure_autoscaling(aas, endpoint_name:str, min_instances:int, max_instances:int, invocations_per_instance:float) -> str:
+    "Register the variant with Application Auto Scaling and its target-tracking policy (both calls are idempotent); the resource id."
+    rid, dim = f"endpoint/{endpoint_name}/variant/{VARIANT}", "sagemaker:variant:DesiredInstanceCount"
+    aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=dim,
+                                 MinCapacity=int(min_instances), MaxCapacity=int(max_instances))
+    aas.put_scaling_policy(PolicyName=f"{endpoint_name}-invocations", ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=dim,
+                           PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": float(invocations_per_instance), "ScaleInCooldown": 300, "ScaleOutCooldown": 60,
+                               "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
+    return rid
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #d594bca3
+def _end(dep:dict, env, c:_Clients, failure:str|None) -> dict:
+    "Complete the callback step (and, on failure, reject the package); drop the record."
+    sm, name = c.sagemaker, dep["endpoint_name"]
+    if failure is None:
+        if env.get("NCF_MAX_INSTANCES"):
+            ensure_autoscaling(c.autoscaling, name, int(env.get("NCF_MIN_INSTANCES") or 1), int(env["NCF_MAX_INSTANCES"]),
+                               float(env.get("NCF_INVOCATIONS_PER_INSTANCE", 6000)))
+        sm.send_pipeline_execution_step_success(CallbackToken=dep["token"], OutputParameters=[
+            {"Name": "action", "Value": dep["action"]}, {"Name": "endpoint_config_name", "Value": dep["endpoint_config_name"]}])
+    else:
+        if dep.get("model_package_arn"):
+            sm.update_model_package(ModelPackageArn=dep["model_package_arn"], ModelApprovalStatus="Rejected",
+                                    ApprovalDescription=f"not deployed to {name}: {failure}"[:1024])
+        sm.send_pipeline_execution_step_failure(CallbackToken=dep["token"], FailureReason=f"deployment to {name} failed: {failure}"[:256])
+    bucket, key = _record_location(env, name)
+    c.s3.delete_object(Bucket=bucket, Key=key)
+    return {"endpoint_name": name, "endpoint_config_name": dep["endpoint_config_name"], "outcome": "failed" if failure else "serving",
+            **({"reason": failure} if failure else {})}
+
+def settle_deployment(dep:dict, env, c:_Clients) -> dict:
+    "End the deployment `dep` if the endpoint has finished with it, from the endpoint's own description."
+    ep = describe_endpoint(c.sagemaker, dep["endpoint_name"])
+    if ep is None: return _end(dep, env, c, "the endpoint no longer exists")
+    status, current = ep["EndpointStatus"], ep.get("EndpointConfigName")
+    if status == "InService" and current == dep["endpoint_config_name"]: return _end(dep, env, c, None)
+    if status == "InService": return _end(dep, env, c, f"rolled back to {current}: {ep.get('FailureReason') or 'no reason given'}")
+    if status == "Failed": return _end(dep, env, c, ep.get("FailureReason") or "the endpoint failed")
+    return {"endpoint_name": dep["endpoint_name"], "outcome": "waiting", "status": status}
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #7aae22a1
+def _start_deployment(message:dict, env, c:_Clients) -> dict:
+    "A callback message: start the deployment and record it; end the step at once if nothing changes or nothing can start."
+    token, args = message["token"], message.get("arguments") or {}
+    try: r = deploy(c.sagemaker, **fleet(args, env))
+    except (DeployError, ValueError) as e:   # nothing started: the endpoint keeps serving what it serves
+        c.sagemaker.send_pipeline_execution_step_failure(CallbackToken=token, FailureReason=str(e)[:256])
+        return {"token": token, "outcome": "not started", "reason": str(e)}
+    dep = {"token": token, "model_package_arn": args.get("model_package_arn", ""), "pipeline_execution_arn": message.get("pipelineExecutionArn", ""),
+           "started_at": time.time(), **{k: str(v) for k, v in r.items()}}
+    bucket, key = _record_location(env, r["endpoint_name"])
+    c.s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(dep).encode(), ContentType="application/json")
+    return settle_deployment(dep, env, c)   # an unchanged endpoint ends here; a change ends on its events
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #b6912e5f
+def deploy_handler(event:dict, context=None, *, sagemaker=None, s3=None, autoscaling=None, env=None) -> dict:
+    "Deploy queue messages (the pipeline's callback step) start deployments, the endpoint's events end them; a direct `{endpoint_name, model_name}` starts one."
+    env = os.environ if env is None else env
+    c = _Clients(sagemaker=sagemaker, s3=s3, autoscaling=autoscaling)
+    if "Records" in event: results = [_start_deployment(json.loads(r["body"]), env, c) for r in event["Records"]]
+    elif event.get("source") == "aws.sagemaker":
+        name = (event.get("detail") or {}).get("EndpointName")
+        dep = deployment_record(c.s3, env, name) if name else None
+        results = [settle_deployment(dep, env, c) if dep else {"endpoint_name": name, "outcome": "no deployment waits on it"}]
+    else:   # by hand (`aws lambda invoke`): start and return
+        r = deploy(c.sagemaker, **fleet(event, env))
+        print(json.dumps({"deploy": r, "model_package_arn": event.get("model_package_arn")}))
+        return {k: str(v) for k, v in r.items()}
+    print(json.dumps({"deploy": results}))
+    return {"results": results}

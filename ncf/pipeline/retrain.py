@@ -31,7 +31,7 @@ __all__ = ['PIPELINE', 'STEP_FUNCTIONS', 'Step', 'pipeline_steps', 'digest', 'co
 class Step:
     "One step of the retrain pipeline."
     name:str
-    kind:str                    # processing | training | condition | register | model | lambda | fail
+    kind:str                    # processing | training | condition | register | model | callback | fail
     after:tuple=()              # names of the steps it depends on
     branch:bool|None=None       # True: runs only if the gate passed; False: only if it failed
 
@@ -42,7 +42,7 @@ PIPELINE = (
     Step("QualityGate", "condition", ("Evaluate",)),
     Step("RegisterApproved", "register", ("QualityGate",), True),
     Step("CreateModel", "model", ("RegisterApproved",), True),
-    Step("Deploy", "lambda", ("CreateModel",), True),
+    Step("Deploy", "callback", ("CreateModel",), True),
     Step("RegisterRejected", "register", ("QualityGate",), False),
     Step("Fail", "fail", ("RegisterRejected",), False),
 )

@@ -72,7 +72,7 @@ class _Build:
     settings:AwsSettings
     sess:object               # the PipelineSession
     role:str
-    lambda_arn:str            # the deploy Lambda
+    deploy_queue:str          # the deploy queue (its URL), read by the deploy Lambda
     model_role:str            # the endpoint's model's role (read-only)
     root:str                  # s3://BUCKET/PREFIX
     code:str                  # code_version()
@@ -106,7 +106,7 @@ def _context(params:PipelineParams, s:AwsSettings, sess, role_arn:str|None, code
     region, bucket = sess.boto_region_name, sess.default_bucket()
     account = sess.account_id()
     role = role_arn or s.role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-pipeline"
-    lambda_arn = s.deploy_lambda_arn or f"arn:aws:lambda:{region}:{account}:function:ncf-deploy"
+    deploy_queue = s.deploy_queue_url or f"https://sqs.{region}.amazonaws.com/{account}/ncf-deploy"
     model_role = s.model_role_arn or f"arn:aws:iam::{account}:role/ncf-sagemaker-model"
     root = f"s3://{bucket}/{s.prefix}"
     code = code_version()
@@ -118,7 +118,7 @@ def _context(params:PipelineParams, s:AwsSettings, sess, role_arn:str|None, code
     # The SDK packs the code when the definition is rendered: `code_dir` must live until `.definition()` returns.
     staged = stage_code(Path(code_dir or tempfile.mkdtemp(prefix="ncf-sagemaker-code-"))/"code")
     tag = code.replace("+", "-").replace(".", "-")[:40]
-    return _Build(params, s, sess, role, lambda_arn, model_role, root, code, train_image, serve_image, par, staged, tag, cache)
+    return _Build(params, s, sess, role, deploy_queue, model_role, root, code, train_image, serve_image, par, staged, tag, cache)
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #3f5e4c69
 def _preprocess_step(b:_Build):
@@ -173,21 +173,20 @@ def _register_step(b:_Build, name:str, status:str, serving_tar, evaluation_json,
                                       "reason": text("gate.reasons[0]")}))
 
 def _deploy_steps(b:_Build, serving_tar, approved) -> tuple:
-    "CreateModel, from the package `approved` registers, and Deploy, the deploy Lambda."
-    from sagemaker.core.lambda_helper import Lambda
+    "CreateModel, from the package `approved` registers, and Deploy, the callback step the deploy Lambda ends."
     from sagemaker.serve.model_builder import ModelBuilder
     from sagemaker.mlops.workflow.model_step import ModelStep
-    from sagemaker.mlops.workflow.lambda_step import LambdaStep, LambdaOutput, LambdaOutputTypeEnum
+    from sagemaker.mlops.workflow.callback_step import CallbackStep, CallbackOutput, CallbackOutputTypeEnum
     create = ModelBuilder(s3_model_data_url=serving_tar, image_uri=b.serve_image, env_vars=dict(SERVING_ENV),
                           sagemaker_session=b.sess, role_arn=b.model_role).build()   # the model's own role: it reads its archive
     # Create the model from the registered package, so the endpoint's model names the version it serves.
     create.create_model_request["PrimaryContainer"] = {"ModelPackageName": approved.properties.ModelPackageArn}
     model = ModelStep(name="CreateModel", step_args=create)
-    deploy = LambdaStep(name="Deploy", lambda_func=Lambda(function_arn=b.lambda_arn, session=b.sess),
+    deploy = CallbackStep(name="Deploy", sqs_queue_url=b.deploy_queue,
         inputs={"endpoint_name": b.params.endpoint_name, "model_name": model.properties.ModelName,
                 "model_package_arn": approved.properties.ModelPackageArn,
-                "instance_type": b.params.endpoint_instance_type, "instance_count": 1},
-        outputs=[LambdaOutput(output_name=n, output_type=LambdaOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
+                "instance_type": b.params.endpoint_instance_type},   # the fleet's size: the stack's EndpointMinInstances
+        outputs=[CallbackOutput(output_name=n, output_type=CallbackOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
     return model, deploy
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #19639d55
@@ -197,7 +196,7 @@ def _gated(steps:dict, ev, description:tuple=PIPELINE) -> list:
     from sagemaker.mlops.workflow.condition_step import ConditionStep
     # Explicit order where no property reference implies it (PIPELINE's `after`).
     for st in description:
-        if st.kind in ("model", "lambda", "fail"): steps[st.name].add_depends_on([steps[a] for a in st.after])
+        if st.kind in ("model", "callback", "fail"): steps[st.name].add_depends_on([steps[a] for a in st.after])
     branch = lambda b: [steps[st.name] for st in description if st.branch is b]
     gate = next(st for st in description if st.kind == "condition")
     steps[gate.name] = ConditionStep(name=gate.name, conditions=[ConditionEquals(left=ev("gate.passed"), right=True)],
@@ -242,7 +241,7 @@ def build_pipeline(params:PipelineParams, settings:AwsSettings|None=None, sessio
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #80aebbfb
 SDK_TYPES = {"processing": "Processing", "training": "Training", "condition": "Condition", "register": "RegisterModel",
-             "model": "Model", "lambda": "Lambda", "fail": "Fail"}
+             "model": "Model", "callback": "Callback", "fail": "Fail"}
 
 def _refs(obj) -> set:
     if isinstance(obj, dict):

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from ..core import NCFError, RequestError
-from .inference import (Recommender, MAX_ITEMS, INT_ID, input_fn, predict_fn, output_fn, parse_json, parse_recommendation,
+from .inference import (Recommender, MAX_ITEMS, INT_ID, input_fn, predict_fn, output_fn, parse_json, parse_recommendation, smoke_check,
                            json_dumps)
 
 _log = logging.getLogger("ncf.serve")
@@ -54,7 +54,7 @@ class ModelSlot:
     async def swap(self, model_dir) -> tuple[Recommender, Recommender]:
         "Load `model_dir` off the event loop, then serve it; return `(old, new)`. Raises if it does not load."
         async with self._lock:
-            new = await run_in_threadpool(Recommender.load, model_dir)
+            new = await run_in_threadpool(lambda: smoke_check(Recommender.load(model_dir)))   # loads and answers, or is refused
             old, self.rec = self.rec, new
             return old, new
 

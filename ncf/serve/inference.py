@@ -8,7 +8,7 @@ import json, math, os, re
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from ..core import RequestError
+from ..core import NCFError, RequestError
 from ..model.nets import NCF, item_tables
 from ..model.modeldir import ModelDir, load_model_dir
 from fastcore.basics import patch   # a class a method per cell; fastcore is a core requirement, installed in the container too
@@ -16,8 +16,8 @@ from fastcore.basics import patch   # a class a method per cell; fastcore is a c
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_BATCH', 'MAX_K', 'CATEGORY_COLUMNS', 'INT_ID', 'QUERY_FIELDS', 'REC_FIELDS', 'Scorer', 'top_k',
            'IdIndex', 'category_index', 'seen_csr', 'Recommender', 'Query', 'Batch', 'parse_query', 'media_type',
-           'parse_json', 'parse_recommendation', 'serving_threads', 'pin_threads', 'model_fn', 'input_fn', 'Prediction',
-           'predict_fn', 'accepts_json', 'output_fn']
+           'parse_json', 'parse_recommendation', 'serving_threads', 'pin_threads', 'SmokeCheckFailed', 'smoke_check',
+           'model_fn', 'input_fn', 'Prediction', 'predict_fn', 'accepts_json', 'output_fn']
 
 # %% ../../nbs/api/41_serve.inference.ipynb #41694e23
 try:  # orjson is several times faster; the managed container may lack it
@@ -309,11 +309,24 @@ def pin_threads(n:int):
     except ImportError: return   # not in the serving container's requirements: torch's own pool is the one that counts
     threadpool_limits(n)
 
+# %% ../../nbs/api/41_serve.inference.ipynb #974177ff
+class SmokeCheckFailed(NCFError):
+    "A loaded model answered its smoke request wrongly: it must not serve."
+
+def smoke_check(rec:Recommender) -> Recommender:
+    "`rec` if it ranks up to 25 items for its first user with finite scores; else `SmokeCheckFailed`."
+    if not len(rec.users) or not len(rec.items): raise SmokeCheckFailed(f"model {rec.version} has no users or no items")
+    items = list(rec.items.ids[:25])
+    out = rec.rank(rec.users.ids[0], items, return_scores=True)
+    if sorted(out["items"], key=str) != sorted(items, key=str) or not np.isfinite(out["scores"]).all():
+        raise SmokeCheckFailed(f"model {rec.version} failed its smoke request: user {rec.users.ids[0]!r} got scores {out['scores'][:5]}...")
+    return rec
+
 # %% ../../nbs/api/41_serve.inference.ipynb #5c8ced14
 def model_fn(model_dir) -> Recommender:
-    "Load the model directory (verified) for serving, in a worker given its share of the CPUs."
+    "Load the model directory (verified) for serving, in a worker given its share of the CPUs; a model that fails `smoke_check` never serves."
     pin_threads(serving_threads())
-    return Recommender.load(model_dir)
+    return smoke_check(Recommender.load(model_dir))
 
 # %% ../../nbs/api/41_serve.inference.ipynb #e89a7a63
 def input_fn(body, content_type:str="application/json") -> Batch:
