@@ -147,7 +147,7 @@ def run_deployment(world:World, endpoint_name:str) -> dict:
     for hook in list(world.while_baking): hook(endpoint_name, target, 0)   # the new fleet starts, with no traffic yet
     try: fleet_toolkit(world, target)   # the container loads the model before its first /ping
     except Exception as e:
-        reason = f"The primary container for production variant {change.get('variant', 'AllTraffic')} did not pass the ping health check: {type(e).__name__}: {e}"[:1024]
+        reason = f"The primary container for production variant {ep.production_variants[0]['VariantName']} did not pass the ping health check: {type(e).__name__}: {e}"[:1024]
         return end("Failed", target, reason) if previous is None else end("InService", previous, reason)
     if previous is None: return end("InService", target)
     alarms = [a["AlarmName"] for a in ((change["deployment"] or {}).get("AutoRollbackConfiguration") or {}).get("Alarms", [])]

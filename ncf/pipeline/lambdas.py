@@ -10,12 +10,12 @@ from datetime import date, datetime, timedelta, timezone
 
 # %% auto #0
 __all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'VARIANT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
-           'DataObject', 'is_data_file', 'data_object', 'preprocessed_object', 'object_events', 'partition_files',
-           'partition_version', 'claim_key', 'claim', 'ManifestError', 'manifest_names', 'newest_complete_day',
-           'env_overrides', 'run_variables', 'build_overrides', 'scheduled_day', 'queued_key', 'queued_runs',
-           'release_next', 'trigger_handler', 'capture_config', 'endpoint_config_name', 'describe_endpoint',
-           'ensure_endpoint_config', 'guardrails', 'DeployError', 'deploy', 'wait_in_service', 'fleet',
-           'deployment_record', 'ensure_autoscaling', 'settle_deployment', 'deploy_handler']
+           'DEFAULT_INVOCATIONS_PER_INSTANCE', 'DataObject', 'is_data_file', 'data_object', 'preprocessed_object',
+           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'ManifestError',
+           'manifest_names', 'newest_complete_day', 'env_overrides', 'run_variables', 'build_overrides',
+           'scheduled_day', 'queued_key', 'queued_runs', 'release_next', 'trigger_handler', 'capture_config',
+           'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'guardrails', 'DeployError', 'deploy',
+           'wait_in_service', 'fleet', 'deployment_record', 'ensure_autoscaling', 'settle_deployment', 'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -391,6 +391,7 @@ def wait_in_service(sm, endpoint_name:str, endpoint_config_name:str|None=None, t
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #a260571c
 DEFAULT_INSTANCE_TYPE = "ml.m5.large"   # = PipelineParams.endpoint_instance_type (this module imports no ncf code; a test checks)
+DEFAULT_INVOCATIONS_PER_INSTANCE = 120000   # = the template's InvocationsPerInstance, a minute
 
 def fleet(event:dict, env) -> dict:
     "`deploy`'s arguments: the model and the endpoint from the event, the fleet, data capture and guardrails from the function's environment."
@@ -435,7 +436,7 @@ def _end(dep:dict, env, c:_Clients, failure:str|None) -> dict:
     if failure is None:
         if env.get("NCF_MAX_INSTANCES"):
             ensure_autoscaling(c.autoscaling, name, int(env.get("NCF_MIN_INSTANCES") or 1), int(env["NCF_MAX_INSTANCES"]),
-                               float(env.get("NCF_INVOCATIONS_PER_INSTANCE", 6000)))
+                               float(env.get("NCF_INVOCATIONS_PER_INSTANCE", DEFAULT_INVOCATIONS_PER_INSTANCE)))
         sm.send_pipeline_execution_step_success(CallbackToken=dep["token"], OutputParameters=[
             {"Name": "action", "Value": dep["action"]}, {"Name": "endpoint_config_name", "Value": dep["endpoint_config_name"]}])
     else:
