@@ -146,3 +146,33 @@ def test_several_workers_answer_as_the_variant(rec):
             status, out, variant = rc.invoke(json.dumps({"user": rec.users.ids[2], "item": rec.items.ids[:5]}).encode())
         assert (status, variant, sorted(json.loads(out))) == (200, "Challenger", sorted(rec.items.ids[:5]))
     finally: proc.terminate(); proc.wait(timeout=30)
+
+
+def test_fuzz_runtime_route_in_process(rec):
+    "Any body, content type and variant: an answer SageMaker could give (200, 400 ValidationError, 424 ModelError), never a 5xx."
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from starlette.testclient import TestClient
+    from ncf.serve.app import make_app
+    client = TestClient(make_app(rec, endpoint_name=ENDPOINT, variant_name=VARIANT))
+    ids = st.one_of(st.sampled_from(rec.items.ids[:30]), st.text(max_size=8), st.integers(-3, 10**6))
+    query = st.fixed_dictionaries({"user": st.one_of(st.sampled_from(rec.users.ids[:10]), st.lists(ids, max_size=4), ids, st.none())},
+                                  optional={"item": st.one_of(st.lists(ids, max_size=30), ids), "top_k": st.integers(-2, 40),
+                                            "return_scores": st.one_of(st.booleans(), st.integers()), "details": st.one_of(st.booleans(), st.text(max_size=3))})
+    body = st.one_of(query.map(lambda q: json.dumps(q).encode()), st.lists(query, max_size=3).map(lambda q: json.dumps(q).encode()), st.binary(max_size=100))
+
+    @settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body, st.sampled_from(["application/json", "application/json; charset=utf-8", "text/csv", ""]),
+           st.one_of(st.none(), st.just(VARIANT), st.text("ABCxyz019-", min_size=1, max_size=6)), st.sampled_from([ENDPOINT, "x"]))
+    def run(b, ctype, variant, name):
+        headers = {"content-type": ctype} if ctype else {}
+        if variant: headers["x-amzn-sagemaker-target-variant"] = variant
+        r = client.post(f"/endpoints/{name}/invocations", content=b, headers=headers)
+        assert r.status_code in (200, 400, 424), (r.status_code, r.text)
+        if r.status_code == 200:
+            assert r.headers["x-amzn-invoked-production-variant"] == VARIANT and name == ENDPOINT and variant in (None, VARIANT)
+            assert isinstance(r.json(), (list, dict))
+        else:
+            kind = r.headers["x-amzn-errortype"].split(":")[0]
+            assert (kind, r.status_code) in (("ValidationError", 400), ("ModelError", 424)), r.headers
+            if kind == "ModelError": assert 400 <= r.json()["OriginalStatusCode"] < 500, r.text   # a client error, never the container's 500
+    run()
