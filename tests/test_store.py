@@ -122,13 +122,14 @@ def test_append_is_bounded_and_only_events_after_the_cutoff_count(store):
 def test_switch_under_concurrent_readers(store):
     big_a, big_b = features("A", users=20_000, per_user=20, pool=500), features("B", users=20_000, per_user=20, pool=500)
     store.load(big_a)
-    log, stop, errors = [], threading.Event(), []
+    log, stop, loaded, errors = [], threading.Event(), threading.Event(), []
     def reader(seed):
         u = seed
         try:
             while not stop.is_set():
                 u = (u * 7919 + 1) % 20_000
-                r = store.read(u, ["popular", "category:toys"]); log.append(r.version)
+                after = loaded.is_set()                            # whether this read began after load() returned
+                r = store.read(u, ["popular", "category:toys"]); log.append((r.version, after))
                 if not consistent(r) or len(r.recent) != 20: errors.append(r)
         except Exception as e: errors.append(e)
     at = {}
@@ -140,12 +141,12 @@ def test_switch_under_concurrent_readers(store):
     for t in threads: t.start()
     time.sleep(0.2); at["load"] = len(log)
     assert store.load(big_b) == "B"
-    at["loaded"] = len(log); time.sleep(0.2); stop.set()
+    loaded.set(); time.sleep(0.2); stop.set()
     for t in threads: t.join(10)
     assert not errors, errors[:3]
     assert at["switch"] - at["load"] > 10, at                      # reads went on during the load...
-    assert set(log[:at["switch"]]) == {"A"}                        # ...all served by the old version
-    assert set(log[at["loaded"]:]) == {"B"} and len(log) > at["loaded"]
+    assert {v for v, _ in log[:at["switch"]]} == {"A"}             # ...all served by the old version (they ended before the switch)
+    assert {v for v, after in log if after} == {"B"}               # and every read begun after the load is the new one
     assert stored_versions(store) == {"A", "B"}                    # the previous version is kept after the switch
 
 
