@@ -115,7 +115,8 @@ def test_s3_round_trip(tmp_path, monkeypatch):
         remote = preprocess("s3://shop/raw", "s3://shop/data", run_date="2026-02-01")
         assert remote["path"] == "s3://shop/data/dt=2026-02-01" and remote["data_version"] == local["data_version"]
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="shop", Prefix="data/")["Contents"]]
-        assert "data/dt=2026-02-01/manifest.json" in keys and len(keys) == 8
+        assert "data/dt=2026-02-01/manifest.json" in keys and len(keys) == 12   # 7 tables, the manifest, 4 files of features/
+        assert "data/dt=2026-02-01/features/recent.parquet" in keys
         assert load_splits("s3://shop/data/dt=2026-02-01").data_version == local["data_version"]
 
 
