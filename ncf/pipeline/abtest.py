@@ -44,13 +44,14 @@ def read_clicks(path) -> pd.DataFrame:
     return _read_lines(path, CLICK_FIELDS, "click")
 
 # %% ../../nbs/api/58_pipeline.abtest.ipynb #685d1f17
-def synthetic_requests(shop:Shop, n:int, pool:int=200, seed:int=0, t0:float=1.8e9):
-    "`n` requests `(request_id, user, candidates, ts)`: users drawn by activity, `pool` random candidates each."
+def synthetic_requests(shop:Shop, n:int, pool:int=200, seed:int=0, catalogue:list|None=None, t0:float=1.8e9):
+    "`n` requests `(request_id, user, candidates, ts)`: users drawn by activity, `pool` candidates from `catalogue`."
     s, rng = shop.spec, np.random.default_rng([seed, 16])
     users = rng.choice(s.n_users, size=n, p=shop.user_activity/shop.user_activity.sum())
     user_ids = shop.user_ids(users)
+    catalogue = np.asarray(shop.item_ids(np.arange(s.n_items)) if catalogue is None else catalogue)   # e.g. the models' items
     for r in range(n):
-        items = shop.item_ids(rng.choice(s.n_items, size=min(pool, s.n_items), replace=False))
+        items = catalogue[rng.choice(len(catalogue), size=min(pool, len(catalogue)), replace=False)]
         yield f"req-{seed}-{r:07d}", str(user_ids[r]), items.tolist(), t0 + r
 
 def replay(experiment, rank, requests, sink, k:int=10) -> int:
