@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         print(line(f"endpoint alone, seed ({args.endpoint_workers} workers)", measured(ep.url, work / "seed.lua", args, {"endpoint": ep.pid})), flush=True)
         stores = [s for s in ("redis", "sqlite") if args.store in (s, "both")]
         for store in stores:
-            url = redis.url if store == "redis" else f"sqlite:///{work / 'store.db'}"
+            url = redis.url if store == "redis" else f"sqlite://{work / 'store.db'}"
             s = open_store(url); t = time.perf_counter(); load_features(s, part); s.close()
             print(f"{store}: features loaded in {time.perf_counter() - t:.1f} s", flush=True)
             for client in [c for c in ("http", "boto3") if args.client in (c, "both")]:

@@ -133,7 +133,7 @@ def test_the_recommendation_lambda_runs_from_its_zip_alone(tmp_path):
               " 'requestContext': {'http': {'method': 'GET'}}})\n"
               "assert 'numpy' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
               "print(json.dumps([r, g.__file__, redis.__file__]))")
-    env = {"PATH": os.environ["PATH"], "NCF_STORE_URL": f"sqlite:///{tmp_path / 'store.db'}", "NCF_ENDPOINT_NAME": "ncf",
+    env = {"PATH": os.environ["PATH"], "NCF_STORE_URL": f"sqlite://{tmp_path / 'store.db'}", "NCF_ENDPOINT_NAME": "ncf",
            "NCF_ENDPOINT_CLIENT": "http", "NCF_ENDPOINT_URL": "http://127.0.0.1:9", "NCF_METRICS": "off"}
     p = subprocess.run([sys.executable, "-S", "-c", script, str(task)], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
