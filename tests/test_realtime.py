@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from ncf.serve.client import free_port, launch
 from ncf.serve.gateway import handle, service_from_env
 from ncf.serve.inference import Recommender
 from ncf.serve.store import load_features, open_store
-from test_store import RedisServer, redis_server  # noqa: F401  (the real redis-server fixture)
 
 pytestmark = pytest.mark.timeout(300)
 ENDPOINT = "ncf-local"

@@ -2,53 +2,20 @@
 
 Loading, reading, appended events, the atomic version switch under concurrent readers, killed loads,
 the backend going away and coming back, and the read latency of each backend."""
-import os, shutil, socket, subprocess, sys, tempfile, threading, time
+import sys, threading, time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from ncf.data.features import Features, read_features
-from ncf.serve.store import (FeatureStore, RedisStore, SqliteStore, StoreError, StoreRead, StoreUnavailable,
+from ncf.serve.store import (RedisStore, SqliteStore, StoreError, StoreRead, StoreUnavailable,
                              load_features, open_store)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import small_dataset
 
 TIMEOUT = 0.5   # the tests' read timeout: these 2 shared cores stall a thread longer than production's 50 ms at times
-
-
-class RedisServer:
-    "A real redis-server on a free loopback port, no persistence, in a temporary directory; stop() and start() again."
-    def __init__(self, root: Path):
-        with socket.socket() as s: s.bind(("127.0.0.1", 0)); self.port = s.getsockname()[1]
-        self.root, self.proc = root, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        exe = shutil.which("redis-server")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                      "--dir", str(self.root)], stdout=open(self.root / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        import redis
-        client, deadline = redis.Redis(port=self.port, socket_timeout=1), time.time() + 10
-        while True:
-            try:
-                if client.ping(): return self
-            except redis.exceptions.ConnectionError:
-                if time.time() > deadline or self.proc.poll() is not None: raise RuntimeError(f"redis-server did not start: {(self.root / 'redis.log').read_text()}")
-                time.sleep(0.05)
-            finally: client.close()
-
-    def stop(self):
-        self.proc.terminate(); self.proc.wait(10); self.proc = None
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    if not shutil.which("redis-server"): pytest.skip("redis-server is not installed (make sysdeps installs it)")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    if server.proc: server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -48,7 +48,8 @@ def main(argv=None) -> int:
                                                          "endpoint_name": args.endpoint_name, "variant_name": args.variant_name}),
                            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         del rec
-        uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, **run)
+        # a worker still importing torch and loading the model on a busy machine is not a dead one: uvicorn's 5 s would kill it
+        uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, timeout_worker_healthcheck=60, **run)
     else: uvicorn.run(app.make_app(rec, max_body, endpoint_name=args.endpoint_name, variant_name=args.variant_name), **run)
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..core import NCFError
 
 # %% auto #0
-__all__ = ['free_port', 'current_version', 'swap_model', 'launch', 'EndpointUnreachable', 'RuntimeClient']
+__all__ = ['free_port', 'current_version', 'swap_model', 'launch', 'EndpointUnreachable', 'RuntimeClient', 'launch_gateway']
 
 # %% ../../nbs/api/44_serve.client.ipynb #30195734
 def free_port(host:str="127.0.0.1") -> int:
@@ -51,27 +51,33 @@ def swap_model(base_url:str, model_dir, timeout:float=300.0) -> str:
     return doc["model_version"]
 
 # %% ../../nbs/api/44_serve.client.ipynb #dd541885
+def _started(cmd:list, url:str, log_path, timeout:float, what:str, ready) -> subprocess.Popen:
+    "Run `cmd` in its own session, logging to `log_path`; return it once `ready(url)`. `NCFError` (process killed) otherwise."
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc.url, proc.log_path = url, Path(log_path)
+    deadline = time.monotonic() + timeout
+    while (rc := proc.poll()) is None and time.monotonic() < deadline:
+        if ready(url): return proc
+        time.sleep(0.1)
+    if rc is None: os.killpg(proc.pid, signal.SIGKILL); proc.wait()   # its own session: workers included
+    tail = proc.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+    why = f"exited with status {rc}" if rc is not None else f"did not answer {url}/ping within {timeout:g} s"
+    raise NCFError(f"{what} {why}: " + (" | ".join(tail) or "no output"))
+
 def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log_path=None, workers:int=1,
            endpoint_name:str="ncf-local", variant_name:str="AllTraffic") -> subprocess.Popen:
     "Start `ncf_serve` on `model_dir` in a subprocess; return it once `/ping` answers. `NCFError` (process killed) otherwise."
     port = port or free_port(host)
     url = _url(host, port)
     if current_version(url) is not None: raise NCFError(f"{url} already answers: another server holds port {port}")
-    log_path = Path(log_path or tempfile.mkstemp(prefix=f"ncf-serve-{port}-", suffix=".log")[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "ncf.cli.serve", "--model-dir", str(model_dir), "--host", host, "--port", str(port),
-                                 "--workers", str(workers), "--endpoint-name", endpoint_name, "--variant-name", variant_name],
-                                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    proc.url, proc.port, proc.log_path, proc.endpoint_name, proc.variant_name = url, port, log_path, endpoint_name, variant_name
-    deadline = time.monotonic() + timeout
-    while (rc := proc.poll()) is None and time.monotonic() < deadline:
-        if current_version(url) is not None: return proc
-        time.sleep(0.1)
-    if rc is None: os.killpg(proc.pid, signal.SIGKILL); proc.wait()   # its own session: workers included
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    why = f"exited with status {rc}" if rc is not None else f"did not answer {url}/ping within {timeout:g} s"
-    raise NCFError(f"ncf_serve on {model_dir} {why}: " + (" | ".join(tail) or "no output"))
+    log_path = log_path or tempfile.mkstemp(prefix=f"ncf-serve-{port}-", suffix=".log")[1]
+    proc = _started([sys.executable, "-m", "ncf.cli.serve", "--model-dir", str(model_dir), "--host", host, "--port", str(port),
+                     "--workers", str(workers), "--endpoint-name", endpoint_name, "--variant-name", variant_name],
+                    url, log_path, timeout, f"ncf_serve on {model_dir}", lambda u: current_version(u) is not None)
+    proc.port, proc.endpoint_name, proc.variant_name = port, endpoint_name, variant_name
+    return proc
 
 # %% ../../nbs/api/44_serve.client.ipynb #74ba3ee0
 class EndpointUnreachable(NCFError, ConnectionError):
@@ -91,6 +97,13 @@ class RuntimeClient:
         self.headers = {"Content-Type": content_type, "Accept": accept}
         self._conn = None
 
+    def _connect(self) -> http.client.HTTPConnection:
+        cls, host, port = self._conn_args
+        conn = cls(host, port, timeout=self.timeout_s)
+        conn.connect()   # http.client writes the headers and the body separately: without TCP_NODELAY the body waits for an ACK
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
     def close(self):
         "Close the connection; the next `invoke` opens another."
         if self._conn is not None: self._conn.close(); self._conn = None
@@ -98,19 +111,14 @@ class RuntimeClient:
     def __exit__(self, *exc): self.close()
 
 # %% ../../nbs/api/44_serve.client.ipynb #97acdfde
-from fastcore.basics import patch
-
-@patch
-def invoke(self:RuntimeClient, body:bytes, target_variant:str|None=None) -> tuple[int, bytes, str|None]:
+def _invoke(self:RuntimeClient, body:bytes, target_variant:str|None=None) -> tuple[int, bytes, str|None]:
     "POST `body` to the endpoint: `(status, response body, X-Amzn-Invoked-Production-Variant)`; `EndpointUnreachable` if no answer."
     headers = {**self.headers, "Content-Length": str(len(body))}
     if target_variant is not None: headers["X-Amzn-SageMaker-Target-Variant"] = target_variant
     for attempt in (1, 2):
         reused = self._conn is not None
-        if not reused:
-            cls, host, port = self._conn_args
-            self._conn = cls(host, port, timeout=self.timeout_s)
         try:
+            if not reused: self._conn = self._connect()
             self._conn.request("POST", self.path, body, headers)
             r = self._conn.getresponse()
             data = r.read()
@@ -123,3 +131,21 @@ def invoke(self:RuntimeClient, body:bytes, target_variant:str|None=None) -> tupl
             raise EndpointUnreachable(f"{self.url}{self.path}: {type(e).__name__}: {e}") from None
         if r.will_close: self.close()
         return r.status, data, r.getheader("x-amzn-invoked-production-variant")
+
+RuntimeClient.invoke = _invoke   # a method in a cell of its own, without fastcore's @patch: the Lambda has no fastcore
+
+# %% ../../nbs/api/44_serve.client.ipynb #f2a31373
+def _answers(url:str) -> bool:
+    try: return _http("GET", url.rstrip("/") + "/ping", timeout=2.0)[0] == 200
+    except (OSError, ValueError): return False
+
+def launch_gateway(store_url:str, endpoint_url:str, host:str="127.0.0.1", port:int=8000, timeout:float=60, log_path=None,
+                   endpoint_name:str="ncf-local", workers:int=1, options:tuple=()) -> subprocess.Popen:
+    "Start `ncf_gateway` over the store and the endpoint (`options`: more of its options); return it once `/ping` answers."
+    port = port or free_port(host)
+    url = _url(host, port)
+    if _answers(url): raise NCFError(f"{url} already answers: another server holds port {port}")
+    log_path = log_path or tempfile.mkstemp(prefix=f"ncf-gateway-{port}-", suffix=".log")[1]
+    return _started([sys.executable, "-m", "ncf.cli.gateway", "--store", store_url, "--endpoint-url", endpoint_url,
+                     "--endpoint-name", endpoint_name, "--host", host, "--port", str(port), "--workers", str(workers), *options],
+                    url, log_path, timeout, f"ncf_gateway over {store_url} and {endpoint_url}", _answers)
