@@ -77,9 +77,29 @@ def _endpoint_changes(queue:list) -> tuple:
         ep = b.endpoints[name]
         if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
         ep.endpoint_status = "Updating"
-        ep.ncf_change = {"config": config, "deployment": self._get_param("DeploymentConfig"), "previous": ep.endpoint_config_name}
+        ep.ncf_change = {"config": config, "deployment": self._get_param("DeploymentConfig"), "previous": ep.endpoint_config_name,
+                         "retain": self._get_param("RetainAllVariantProperties"), "exclude": self._get_param("ExcludeRetainedVariantProperties")}
         queue.append(("deployment", name)); return ActionResult({"EndpointArn": ep.arn})
     return create_endpoint, update_endpoint
+
+# %% ../../nbs/api/65_emulate.world.ipynb #ea780df4
+def _weights_change(queue:list):
+    "moto's missing `UpdateEndpointWeightsAndCapacities`: the variants are checked, the endpoint is Updating, the change queued as `weights`."
+    from moto.sagemaker.exceptions import ValidationError
+    from moto.sagemaker.utils import arn_formatter
+    from moto.core.responses import ActionResult
+    def update_endpoint_weights_and_capacities(self):
+        b, name, desired = self.sagemaker_backend, self._get_param("EndpointName"), self._get_param("DesiredWeightsAndCapacities") or []
+        if name not in b.endpoints: raise ValidationError(message=f'Could not find endpoint "{arn_formatter("endpoint", name, b.account_id, b.region_name)}".')
+        ep = b.endpoints[name]
+        if ep.endpoint_status != "InService": raise ValidationError(message=f'Cannot update in-progress endpoint "{ep.arn}".')
+        known = [v["VariantName"] for v in ep.production_variants]
+        if unknown := [d.get("VariantName") for d in desired if d.get("VariantName") not in known]:
+            raise ValidationError(message=f"The variant(s) {unknown} are not part of endpoint {name} (its variants: {known}).")
+        if not desired: raise ValidationError(message="DesiredWeightsAndCapacities names no variant.")
+        ep.endpoint_status = "Updating"
+        queue.append(("weights", name, desired)); return ActionResult({"EndpointArn": ep.arn})
+    return update_endpoint_weights_and_capacities
 
 # %% ../../nbs/api/65_emulate.world.ipynb #e35a03b8
 def _callback_answers(callbacks:dict) -> tuple:
@@ -172,6 +192,7 @@ def moto_additions(queue:list, on_s3_denied=lambda key, action, resource: None, 
     with mock.patch.object(Rule, "send_to_targets", send_to_targets), mock.patch.object(CodeBuildResponse, "start_build", build), \
          mock.patch.object(SageMakerModelBackend, "start_pipeline_execution", _queued_execution(queue, start_execution, [] if starts is None else starts)), \
          mock.patch.object(SageMakerResponse, "update_endpoint", update_endpoint, create=True), \
+         mock.patch.object(SageMakerResponse, "update_endpoint_weights_and_capacities", _weights_change(queue), create=True), \
          mock.patch.object(SageMakerResponse, "create_endpoint", create_endpoint), mock.patch.object(LambdaBackend, "_send_sqs_message", sqs_batch), \
          mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_success", success, create=True), \
          mock.patch.object(SageMakerResponse, "send_pipeline_execution_step_failure", failure, create=True), \
