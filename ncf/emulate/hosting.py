@@ -118,8 +118,8 @@ def answering(world:World, endpoint_name:str, target_variant:str|None=None) -> t
         if target_variant not in weights:
             raise InvocationError(f"ValidationError: endpoint {endpoint_name} has no variant {target_variant!r} (TargetVariant); it has {sorted(weights)}")
         return config, target_variant
-    served = {}
-    for s in world.served:
+    served = {}   # since the weights last changed: a new split starts from even
+    for s in world.served[getattr(_endpoint(endpoint_name), "ncf_split_from", 0):]:
         if s["endpoint"] == endpoint_name and s["config"] == config and not s.get("targeted"): served[s["variant"]] = served.get(s["variant"], 0) + 1
     return config, pick_variant(weights, served)
 
@@ -189,7 +189,7 @@ def apply_weights(world:World, endpoint_name:str, desired:list[dict]) -> dict:
         d = by_name.get(v["VariantName"], {})
         if "DesiredWeight" in d: v["CurrentWeight"] = v["DesiredWeight"] = float(d["DesiredWeight"])
         if "DesiredInstanceCount" in d: v["CurrentInstanceCount"] = v["DesiredInstanceCount"] = int(d["DesiredInstanceCount"])
-    ep.endpoint_status = "InService"
+    ep.endpoint_status, ep.ncf_split_from = "InService", len(world.served)
     weights = {v["VariantName"]: v.get("CurrentWeight") for v in ep.production_variants}
     world.log(f"endpoint {endpoint_name}: weights {weights}")
     emit(world, endpoint_event(ep, "InService"))
@@ -212,7 +212,7 @@ def run_deployment(world:World, endpoint_name:str) -> dict:
         if config != ep.endpoint_config_name:
             new = ep._process_production_variants(world.client("sagemaker").describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"])
             ep.endpoint_config_name, ep.production_variants = config, retained_variants(ep.production_variants, new, change.get("retain"), change.get("exclude"))
-        ep.endpoint_status, ep.failure_reason, ep.ncf_shift = status, reason, None
+        ep.endpoint_status, ep.failure_reason, ep.ncf_shift, ep.ncf_split_from = status, reason, None, len(world.served)
         world.log(f"endpoint {endpoint_name}: {status} on {config}" + (f" ({reason})" if reason else ""))
         emit(world, endpoint_event(ep, status))
         return {"endpoint": endpoint_name, "status": status, "config": config, "target": target, "reason": reason}
