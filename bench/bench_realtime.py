@@ -2,7 +2,7 @@
 -> feature store (Redis or SQLite) -> ncf_serve through SageMaker's runtime API (two HTTP hops).
 
     .venv/bin/python bench/bench_realtime.py                       # demo-sized shop, both stores, both clients
-    .venv/bin/python bench/bench_realtime.py --items 100000 --users 20000 --store redis --duration 60
+    .venv/bin/python bench/bench_realtime.py --random-catalogue --items 100000 --users 50000 --duration 60
 
 Each request is `GET /recommendations/{user}?k=10` for a random known user: the user's top 10 of a
 200-item candidate pool (popular and new items without the user's history). Printed per run:
@@ -124,6 +124,33 @@ def build(workdir: Path, n_users: int, n_items: int, epochs: int) -> tuple[Path,
     return part, workdir / "model"
 
 
+def build_random(workdir: Path, n_users: int, n_items: int):
+    """A NeuMF at the project's defaults (factor 32, 3 layers) with random weights over a catalogue of `n_items`, and the
+    features of the same ids: serving speed depends on the shapes, not the weights, and a trained model of 100k items
+    would take this machine longer to make than the benchmark runs (issue: e-commerce scale)."""
+    import numpy as np, pandas as pd, torch
+    from ncf.data.features import Features
+    from ncf.model.layout import METRICS_SCHEMA, ModelConfig
+    from ncf.model.modeldir import write_model_dir
+    from ncf.model.nets import NCF
+    rng = np.random.default_rng(7)
+    torch.manual_seed(7)
+    model = NCF(ModelConfig(n_users, n_items)).eval()
+    uids, iids = [f"C{u:07d}" for u in range(n_users)], [f"SKU-{i:06d}" for i in range(n_items)]
+    counts = rng.zipf(1.3, n_items).clip(max=10**6)
+    seen = pd.DataFrame({"user": np.repeat(np.arange(n_users), 20), "item": rng.integers(0, n_items, n_users * 20)}).drop_duplicates()
+    metrics = {"schema": METRICS_SCHEMA, "k": 10, "best_epoch": 0, "history": [], "validation": {"hr": 0.0, "ndcg": 0.0, "k": 10},
+               "test": {"hr": 0.0, "ndcg": 0.0, "k": 10}}
+    write_model_dir(workdir / "model", model, pd.DataFrame({"user": np.arange(n_users, dtype=np.int32), "user_id": uids}),
+                    pd.DataFrame({"item": np.arange(n_items, dtype=np.int32), "item_id": iids, "train_count": counts}),
+                    seen, metrics, {}, "random-v0")
+    recent = {uids[u]: [iids[i] for i in g.item.tolist()] for u, g in seen.groupby("user")}
+    popular = [iids[i] for i in np.argsort(-counts, kind="stable")[:500]]
+    features = Features("random-v0", 0, recent, {"popular": popular, "new": [iids[i] for i in rng.permutation(n_items)[:500]]})
+    print(f"random NeuMF of {n_users:,} users x {n_items:,} items and its features", flush=True)
+    return features, workdir / "model"
+
+
 def gateway(store_url: str, endpoint_url: str, workers: int, client: str, log: Path) -> subprocess.Popen:
     port = free_port()
     exe = str(Path(sys.executable).parent / "ncf_gateway")
@@ -174,12 +201,13 @@ def main(argv=None) -> int:
     p.add_argument("--store", choices=("redis", "sqlite", "both"), default="both")
     p.add_argument("--client", choices=("http", "boto3", "both"), default="both")
     p.add_argument("--gateway-workers", type=int, default=2); p.add_argument("--endpoint-workers", type=int, default=2)
+    p.add_argument("--random-catalogue", action="store_true", help="random weights at the defaults' shapes (for --items 100000)")
     args = p.parse_args(argv)
     if not shutil.which("wrk"): raise SystemExit("wrk is not installed: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="ncf-bench-realtime-"))
     print("CPU:", next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
           f"({os.cpu_count()} cores)", flush=True)
-    part, model = build(work, args.users, args.items, args.epochs)
+    part, model = build_random(work, args.users, args.items) if args.random_catalogue else build(work, args.users, args.items, args.epochs)
     rec = Recommender.load(model)
     ep = launch(model, port=0, workers=args.endpoint_workers, log_path=work / "endpoint.log")
     redis = Redis(work) if args.store in ("redis", "both") else None
@@ -189,7 +217,9 @@ def main(argv=None) -> int:
         stores = [s for s in ("redis", "sqlite") if args.store in (s, "both")]
         for store in stores:
             url = redis.url if store == "redis" else f"sqlite://{work / 'store.db'}"
-            s = open_store(url); t = time.perf_counter(); load_features(s, part); s.close()
+            s = open_store(url); t = time.perf_counter()
+            s.load(part) if args.random_catalogue else load_features(s, part)
+            s.close()
             print(f"{store}: features loaded in {time.perf_counter() - t:.1f} s", flush=True)
             for client in [c for c in ("http", "boto3") if args.client in (c, "both")]:
                 gw = gateway(url, ep.url, args.gateway_workers, client, work / f"gateway-{store}-{client}.log")
