@@ -38,7 +38,7 @@ class RequestError(NCFError, ValueError):
         self.status = status
 
 # %% ../nbs/api/00_core.ipynb #a44f4b1f
-EXTRAS = {"starlette": "serve", "uvicorn": "serve", "httpx": "serve", "orjson": "serve", "sagemaker": "aws", "boto3": "aws",
+EXTRAS = {"starlette": "serve", "uvicorn": "serve", "httpx": "serve", "orjson": "serve", "redis": "serve", "sagemaker": "aws", "boto3": "aws",
           "botocore": "aws", "pyspark": "spark", "moto": "emulate",
           "policy_sentry": "emulate", "sagemaker_inference": "emulate", "yaml": "emulate", "matplotlib": "dev"}   # top-level module -> the extra that installs it
 

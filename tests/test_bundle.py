@@ -122,6 +122,26 @@ def test_lambda_zip_brings_its_boto3(tmp_path):
     bundle.check_if_none_match(task)
 
 
+def test_the_recommendation_lambda_runs_from_its_zip_alone(tmp_path):
+    """The recommendation Lambda's handler imports from its zip with no site-packages (`python -S`), numpy and torch
+    never load, and it answers an API Gateway event over a SQLite store with the light endpoint client."""
+    z = bundle.recommend_zip(tmp_path / "recommend.zip")
+    task = tmp_path / "var-task"
+    with zipfile.ZipFile(z) as f: f.extractall(task)
+    script = ("import sys, json; sys.path.insert(0, sys.argv[1]); import ncf.serve.gateway as g, redis, boto3\n"
+              "r = g.lambda_handler({'version': '2.0', 'rawPath': '/recommendations/u1', 'rawQueryString': 'k=0',"
+              " 'requestContext': {'http': {'method': 'GET'}}})\n"
+              "assert 'numpy' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+              "print(json.dumps([r, g.__file__, redis.__file__]))")
+    env = {"PATH": os.environ["PATH"], "NCF_STORE_URL": f"sqlite://{tmp_path / 'store.db'}", "NCF_ENDPOINT_NAME": "ncf",
+           "NCF_ENDPOINT_CLIENT": "http", "NCF_ENDPOINT_URL": "http://127.0.0.1:9", "NCF_METRICS": "off"}
+    p = subprocess.run([sys.executable, "-S", "-c", script, str(task)], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    answer, *files = json.loads(p.stdout.strip().splitlines()[-1])
+    assert all(Path(f).resolve().is_relative_to(task.resolve()) for f in files), files
+    assert answer["statusCode"] == 400 and "'k' must be" in json.loads(answer["body"])["error"]
+
+
 def test_ship_uploads_by_content_under_moto(tmp_path, monkeypatch):
     "(d) `ship` uploads the artifacts and returns the template's parameters; same content, same keys; new content, new keys."
     import boto3

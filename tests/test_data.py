@@ -115,5 +115,48 @@ def test_s3_round_trip(tmp_path, monkeypatch):
         remote = preprocess("s3://shop/raw", "s3://shop/data", run_date="2026-02-01")
         assert remote["path"] == "s3://shop/data/dt=2026-02-01" and remote["data_version"] == local["data_version"]
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="shop", Prefix="data/")["Contents"]]
-        assert "data/dt=2026-02-01/manifest.json" in keys and len(keys) == 8
+        assert "data/dt=2026-02-01/manifest.json" in keys and len(keys) == 12   # 7 tables, the manifest, 4 files of features/
+        assert "data/dt=2026-02-01/features/recent.parquet" in keys
         assert load_splits("s3://shop/data/dt=2026-02-01").data_version == local["data_version"]
+
+
+# ---- the online store's features -------------------------------------------------------------------
+
+def test_features_of_a_preprocessed_data_set(tmp_path):
+    "The features preprocessing writes, against a plain recomputation from the data set's tables."
+    from ncf.data.features import read_features, split_categories, CATEGORY_COLUMNS
+    from ncf.data.synthetic import SyntheticSpec, write_days
+    write_days(SyntheticSpec(n_users=300, n_items=250, seed=5), tmp_path / "raw", 30)
+    m = preprocess(tmp_path / "raw", tmp_path / "out", run_date="2026-02-01")
+    t, f = read_tables(m["path"]), read_features(Path(m["path"]) / "features")
+    assert f.version == m["data_version"]
+    rows = pd.concat([t[n] for n in ("train", "validation", "test")])
+    assert f.cutoff == rows.timestamp.max()
+    uid, iid = dict(zip(t["users"].user, t["users"].user_id)), dict(zip(t["items"].item, t["items"].item_id))
+    expected = {}
+    for u, g in rows.groupby("user"):
+        order = sorted(zip(g.timestamp, g.item), reverse=True)          # newest first, ties: the higher item index first
+        expected[uid[u]] = [iid[i] for i in dict.fromkeys(i for _, i in order)][:50]
+    assert f.recent == expected and all(type(u) is str and type(i) is str for u, v in f.recent.items() for i in v)
+    items = t["items"]
+    pop = items[items.train_count > 0].sort_values(["train_count", "item"], ascending=[False, True])
+    assert f.pools["popular"] == pop.item_id.tolist()[:500]
+    first = rows.groupby("item").timestamp.min()
+    assert [f.items[i]["first_seen"] for i in f.pools["new"]] == sorted(first, reverse=True)[:500]
+    cats = {i: split_categories(c, CATEGORY_COLUMNS["category"]) for i, c in zip(items.item_id, items.category)}
+    pools = {p for p in f.pools if p.startswith("category:")}
+    assert pools == {f"category:{c}" for cs in cats.values() for c in cs} and len(pools) > 5
+    count = dict(zip(items.item_id, items.train_count))
+    for p in pools:
+        assert sorted(f.pools[p]) == sorted(i for i, cs in cats.items() if p[9:] in cs)   # < 500 items each here: all of them
+        assert [count[i] for i in f.pools[p]] == sorted((count[i] for i in f.pools[p]), reverse=True)
+    assert f.items[pop.item_id.iloc[0]]["category"] == items.set_index("item_id").category[pop.item_id.iloc[0]]
+
+
+def test_features_keep_int_ids(ml100k, tmp_path):
+    from ncf.data.features import read_features
+    m = preprocess(ml100k, tmp_path, run_id="t")
+    f = read_features(Path(m["path"]) / "features")
+    assert len(f.recent) == 943 and all(len(v) == min(50, len(set(v))) for v in f.recent.values())
+    assert type(next(iter(f.recent))) is int and type(f.pools["popular"][0]) is int and len(f.pools["popular"]) == 500
+    assert sorted(f.pools) == ["new", "popular"]          # no item metadata given: no category pools

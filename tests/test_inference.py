@@ -95,14 +95,117 @@ def test_bad_requests(rec, body, status, fragment):
     assert e.value.status == status and fragment in str(e.value)
 
 
-def test_unknown_ids_are_named(rec):
-    with pytest.raises(RequestError, match=r"unknown user id\(s\) \['nobody'\]"):
-        handle(rec, b'{"user": "nobody", "item": ["SKU-000000"]}')
-    with pytest.raises(RequestError, match=r"unknown item id\(s\) \['SKU-X', 7\]") as e:
-        handle(rec, json.dumps({"user": rec.users.ids[0], "item": [rec.items.ids[0], "SKU-X", 7, "SKU-X"]}))
-    assert e.value.status == 400
-    with pytest.raises(RequestError, match=r"\[1\]: unknown item id"):
-        handle(rec, json.dumps([{"user": rec.users.ids[0], "item": rec.items.ids[:2]}, {"user": rec.users.ids[0], "item": ["SKU-X"]}]))
+def test_unknown_items_follow_the_known_ones_in_request_order(rec, torch_scores):
+    u, cand = 3, [5, 9, 2, 14]
+    known = [rec.items.ids[i] for i in cand]
+    body = {"user": rec.users.ids[u], "item": ["SKU-new-1", known[0], "SKU-new-2", *known[1:], "SKU-new-1"], "return_scores": True}
+    got = handle(rec, json.dumps(body))
+    expected = [known[j] for j in np.argsort(-torch_scores[u, cand], kind="stable")]
+    assert got["items"] == expected + ["SKU-new-1", "SKU-new-2", "SKU-new-1"]
+    assert got["scores"][4:] == [None, None, None] and all(0 < p < 1 for p in got["scores"][:4])
+    assert handle(rec, json.dumps({**body, "return_scores": False, "top_k": 5})) == got["items"][:5]
+
+
+def test_unknown_user_is_a_cold_start_by_popularity(rec):
+    items = rec.items.ids[:20]
+    got = handle(rec, json.dumps({"user": "nobody", "item": items + ["SKU-X"], "details": True}))
+    pop = rec.popularity[:20]
+    assert got["items"] == [items[j] for j in np.argsort(-pop, kind="stable")] + ["SKU-X"]
+    assert got["scores"] == pop[np.argsort(-pop, kind="stable")].tolist() + [None]
+    assert (got["cold_start"], got["unknown_user"], got["unknown_items"], got["model_version"]) == (True, True, ["SKU-X"], rec.version)
+
+
+def test_all_items_unknown_is_a_cold_start_in_request_order(rec):
+    got = handle(rec, json.dumps({"user": rec.users.ids[0], "item": ["SKU-Z", "SKU-Y", "SKU-Z"], "details": True}))
+    assert got == {"items": ["SKU-Z", "SKU-Y", "SKU-Z"], "scores": [None] * 3, "cold_start": True, "unknown_items": ["SKU-Z", "SKU-Y"],
+                   "unknown_user": False, "model_version": rec.version}
+
+
+def test_details_on_a_known_request_adds_fields_only(rec):
+    body = {"user": rec.users.ids[1], "item": rec.items.ids[:6], "return_scores": True}
+    plain, detailed = handle(rec, json.dumps(body)), handle(rec, json.dumps({**body, "details": True}))
+    assert {k: detailed[k] for k in ("items", "scores")} == plain
+    assert (detailed["cold_start"], detailed["unknown_user"], detailed["unknown_items"]) == (False, False, [])
+
+
+def test_known_request_answers_the_seed_bytes(rec):
+    "Nothing unknown: the body is exactly the seed's, a compact JSON array of ids."
+    items = rec.items.ids[:5]
+    out = output_fn(predict_fn(input_fn(json.dumps({"user": [rec.users.ids[2]] * 5, "item": items}), "application/json"), rec), "application/json")
+    ranked = rec.rank(rec.users.ids[2], items)
+    assert out == ("[" + ",".join(f'"{i}"' for i in ranked) + "]").encode()
+
+
+def test_literal_user_zero_request_on_ids_from_one(tmp_path):
+    from ncf.model.modeldir import random_model_dir
+    random_model_dir(tmp_path / "m", 4, 30, user_ids=np.arange(1, 5), item_ids=np.arange(1, 31))
+    r = model_fn(tmp_path / "m")
+    got = handle(r, json.dumps({"user": [0] * 25, "item": list(range(1, 26)), "details": True}))
+    assert got["cold_start"] and got["unknown_user"] and got["unknown_items"] == [] and sorted(got["items"]) == list(range(1, 26))
+
+
+# The SageMaker inference toolkit itself (sagemaker-inference's Transformer) calling the entry point that
+# ncf_package writes, with a request context shaped like the model server's.
+class _Context:
+    def __init__(self, model_dir, content_type, accept):
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.request_processor = [self]
+        self._headers = {"Content-Type": content_type, "Accept": accept}
+        self.status, self.content_type = 200, None
+    def get_request_properties(self): return self._headers
+    def set_response_content_type(self, idx, ct): self.content_type = ct
+    def set_response_status(self, code, phrase=""): self.status = code
+
+
+@pytest.fixture(scope="module")
+def toolkit(tmp_path_factory):
+    pytest.importorskip("sagemaker_inference")
+    import importlib, os, sys
+    from unittest import mock
+    from sagemaker_inference.default_inference_handler import DefaultInferenceHandler
+    from sagemaker_inference.transformer import Transformer
+    from ncf.serve.package import ENTRY_POINT
+    code = tmp_path_factory.mktemp("code")
+    (code / "ncf_toolkit_entry.py").write_text(ENTRY_POINT)
+    sys.path.insert(0, str(code))
+    try:
+        with mock.patch.dict(os.environ, {"SAGEMAKER_PROGRAM": "ncf_toolkit_entry.py"}):
+            t = Transformer(default_inference_handler=DefaultInferenceHandler())
+            t.validate_and_initialize(model_dir=str(trained_models()["a"]))
+    finally: sys.path.remove(str(code))
+    return t
+
+
+def call_toolkit(t, body, content_type="application/json", accept="application/json"):
+    ctx = _Context(trained_models()["a"], content_type, accept)
+    out = t.transform([{"body": body if isinstance(body, bytes) else json.dumps(body).encode()}], ctx)[0]
+    return ctx.status, (out if isinstance(out, (bytes, str)) else str(out))
+
+
+def test_toolkit_tolerates_unknown_ids(toolkit, rec):
+    users, items = rec.users.ids, rec.items.ids
+    status, out = call_toolkit(toolkit, {"user": [users[0]] * 4, "item": [items[0], "SKU-new", items[1], items[2]]})
+    got = json.loads(out)
+    assert status == 200 and got[-1] == "SKU-new" and sorted(got[:3]) == sorted(items[:3])
+    status, out = call_toolkit(toolkit, {"user": "C-new", "item": items[:3], "return_scores": True})
+    assert status == 200 and json.loads(out)["scores"] == sorted(json.loads(out)["scores"], reverse=True)
+    status, out = call_toolkit(toolkit, {"user": users[0], "item": ["SKU-a", "SKU-b"], "details": True},
+                               "application/json; charset=utf-8", "application/json; charset=utf-8")
+    assert status == 200 and json.loads(out)["unknown_items"] == ["SKU-a", "SKU-b"] and json.loads(out)["cold_start"] is True
+    status, out = call_toolkit(toolkit, {"user": [0] * 25, "item": items[:25], "details": True})
+    assert status == 200 and json.loads(out)["unknown_user"] is True and sorted(json.loads(out)["items"]) == sorted(items[:25])
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b'{"user": [1, 2', "malformed JSON"),
+    (b'{"user": ["a", "b"], "item": ["SKU-000000", "SKU-000001"]}', "must repeat one user id"),
+    (b'{"user": ["a"], "item": ["SKU-000000", "SKU-000001"]}', "'user' has 1 ids and 'item' 2"),
+    (b'{"user": "a", "item": []}', "'item' must be a non-empty array"),
+    (b'{"user": "a", "item": ["SKU-000000"], "details": 1}', "'details' must be true or false"),
+])
+def test_toolkit_answers_malformed_bodies_4xx(toolkit, body, fragment):
+    status, out = call_toolkit(toolkit, body)
+    assert status == 400 and fragment in out
 
 
 def test_content_type_and_accept(rec):

@@ -206,3 +206,48 @@ def test_buildspec_without_run_date_and_without_data(tmp_path):
     (tmp_path / "again").mkdir()
     failed = run_build(tmp_path / "again")
     assert failed.returncode == 2 and "NCF_DATA_URI is not set" in failed.stdout
+
+
+REALTIME = ROOT / "pipelines" / "realtime.yaml"
+
+
+@pytest.fixture(scope="module")
+def realtime() -> dict:
+    from cfnlint.decode import decode_str
+    t, errors = decode_str(REALTIME.read_text())
+    assert not errors, errors
+    return t
+
+
+def test_the_realtime_stack_lints_clean():
+    exe = venv_bin("cfn-lint") if Path(venv_bin("cfn-lint")).exists() else shutil.which("cfn-lint")
+    p = subprocess.run([exe, str(REALTIME)], capture_output=True, text=True, timeout=180)   # warnings count too
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_realtime_stack_wires_the_lambda_the_code_reads(realtime):
+    "The handler exists, every variable the Lambda gets is one the service reads, and the API routes are the gateway's."
+    import importlib, inspect
+    from ncf.serve import gateway
+    fn = realtime["Resources"]["RecommendFunction"]["Properties"]
+    module, name = fn["Handler"].rsplit(".", 1)
+    assert callable(getattr(importlib.import_module(module), name))
+    code = inspect.getsource(gateway) + inspect.getsource(importlib.import_module("ncf.serve.experiment"))
+    assert all(f'"{v}"' in code for v in fn["Environment"]["Variables"]), fn["Environment"]["Variables"]
+    assert fn["VpcConfig"]["SubnetIds"] == {"Ref": "SubnetIds"}   # in the VPC, beside the store
+    services = {r["Properties"]["ServiceName"]["Fn::Sub"] for r in resources(realtime, "AWS::EC2::VPCEndpoint").values()}
+    assert services == {"com.amazonaws.${AWS::Region}.sagemaker.runtime", "com.amazonaws.${AWS::Region}.kinesis-firehose"}
+    routes = {r["Properties"]["RouteKey"]: r["Properties"] for r in resources(realtime, "AWS::ApiGatewayV2::Route").values()}
+    assert set(routes) == {"GET /recommendations/{user+}", "POST /recommendations"}
+    assert all(r["AuthorizationType"] == "AWS_IAM" for r in routes.values())
+    stage = resources(realtime, "AWS::ApiGatewayV2::Stage")["RecommendStage"]["Properties"]["DefaultRouteSettings"]
+    assert stage["ThrottlingRateLimit"] == {"Ref": "ThrottleRate"} and realtime["Parameters"]["ThrottleRate"]["Default"] == 1000
+
+
+def test_the_recommendation_role_is_least_privilege(realtime):
+    role = realtime["Resources"]["RecommendRole"]
+    assert allowed(role) == {"logs:CreateLogStream", "logs:PutLogEvents", "sagemaker:InvokeEndpoint", "firehose:PutRecordBatch",
+                             "ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces", "ec2:DeleteNetworkInterface",
+                             "ec2:AssignPrivateIpAddresses", "ec2:UnassignPrivateIpAddresses"}
+    invoke = next(s for s in statements(role) if s["Action"] == "sagemaker:InvokeEndpoint")
+    assert invoke["Resource"] == {"Fn::Sub": "arn:${AWS::Partition}:sagemaker:${AWS::Region}:${AWS::AccountId}:endpoint/${EndpointName}"}

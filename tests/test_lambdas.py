@@ -330,3 +330,86 @@ def test_wait_in_service_outcomes():
                                {"EndpointStatus": "InService", "EndpointConfigName": "old", "FailureReason": "health check"}), "ncf", "new", **fast_clock())
     with pytest.raises(DeployError, match=r"after 30s \(status Updating, config old\)"):
         wait_in_service(Script({"EndpointStatus": "Updating", "EndpointConfigName": "old"}), "ncf", "new", timeout_s=30, **fast_clock())
+
+
+# ------------------------------------------------------------------ A/B: a challenger beside the champion
+
+def _ab_endpoint(config, status="InService", variants=(("AllTraffic", 1.0, 2),)):
+    return {**ENDPOINT, "EndpointConfigName": config, "EndpointStatus": status,
+            "ProductionVariants": [{"VariantName": n, "CurrentWeight": w, "CurrentInstanceCount": c} for n, w, c in variants]}
+
+
+def _ab_config(name, *models):
+    names = ("AllTraffic", "Challenger")
+    return {"EndpointConfigName": name, "EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{name}",
+            "CreationTime": "2026-01-01T00:00:00Z", "ProductionVariants": [
+                {"VariantName": n, "ModelName": m, "InstanceType": "ml.m5.large", "InitialInstanceCount": 1, "InitialVariantWeight": 1.0}
+                for n, m in zip(names, models)]}
+
+
+def test_a_challenger_deploy_message_starts_a_two_variant_update_and_waits(s3):
+    "The callback step's `deploy_as: challenger`: a config with both variants, the guarded update, the record; the step waits for the endpoint."
+    sm = boto3.client("sagemaker", **FAKE)
+    env = {"NCF_DEPLOYMENTS_URI": f"s3://{BUCKET}/ncf/deployments/", "NCF_ROLLBACK_ALARMS": "ncf-5xx", "NCF_MIN_INSTANCES": "2"}
+    both = [lambdas.production_variant("AllTraffic", "ncf-v1", "ml.m5.large", 2, 0.75), lambdas.production_variant("Challenger", "ncf-v2", "ml.m5.large", 2, 0.25)]
+    new = lambdas.variants_config_name("ncf", both)
+    with Stubber(sm) as stub:
+        stub.add_response("describe_endpoint", _ab_endpoint("ncf-old"), {"EndpointName": "ncf"})
+        stub.add_response("describe_endpoint_config", _ab_config("ncf-old", "ncf-v1"), {"EndpointConfigName": "ncf-old"})
+        stub.add_client_error("describe_endpoint_config", "ValidationException", f'Could not find endpoint configuration "{new}".')
+        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/x"},
+                          {"EndpointConfigName": new, "ProductionVariants": both})
+        stub.add_response("update_endpoint", {"EndpointArn": ENDPOINT["EndpointArn"]},
+                          {"EndpointName": "ncf", "EndpointConfigName": new, "RetainAllVariantProperties": True,
+                           "ExcludeRetainedVariantProperties": [{"VariantPropertyType": "DesiredWeight"}],
+                           "DeploymentConfig": lambdas.guardrails(["ncf-5xx"], 2)})
+        stub.add_response("describe_endpoint", _ab_endpoint("ncf-old", "Updating"), {"EndpointName": "ncf"})
+        msg = {"token": "abcDEF1234", "arguments": {"endpoint_name": "ncf", "model_name": "ncf-v2", "deploy_as": "challenger",
+                                                    "challenger_weight": "0.25", "model_package_arn": "arn:p/2"}}
+        out = deploy_handler({"Records": [{"body": json.dumps(msg)}]}, sagemaker=sm, s3=s3, env=env)
+        stub.assert_no_pending_responses()
+    assert out["results"] == [{"endpoint_name": "ncf", "outcome": "waiting", "status": "Updating"}]
+    record = lambdas.deployment_record(s3, env, "ncf")
+    assert (record["endpoint_config_name"], record["action"], record["token"]) == (new, "challenger started", "abcDEF1234")
+
+
+def test_a_challenger_without_an_endpoint_fails_the_step_and_changes_nothing(s3):
+    sm = boto3.client("sagemaker", **FAKE)
+    sent = []
+    with Stubber(sm) as stub:
+        stub.add_client_error("describe_endpoint", "ValidationException", f'Could not find endpoint "{ENDPOINT["EndpointArn"]}".')
+        msg = {"token": "abcDEF1234", "arguments": {"endpoint_name": "ncf", "model_name": "ncf-v2", "deploy_as": "challenger"}}
+        class Recording:
+            def __getattr__(self, n): return getattr(sm, n)
+            def send_pipeline_execution_step_failure(self, **kw): sent.append(kw)
+        out = deploy_handler({"Records": [{"body": json.dumps(msg)}]}, sagemaker=Recording(), s3=s3, env={"NCF_DEPLOYMENTS_URI": f"s3://{BUCKET}/d/"})
+        stub.assert_no_pending_responses()
+    assert out["results"][0]["outcome"] == "not started" and "deploy a champion first" in sent[0]["FailureReason"]
+
+
+@pytest.mark.parametrize("op", ["promote", "remove_challenger", "set_weights"])
+def test_promote_remove_and_weights_need_a_challenger(op):
+    sm = boto3.client("sagemaker", **FAKE)
+    with Stubber(sm) as stub:
+        stub.add_response("describe_endpoint", _ab_endpoint("ncf-old"), {"EndpointName": "ncf"})
+        stub.add_response("describe_endpoint_config", _ab_config("ncf-old", "ncf-v1"), {"EndpointConfigName": "ncf-old"})
+        args = (0.5,) if op == "set_weights" else ()
+        with pytest.raises(lambdas.ABError, match="has no challenger"): getattr(lambdas, op)(sm, "ncf", *args)
+
+
+def test_an_endpoint_event_without_a_deployment_keeps_autoscaling_matching_the_variants(aws):
+    "A command's promote or remove ends with the endpoint InService: the Lambda registers or deregisters the challenger's target."
+    aas = boto3.client("application-autoscaling", **FAKE)
+    class Endpoint:
+        def __init__(self, *names): self.names = names
+        def describe_endpoint(self, **kw): return {"EndpointStatus": "InService", "ProductionVariants": [{"VariantName": n} for n in self.names]}
+    env = {"NCF_DEPLOYMENTS_URI": f"s3://{BUCKET}/d/", "NCF_MIN_INSTANCES": "2", "NCF_MAX_INSTANCES": "4"}
+    s3 = boto3.client("s3", **FAKE); s3.create_bucket(Bucket=BUCKET)
+    event = {"source": "aws.sagemaker", "detail-type": "SageMaker Endpoint State Change", "detail": {"EndpointName": "ncf", "EndpointStatus": "IN_SERVICE"}}
+    out = deploy_handler(event, sagemaker=Endpoint("AllTraffic", "Challenger"), s3=s3, autoscaling=aas, env=env)
+    assert out["results"][0]["autoscaling"] == ["endpoint/ncf/variant/AllTraffic", "endpoint/ncf/variant/Challenger"]
+    deploy_handler(event, sagemaker=Endpoint("AllTraffic"), s3=s3, autoscaling=aas, env=env)
+    targets = aas.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == [("endpoint/ncf/variant/AllTraffic", 2, 4)]
+    updating = {**event, "detail": {**event["detail"], "EndpointStatus": "UPDATING"}}
+    assert "autoscaling" not in deploy_handler(updating, sagemaker=object(), s3=s3, autoscaling=object(), env=env)["results"][0]

@@ -122,12 +122,12 @@ def test_client_errors_become_toolkit_errors_with_their_status(archive, tmp_path
     """))
     user = repo_model_fn(trained_models()["a"]).users.ids[0]
     r = run_in_container(root, [['{"user": 1', "application/json"],
-                                [json.dumps({"user": user, "item": ["SKU-nope"]}), "application/json"],
+                                [json.dumps({"user": [user, "someone-else"], "item": ["SKU-000000", "SKU-000001"]}), "application/json"],
                                 ["user=1", "text/csv"]], fake_toolkit=fake)
     assert r.returncode == 0, r.stderr
     errors = json.loads(r.stdout)["errors"]
     assert [(e[0], e[1]) for e in errors] == [("GenericInferenceToolkitError", 400)] * 2 + [("GenericInferenceToolkitError", 415)]
-    assert "SKU-nope" in errors[1][2]
+    assert "must repeat one user id" in errors[1][2]   # an unknown item is no error any more (a cold start), a malformed body is
 
 
 def test_a_tampered_archive_does_not_load(archive, tmp_path):

@@ -81,6 +81,19 @@ def test_invocations_batch_with_scores(http, recs):
     assert r.json() == [rec.rank(q["user"], q["item"], 4, True) for q in body]
 
 
+def test_invocations_tolerate_unknown_ids(http, recs):
+    rec = recs["a"]
+    u, items = rec.users.ids[10], rec.items.ids[30:40]
+    r = http.post("/invocations", json={"user": [u] * 12, "item": ["SKU-new"] + items + ["SKU-newer"]},
+                  headers={"accept": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and r.json() == rec.rank(u, items) + ["SKU-new", "SKU-newer"]
+    r = http.post("/invocations", content=json.dumps({"user": "nobody", "item": items, "details": True}),
+                  headers={"content-type": "application/json; charset=utf-8"})
+    doc = r.json()
+    assert r.status_code == 200 and doc["cold_start"] and doc["unknown_user"] and doc["model_version"] == rec.version
+    assert doc["scores"] == sorted(doc["scores"], reverse=True)
+
+
 # -- the recommendation API ----------------------------------------------------------------------
 
 def test_top_k_excludes_training_items(http, recs, models):
@@ -143,8 +156,8 @@ BAD = [  # method, path, kwargs, status, fragment of the error
     ("post", "/invocations", {"content": b'{"user": "C0000001", "item": ["SKU-000001"]}'}, 415, "content type"),
     ("post", "/invocations", {"json": {"user": 1.5, "item": ["SKU-000001"]}}, 400, "'user' must be an id"),
     ("post", "/invocations", {"json": {"user": ["C0000001"] * 2, "item": ["SKU-000001"]}}, 400, "one user id per item"),
-    ("post", "/invocations", {"json": {"user": ["C0000001"], "item": ["SKU-999999"]}}, 400, "unknown item id(s) ['SKU-999999']"),
-    ("post", "/invocations", {"json": {"user": ["nobody"], "item": ["SKU-000001"]}}, 400, "unknown user id(s) ['nobody']"),
+    ("post", "/invocations", {"json": {"user": ["C0000001", "C0000002"], "item": ["SKU-1", "SKU-2"]}}, 400, "must repeat one user id"),
+    ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-1"], "details": "yes"}}, 400, "'details' must be true or false"),
     ("post", "/invocations", {"json": {"user": [], "item": []}}, 400, "non-empty array"),
     ("post", "/invocations", {"json": []}, 400, "empty batch"),
     ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-000001"], "top_k": 0}}, 400, "top_k"),

@@ -11,6 +11,7 @@ pytest.importorskip("pyspark")
 import ncf.data.spark, ncf.data.spark_read
 from ncf.core import ConfigError, DataError
 from ncf.data.dataset import load_splits, read_tables
+from ncf.data.features import FEATURES_DIR, read_features
 from ncf.data.split import PreprocessParams
 from ncf.cli.preprocess import main
 from ncf.data.preprocess import preprocess
@@ -49,6 +50,10 @@ def same(got:dict, ref:dict):
         key = list(a[name].columns)
         pd.testing.assert_frame_equal(a[name].sort_values(key, ignore_index=True), b[name].sort_values(key, ignore_index=True), obj=name)
     assert got["data_version"] == ref["data_version"]
+    fa, fb = (Path(x["path"]) / FEATURES_DIR for x in (got, ref))  # the online store's features, table for table
+    for name in ("recent", "pools", "items"):
+        pd.testing.assert_frame_equal(pd.read_parquet(fa / f"{name}.parquet"), pd.read_parquet(fb / f"{name}.parquet"), obj=name)
+    assert read_features(fa) == read_features(fb) and read_features(fa).version == ref["data_version"]
     for k in ("counts", "filtered", "source", "params"): assert got[k] == ref[k], k
     on_disk = json.loads((Path(got["path"])/"manifest.json").read_text())
     assert on_disk["engine"] == "spark" and on_disk["data_version"] == ref["data_version"]

@@ -12,21 +12,24 @@ from ..pipeline.retrain import run_local, deploy_local
 from ..pipeline.params import PipelineParams
 from ..pipeline.registry import LocalRegistry
 from ..pipeline.reports import open_registry
-from ..pipeline.lambdas import DeployError
+from ..pipeline.lambdas import DeployError, guardrails, start_challenger, set_weights, promote, remove_challenger, describe_endpoint, VARIANT
 from ..pipeline import sagemaker
-from ..pipeline.sagemaker_registry import deploy_version
+from ..pipeline.sagemaker_registry import deploy_version, SageMakerRegistry
 
 # %% auto #0
-__all__ = ['COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'ship', 'main']
+__all__ = ['COMMANDS', 'AB_COMMANDS', 'ACTIONS', 'parser', 'hp_value', 'params_from_args', 'run', 'deploy', 'versions', 'ship',
+           'ab', 'main']
 
 # %% ../../nbs/api/78_cli.pipeline.ipynb #b8a4c837
-COMMANDS = ("run", "definition", "upsert", "start", "deploy", "versions", "ship")
+COMMANDS = ("run", "definition", "upsert", "start", "deploy", "versions", "ship", "ab-start", "ab-weights", "ab-promote", "ab-remove")
 
 def parser() -> Parser:
     "`ncf_pipeline`'s options: the command, then every `PipelineParams` field, and the training hyperparameters as `--hp`."
     p = Parser("ncf_pipeline", "The NCF retrain pipeline: local or SageMaker.")
     p.add_argument("command", choices=COMMANDS, help="what to do (see the table above)")
-    p.add_argument("version", nargs="?", type=int, help="deploy: the registry version to promote or roll back to")
+    p.add_argument("version", nargs="?", type=int, help="deploy: the registry version to promote or roll back to; ab-start: the challenger's")
+    p.add_argument("--weight", type=float, default=None, help="ab-start, ab-weights: the challenger's share of the traffic, between 0 and 1")
+    p.add_argument("--alarms", default=None, help="ab-*: the rollback alarms, comma-separated (default: the template's ENDPOINT-5xx,ENDPOINT-p99-latency)")
     p.add_argument("--local", action="store_true", help="use the local executor, registry and endpoint")
     p.add_argument("--emulate", action="store_true", help="run: the deployed chain (template, trigger, build, SageMaker definition) in an emulated AWS account")
     p.add_argument("--role-arn", default=None, help="SageMaker execution role for upsert/start (none: from the environment)")
@@ -88,8 +91,35 @@ def ship(a, params):
     s3 = extra("boto3", "ncf_pipeline ship").client("s3")
     return " ".join(f"{k}={v}" for k, v in upload(s3, a.code_bucket, a.code_prefix, a.ship_dir).items())
 
+# %% ../../nbs/api/78_cli.pipeline.ipynb #09fc4fef
+AB_COMMANDS = ("ab-start", "ab-weights", "ab-promote", "ab-remove")
+
+def _ab_guardrails(a, params, sm) -> dict:
+    "The deploy Lambda's guardrails for the endpoint's champion fleet, watching the template's alarms (or `--alarms`)."
+    alarms = f"{params.endpoint_name}-5xx,{params.endpoint_name}-p99-latency" if a.alarms is None else a.alarms
+    ep = describe_endpoint(sm, params.endpoint_name) or {}
+    count = next((v.get("CurrentInstanceCount") or 1 for v in ep.get("ProductionVariants") or [] if v["VariantName"] == VARIANT), 1)
+    return guardrails([x for x in alarms.split(",") if x], count)
+
+def ab(a, params, registry=None):
+    "A/B on the SageMaker endpoint: start registry VERSION as the challenger, set its weight, promote it, or remove it."
+    if a.local: raise ConfigError(f"{a.command} acts on the SageMaker endpoint: the local endpoint serves one model")
+    if a.command == "ab-weights" and a.weight is None: raise ConfigError("ab-weights needs --weight W (the challenger's share, 0 < W < 1)")
+    if a.command == "ab-start" and a.version is None: raise ConfigError("ab-start needs the registry VERSION of the challenger")
+    reg = registry or SageMakerRegistry(params.endpoint_name, instance_type=params.endpoint_instance_type)
+    sm, name = reg.sm, params.endpoint_name
+    if a.command == "ab-weights": r = set_weights(sm, name, a.weight)
+    elif a.command == "ab-start":
+        model = reg.ensure_model(reg.get(params.model_group, a.version))
+        r = start_challenger(sm, name, model, 0.1 if a.weight is None else a.weight, params.endpoint_instance_type, guardrails=_ab_guardrails(a, params, sm))
+    else: r = (promote if a.command == "ab-promote" else remove_challenger)(sm, name, guardrails=_ab_guardrails(a, params, sm))
+    shown = r.get("weights") or r.get("variants")
+    return f"{name}: {r['action']} ({', '.join(f'{k}: {v}' for k, v in shown.items())}; config {r['endpoint_config_name']})"
+
+# %% ../../nbs/api/78_cli.pipeline.ipynb #0b1b1246
 ACTIONS = {"run": run, "ship": ship, "deploy": deploy, "versions": versions, "definition": lambda a, p: sagemaker.definition(p),
-           "upsert": lambda a, p: sagemaker.upsert(p, a.role_arn), "start": lambda a, p: sagemaker.start(p, a.role_arn)}
+           "upsert": lambda a, p: sagemaker.upsert(p, a.role_arn), "start": lambda a, p: sagemaker.start(p, a.role_arn),
+           **{c: ab for c in AB_COMMANDS}}
 
 @command("ncf_pipeline", errors=(DeployError,))
 def main(argv=None) -> int:

@@ -22,6 +22,8 @@ def parser() -> Parser:
     p.add_argument("--port", type=int, default=8080, help="TCP port (SageMaker's containers use 8080)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (more than 1: no hot swap)")
     p.add_argument("--max-body", type=int, default=None, help="largest request body in bytes (none: ncf.serve.app.MAX_BODY, 1 MiB)")
+    p.add_argument("--endpoint-name", default="ncf-local", help="the endpoint's name on the runtime API (POST /endpoints/NAME/invocations)")
+    p.add_argument("--variant-name", default="AllTraffic", help="the production variant it answers as (X-Amzn-Invoked-Production-Variant)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
     return p
 
@@ -37,15 +39,18 @@ def main(argv=None) -> int:
     except Exception as e:
         print(f"ncf_serve: error: model {args.model_dir} did not load: {e}", file=sys.stderr); return 2
     print(f"ncf_serve: serving model {rec.version} from {args.model_dir} on http://{args.host}:{args.port}"
-          + (f" with {args.workers} workers" if args.workers > 1 else ""), file=sys.stderr, flush=True)
+          + (f" with {args.workers} workers" if args.workers > 1 else "") + f", endpoint {args.endpoint_name} variant {args.variant_name}",
+          file=sys.stderr, flush=True)
     run = dict(host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
                log_level=args.log_level, timeout_graceful_shutdown=10)
     if args.workers > 1:  # workers are fresh interpreters: these variables reach their BLAS before it starts
-        os.environ.update({app._WORKER_ENV: json.dumps({"model_dir": str(Path(args.model_dir).resolve()), "max_body": max_body}),
+        os.environ.update({app._WORKER_ENV: json.dumps({"model_dir": str(Path(args.model_dir).resolve()), "max_body": max_body,
+                                                         "endpoint_name": args.endpoint_name, "variant_name": args.variant_name}),
                            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         del rec
-        uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, **run)
-    else: uvicorn.run(app.make_app(rec, max_body), **run)
+        # a worker still importing torch and loading the model on a busy machine is not a dead one: uvicorn's 5 s would kill it
+        uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, timeout_worker_healthcheck=60, **run)
+    else: uvicorn.run(app.make_app(rec, max_body, endpoint_name=args.endpoint_name, variant_name=args.variant_name), **run)
     return 0
 
 # %% ../../nbs/api/76_cli.serve.ipynb #3556082e

@@ -14,6 +14,7 @@ from .readers import Columns, FORMATS, detect_format
 from .split import PreprocessParams, STREAMS, sample_negatives, partition_uri, counts, paper_dataset, attach_item_metadata
 from .split import split_by_time as split_frame
 from .dataset import TABLES, MANIFEST, data_version
+from .features import FEATURES_DIR, build_features, write_features
 from . import storage
 from .spark_read import spark_session, to_pandas, is_remote, SparkInteractions, read_spark, _quiet, _join, _fetch, _delete, _put
 from pyspark.sql import DataFrame, SparkSession, functions as F
@@ -171,7 +172,7 @@ def _read_back(spark, tables:dict, dest:str, tmp:Path, remote:bool) -> dict[str,
 
 # %% ../../nbs/api/18_data.spark.ipynb #564d826c
 def write_tables(spark, tables:dict, dest:str, manifest:dict) -> dict:
-    "Write the tables (Spark frames, or pandas for small ones) and `manifest.json` to partition `dest`; return the manifest."
+    "Write the tables (Spark frames, or pandas for small ones), their features and `manifest.json` to partition `dest`; return the manifest."
     remote = is_remote(dest)
     with (tempfile.TemporaryDirectory(prefix="ncf-partition-") if remote else storage.staging_dir(dest)) as tmp:
         tmp = Path(tmp); stage = dest if remote else str(tmp)
@@ -180,10 +181,11 @@ def write_tables(spark, tables:dict, dest:str, manifest:dict) -> dict:
         written = _read_back(spark, tables, dest, tmp, remote)
         manifest = {**manifest, "data_version": data_version(written), "counts": counts(written),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "format_version": 1}
+        write_features(build_features(written, manifest["data_version"]), tmp/FEATURES_DIR)  # from the tables as written, as pandas does
         write_json(tmp/MANIFEST, manifest)
         if not remote: storage.publish_dir(tmp, dest)
         else:
-            for n in [f"{n}.parquet" for n, t in tables.items() if isinstance(t, pd.DataFrame)] + [MANIFEST]: _put(spark, tmp/n, _join(dest, n))
+            for n in [f"{n}.parquet" for n, t in tables.items() if isinstance(t, pd.DataFrame)] + [FEATURES_DIR, MANIFEST]: _put(spark, tmp/n, _join(dest, n))
     return manifest
 
 # %% ../../nbs/api/18_data.spark.ipynb #606d9ac5

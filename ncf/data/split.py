@@ -10,6 +10,7 @@ import numpy as np, pandas as pd
 from ..core import ConfigError, DataError, write_json, SPLITMIX64_GAMMA, SPLITMIX64_MIX
 from .readers import read_paper
 from .dataset import data_version, MANIFEST
+from .features import FEATURES_DIR, build_features, write_features
 from . import storage
 
 # %% auto #0
@@ -165,11 +166,12 @@ def counts(tables:dict) -> dict:
 
 # %% ../../nbs/api/15_data.split.ipynb #86aee7ec
 def write_dataset(tables:dict, out, manifest:dict) -> dict:
-    "Write the tables and `manifest.json` to partition `out` atomically; return the manifest (with data_version)."
+    "Write the tables, their online features (`features/`) and `manifest.json` to partition `out` atomically; return the manifest."
     manifest = {**manifest, "data_version": data_version(tables), "counts": counts(tables),
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "format_version": 1}
     with storage.staging_dir(out) as tmp:
         for name, t in tables.items(): t.to_parquet(tmp/f"{name}.parquet", index=False)
+        write_features(build_features(tables, manifest["data_version"]), tmp/FEATURES_DIR)
         write_json(tmp/MANIFEST, manifest)
         storage.publish_dir(tmp, out)
     return manifest

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core import NCFError
 from .definition import execute, Execution, DefinitionError, StepFailed, StepCache
 from .world import World, EmulationError, open_world, invoke_lambda, run_build, emit, execution_event, dead_letter, function, REGION, ACCOUNT
-from .hosting import endpoint_model, run_deployment
+from .hosting import endpoint_model, run_deployment, apply_weights
 
 # %% auto #0
 __all__ = ['pipeline_runners', 'run_execution', 'settle', 'land_partition', 'stack_parameters', 'emulated_run']
@@ -134,6 +134,7 @@ def settle(world:World, max_items:int=200) -> list[dict]:
         elif kind == "build": ran.append({"kind": kind, **run_build(world, *args)})
         elif kind == "execution": ran.append({"kind": kind, "arn": args[0], "execution": run_execution(world, args[0])})
         elif kind == "deployment": ran.append({"kind": kind, **run_deployment(world, args[0])})
+        elif kind == "weights": ran.append({"kind": kind, **apply_weights(world, *args)})
         else: raise EmulationError(f"unknown queued work {kind!r}")
     return ran
 

@@ -11,14 +11,17 @@ from ..core import extra
 from .world import World, EmulationError, emit, REGION, ACCOUNT
 
 # %% auto #0
-__all__ = ['config_model', 'endpoint_model', 'fleet_toolkit', 'answering_config', 'invoke_endpoint', 'endpoint_event',
-           'traffic_steps', 'alarms_in_alarm', 'run_deployment']
+__all__ = ['config_model', 'endpoint_model', 'fleet_toolkit', 'config_variants', 'InvocationError', 'pick_variant', 'answering',
+           'answering_config', 'invoke', 'invoke_endpoint', 'endpoint_event', 'traffic_steps', 'retained_variants',
+           'apply_weights', 'alarms_in_alarm', 'run_deployment']
 
 # %% ../../nbs/api/65_emulate.hosting.ipynb #14074a23
-def config_model(world:World, config:str) -> dict:
-    "What an endpoint config serves: `{endpoint_config, model_name, model_package_arn, model_data_url, environment, role}`."
+def config_model(world:World, config:str, variant_name:str|None=None) -> dict:
+    "What a variant of an endpoint config (the first one by default) serves: `{endpoint_config, model_name, model_package_arn, model_data_url, environment, role}`."
     sm = world.client("sagemaker")
-    variant = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][0]
+    variants = sm.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+    variant = next((v for v in variants if v["VariantName"] == variant_name), None) if variant_name else variants[0]
+    if variant is None: raise EmulationError(f"endpoint config {config} has no variant {variant_name} (variants: {[v['VariantName'] for v in variants]})")
     model = sm.describe_model(ModelName=variant["ModelName"])
     container, package = model["PrimaryContainer"], None
     if container.get("ModelPackageName"):
@@ -66,18 +69,24 @@ def _load_toolkit(model_dir:Path, environment:dict):
     return t
 
 # %% ../../nbs/api/65_emulate.hosting.ipynb #0818fcbd
-def fleet_toolkit(world:World, config:str):
-    "`(model_dir, toolkit)` of the fleet of `config`: its archive downloaded with the model's role and loaded once; raises what loading raises."
-    if config in world.toolkits: return world.toolkits[config]
-    m = config_model(world, config)
-    model_dir = world.root/"endpoints"/config/"model"
+def fleet_toolkit(world:World, config:str, variant_name:str|None=None):
+    "`(model_dir, toolkit)` of a variant's fleet of `config` (the first variant's by default): its archive downloaded with the model's role and loaded once."
+    key = (config, variant_name or config_variants(world, config)[0][0])
+    if key in world.toolkits: return world.toolkits[key]
+    m = config_model(world, config, key[1])
+    model_dir = world.root/"endpoints"/config/key[1]/"model"
     if not model_dir.exists():
         bucket, _, key = m["model_data_url"][len("s3://"):].partition("/")
         with tempfile.TemporaryDirectory() as d:
             world.actor(m["role"]).client("s3").download_file(bucket, key, f"{d}/model.tar.gz")
             with tarfile.open(f"{d}/model.tar.gz") as t: t.extractall(model_dir, filter="data")
-    world.toolkits[config] = model_dir, _load_toolkit(model_dir, m["environment"])
-    return world.toolkits[config]
+    world.toolkits[key] = model_dir, _load_toolkit(model_dir, m["environment"])
+    return world.toolkits[key]
+
+def config_variants(world:World, config:str) -> list[tuple[str, float]]:
+    "`[(variant name, initial weight)]` of an endpoint config."
+    vs = world.client("sagemaker").describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]
+    return [(v["VariantName"], float(v.get("InitialVariantWeight", 1.0))) for v in vs]
 
 # %% ../../nbs/api/65_emulate.hosting.ipynb #4a4e2167
 def _endpoint(name:str):
@@ -85,6 +94,34 @@ def _endpoint(name:str):
     eps = sagemaker_backends[ACCOUNT][REGION].endpoints
     if name not in eps: raise EmulationError(f"no endpoint {name}")
     return eps[name]
+
+class InvocationError(EmulationError):
+    "InvokeEndpoint's `ValidationError`: the request names what the endpoint does not have."
+
+def pick_variant(weights:dict, served:dict) -> str:
+    "The variant whose turn it is: the one furthest behind its share of the requests so far (`served`: name -> count), so the split follows the weights exactly and deterministically."
+    n, total = sum(served.get(v, 0) for v in weights) + 1, sum(weights.values())
+    if total <= 0: raise InvocationError(f"no variant has a weight above 0: {weights}")
+    return max(weights, key=lambda v: (n * weights[v] / total - served.get(v, 0), weights[v]))
+
+def _weights(world:World, ep, config:str) -> dict:
+    "The variants' weights: the endpoint's current ones for its own config, the config's initial ones for a config being deployed."
+    if config == ep.endpoint_config_name: return {v["VariantName"]: float(v.get("CurrentWeight", 1.0)) for v in ep.production_variants}
+    return dict(config_variants(world, config))
+
+# %% ../../nbs/api/65_emulate.hosting.ipynb #35b0d2ea
+def answering(world:World, endpoint_name:str, target_variant:str|None=None) -> tuple[str, str]:
+    "`(config, variant)` that answers the next request: the shift's turn, then `target_variant` or the variants' weights."
+    config = answering_config(world, endpoint_name)
+    weights = _weights(world, _endpoint(endpoint_name), config)
+    if target_variant is not None:
+        if target_variant not in weights:
+            raise InvocationError(f"ValidationError: endpoint {endpoint_name} has no variant {target_variant!r} (TargetVariant); it has {sorted(weights)}")
+        return config, target_variant
+    served = {}   # since the weights last changed: a new split starts from even
+    for s in world.served[getattr(_endpoint(endpoint_name), "ncf_split_from", 0):]:
+        if s["endpoint"] == endpoint_name and s["config"] == config and not s.get("targeted"): served[s["variant"]] = served.get(s["variant"], 0) + 1
+    return config, pick_variant(weights, served)
 
 def answering_config(world:World, endpoint_name:str) -> str:
     "The config that answers the next request to the endpoint."
@@ -95,14 +132,22 @@ def answering_config(world:World, endpoint_name:str) -> str:
     if shift and (n * shift["percent"]) // 100 > ((n - 1) * shift["percent"]) // 100: return shift["config"]
     return ep.endpoint_config_name
 
-def invoke_endpoint(world:World, endpoint_name:str, body:bytes, content_type:str="application/json", accept:str="application/json") -> tuple[int, bytes]:
-    "`(status, body)` of a request to the endpoint, answered by the fleet whose turn it is, through the toolkit."
-    config = answering_config(world, endpoint_name)
-    model_dir, toolkit = fleet_toolkit(world, config)
+# %% ../../nbs/api/65_emulate.hosting.ipynb #c4f880cf
+def invoke(world:World, endpoint_name:str, body:bytes, content_type:str="application/json", accept:str="application/json",
+           target_variant:str|None=None) -> dict:
+    "InvokeEndpoint: `{status, body, variant (InvokedProductionVariant), config}`, answered through the toolkit by the fleet whose turn it is."
+    config, variant = answering(world, endpoint_name, target_variant)
+    model_dir, toolkit = fleet_toolkit(world, config, variant)
     ctx = _Context(model_dir, content_type, accept)
     out = toolkit.transform([{"body": body}], ctx)[0]
-    world.served.append({"endpoint": endpoint_name, "config": config, "status": ctx.status})
-    return ctx.status, out if isinstance(out, bytes) else str(out).encode()
+    world.served.append({"endpoint": endpoint_name, "config": config, "variant": variant, "status": ctx.status, "targeted": target_variant is not None})
+    return {"status": ctx.status, "body": out if isinstance(out, bytes) else str(out).encode(), "variant": variant, "config": config}
+
+def invoke_endpoint(world:World, endpoint_name:str, body:bytes, content_type:str="application/json", accept:str="application/json",
+                    target_variant:str|None=None) -> tuple[int, bytes]:
+    "`(status, body)` of `invoke`."
+    r = invoke(world, endpoint_name, body, content_type, accept, target_variant)
+    return r["status"], r["body"]
 
 # %% ../../nbs/api/65_emulate.hosting.ipynb #cc25d37e
 def endpoint_event(ep, status:str) -> dict:
@@ -123,6 +168,33 @@ def traffic_steps(deployment:dict|None) -> list[int]:
     step = int(size["Value"])
     return [step, 100] if kind == "CANARY" else [*range(step, 100, step), 100]
 
+# %% ../../nbs/api/65_emulate.hosting.ipynb #5c729a37
+def retained_variants(before:list[dict], new:list[dict], retain:bool|None, exclude:list|None) -> list[dict]:
+    "The variants after an update to a new config: the config's, except that `RetainAllVariantProperties` keeps each existing variant's count and weight, less those `ExcludeRetainedVariantProperties` names."
+    if not retain: return new
+    kept = {v["VariantName"]: v for v in before}
+    excluded = {e["VariantPropertyType"] for e in exclude or []}
+    fields = {"DesiredInstanceCount": ("CurrentInstanceCount", "DesiredInstanceCount"), "DesiredWeight": ("CurrentWeight", "DesiredWeight")}
+    out = []
+    for v in new:
+        old = kept.get(v["VariantName"])   # a new variant has nothing to retain
+        out.append({**v, **{k: old[k] for p, ks in fields.items() if old and p not in excluded for k in ks if k in old}})
+    return out
+
+def apply_weights(world:World, endpoint_name:str, desired:list[dict]) -> dict:
+    "SageMaker's side of a queued `UpdateEndpointWeightsAndCapacities`: the variants take their new weights and counts in place, the endpoint is InService again."
+    ep = _endpoint(endpoint_name)
+    by_name = {d["VariantName"]: d for d in desired}
+    for v in ep.production_variants:
+        d = by_name.get(v["VariantName"], {})
+        if "DesiredWeight" in d: v["CurrentWeight"] = v["DesiredWeight"] = float(d["DesiredWeight"])
+        if "DesiredInstanceCount" in d: v["CurrentInstanceCount"] = v["DesiredInstanceCount"] = int(d["DesiredInstanceCount"])
+    ep.endpoint_status, ep.ncf_split_from = "InService", len(world.served)
+    weights = {v["VariantName"]: v.get("CurrentWeight") for v in ep.production_variants}
+    world.log(f"endpoint {endpoint_name}: weights {weights}")
+    emit(world, endpoint_event(ep, "InService"))
+    return {"endpoint": endpoint_name, "status": "InService", "config": ep.endpoint_config_name, "weights": weights}
+
 # %% ../../nbs/api/65_emulate.hosting.ipynb #8bcdbb65
 def alarms_in_alarm(world:World, names:list[str]) -> list[str]:
     "Those of the rollback alarms `names` whose state is ALARM; a name CloudWatch does not know is an error, as SageMaker's validation makes it."
@@ -138,17 +210,18 @@ def run_deployment(world:World, endpoint_name:str) -> dict:
     target, previous = change["config"], change["previous"]
     def end(status:str, config:str, reason:str|None=None) -> dict:
         if config != ep.endpoint_config_name:
-            ep.endpoint_config_name = config
-            ep.production_variants = ep._process_production_variants(world.client("sagemaker").describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"])
-        ep.endpoint_status, ep.failure_reason, ep.ncf_shift = status, reason, None
+            new = ep._process_production_variants(world.client("sagemaker").describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"])
+            ep.endpoint_config_name, ep.production_variants = config, retained_variants(ep.production_variants, new, change.get("retain"), change.get("exclude"))
+        ep.endpoint_status, ep.failure_reason, ep.ncf_shift, ep.ncf_split_from = status, reason, None, len(world.served)
         world.log(f"endpoint {endpoint_name}: {status} on {config}" + (f" ({reason})" if reason else ""))
         emit(world, endpoint_event(ep, status))
         return {"endpoint": endpoint_name, "status": status, "config": config, "target": target, "reason": reason}
     for hook in list(world.while_baking): hook(endpoint_name, target, 0)   # the new fleet starts, with no traffic yet
-    try: fleet_toolkit(world, target)   # the container loads the model before its first /ping
-    except Exception as e:
-        reason = f"The primary container for production variant {ep.production_variants[0]['VariantName']} did not pass the ping health check: {type(e).__name__}: {e}"[:1024]
-        return end("Failed", target, reason) if previous is None else end("InService", previous, reason)
+    for name, _ in config_variants(world, target):
+        try: fleet_toolkit(world, target, name)   # each variant's container loads its model before its first /ping
+        except Exception as e:
+            reason = f"The primary container for production variant {name} did not pass the ping health check: {type(e).__name__}: {e}"[:1024]
+            return end("Failed", target, reason) if previous is None else end("InService", previous, reason)
     if previous is None: return end("InService", target)
     alarms = [a["AlarmName"] for a in ((change["deployment"] or {}).get("AutoRollbackConfiguration") or {}).get("Alarms", [])]
     for percent in traffic_steps(change["deployment"]):

@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import ncf
 from ..core import NCFError, ConfigError, requirements, declared_requirements, REQUIREMENTS_FILE, sha256_file
-from ..serve.package import SERVING_PACKAGES
+from ..serve.package import SERVING_PACKAGES, module_closure
 
 # %% auto #0
 __all__ = ['DLC', 'TRAINING_IMAGE', 'INFERENCE_IMAGE', 'IMAGES', 'PLATFORMS', 'WHEELS', 'CONTAINER_REQUIREMENTS', 'ENTRY_SCRIPTS',
            'LAMBDA_PYTHON', 'LAMBDA_PACKAGES', 'TEMPLATE_PARAMETERS', 'Image', 'ImageMismatch',
            'container_requirements', 'check_against_image', 'project_root', 'image_constraints', 'wheel_metadata',
            'wheelhouse', 'requirements_txt', 'stage_code', 'serving_archive', 'BundleError', 's3_model',
-           'check_if_none_match', 'lambda_site', 'lambda_zip', 'repository_files', 'source_zip', 'ncf_wheel',
-           'content_key', 'ship']
+           'check_if_none_match', 'lambda_site', 'lambda_zip', 'recommend_zip', 'repository_files', 'source_zip',
+           'ncf_wheel', 'content_key', 'ship']
 
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #676c56bc
 DLC = "https://github.com/aws/deep-learning-containers/blob"
@@ -246,7 +246,7 @@ def serving_archive(model_dir, out, wheels=None) -> dict:
 
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #9d63c383
 LAMBDA_PYTHON = "3.12"   # the template's Runtime: python3.12
-LAMBDA_PACKAGES = ("boto3", "botocore")
+LAMBDA_PACKAGES = ("boto3", "botocore", "redis")   # redis: the recommendation Lambda's store client
 
 class BundleError(NCFError):
     "A code bundle is missing something it must carry: the message names the bundle and the part."
@@ -309,13 +309,19 @@ def _zip(dest:Path, files:dict) -> Path:
             z.writestr(info, Path(files[name]).read_bytes())
     return dest
 
-def lambda_zip(dest, site=None) -> Path:
-    "The Lambda code zip: `lambdas.py` at its root (the template's `Handler: lambdas.*`) beside the boto3 and botocore it imports."
+def _site_files(site) -> dict:
     site = Path(site) if site else lambda_site()
     check_if_none_match(site)
-    files = {p.relative_to(site).as_posix(): p for p in site.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != "LAMBDA_SITE.json"}
-    files["lambdas.py"] = Path(ncf.__file__).parent/"pipeline"/"lambdas.py"
-    return _zip(dest, files)
+    return {p.relative_to(site).as_posix(): p for p in site.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.name != "LAMBDA_SITE.json"}
+
+def lambda_zip(dest, site=None) -> Path:
+    "The Lambda code zip: `lambdas.py` at its root (the template's `Handler: lambdas.*`) beside the boto3 and botocore it imports."
+    return _zip(dest, {**_site_files(site), "lambdas.py": Path(ncf.__file__).parent/"pipeline"/"lambdas.py"})
+
+def recommend_zip(dest, site=None) -> Path:
+    "The recommendation Lambda's zip (pipelines/realtime.yaml): the `ncf` modules `ncf.serve.gateway` imports, beside boto3 and redis."
+    pkg = Path(ncf.__file__).parent
+    return _zip(dest, {**_site_files(site), **{f"ncf/{m}.py": pkg/f"{m}.py" for m in module_closure(pkg, "serve.gateway")}})
 
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #1021ee56
 def repository_files(root=None) -> list[str]:
@@ -373,6 +379,9 @@ def ship(s3, # a boto3 S3 client
     for param, path in (("LambdaCodeKey", lambda_zip(work/"lambdas.zip")), ("SourceKey", source_zip(work/"source.zip", root))):
         out[param] = content_key(prefix, path)
         log(f"{'uploaded' if _put(s3, bucket, out[param], path) else 'already there'}: s3://{bucket}/{out[param]}")
+    rz = recommend_zip(work/"recommend.zip")
+    _put(s3, bucket, rkey := content_key(prefix, rz), rz)
+    log(f"for the real-time stack (pipelines/realtime.yaml): RecommendCodeKey={rkey}")
     whl = ncf_wheel(work/"dist", root)
     wheel_key = f"{prefix.strip('/')}/dist/{sha256_file(whl)[:16]}/{whl.name}"
     _put(s3, bucket, wheel_key, whl)

@@ -12,7 +12,8 @@ from ..model.layout import SEEN, USERS
 from .retrain import run_local
 from .params import PipelineParams
 from .registry import LocalRegistry
-from ..serve.client import current_version, launch
+from ..serve.client import current_version, launch, launch_gateway
+from ..serve.store import load_features, open_store
 
 # %% auto #0
 __all__ = ['fetch_json', 'show_recommendations', 'demo']
@@ -25,16 +26,17 @@ def fetch_json(url:str, timeout:float=10) -> tuple[dict, dict]:
 
 # %% ../../nbs/api/59_pipeline.demo.ipynb #c43d2834
 def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
-    "What the customer did lately, and what the endpoint recommends, readably."
-    body, headers = fetch_json(f"{url}/recommendations/{user_id}?k={k}")
+    "What the customer did lately, and what the recommendation API at `url` answers, readably."
+    body, _ = fetch_json(f"{url}/recommendations/{user_id}?k={k}")
     items = pd.read_parquet(raw/"items.parquet").set_index("item_id")["category"] if (raw/"items.parquet").exists() else pd.Series(dtype=str)
     logs = pd.concat([pd.read_parquet(p) for p in sorted(raw.glob("dt=*/part-0.parquet"))[-7:]])
     recent = logs[logs.user_id == user_id].sort_values("timestamp").tail(5)
-    lines = [f"customer {user_id}, model version {headers.get('X-Model-Version') or headers.get('x-model-version')}",
+    lines = [f"customer {user_id}, model version {body.get('model_version')}, variant {body.get('variant')}, data version {body.get('data_version')}"
+             + (f", FALLBACK: {body['fallback']}" if body.get("fallback") else ", no fallback"),
              "  recently: " + ", ".join(f"{r.event} {r.item_id} ({items.get(r.item_id, '?')})" for r in recent.itertuples()) if len(recent) else "  recently: nothing in the last 7 days",
              f"  top {k} recommendations" + (" (cold start: popularity)" if body.get("cold_start") else "") + ":"]
     recs = body.get("items", body.get("recommendations", []))
-    scores = body.get("scores", [None]*len(recs))
+    scores = body.get("scores") or [None]*len(recs)
     for rank, (item, score) in enumerate(zip(recs, scores), 1):
         lines.append(f"   {rank:>2}. {item:<12} {items.get(item, ''):<8}" + (f" score {score:.3f}" if score is not None else ""))
     return "\n".join(lines)
@@ -44,6 +46,19 @@ def _busiest_customer(model_dir) -> str:
     "The original id of the customer with the most training interactions in a model directory (`seen.parquet`)."
     seen = pd.read_parquet(Path(model_dir)/SEEN); users = pd.read_parquet(Path(model_dir)/USERS)
     return str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
+
+# %% ../../nbs/api/59_pipeline.demo.ipynb #b91ccc25
+def _recommendation_path(work:Path, result, endpoint_url:str):
+    "Load the run's features into the demo's store and start the gateway over it and the endpoint (a process with `.url`)."
+    part = next(r.outputs["path"] for r in result.records if r.name == "Preprocess")
+    store_url = f"sqlite://{(work/'store.db').resolve()}"
+    store = open_store(store_url)
+    try: version = load_features(store, part)
+    finally: store.close()
+    gw = launch_gateway(store_url, endpoint_url, port=0, log_path=work/"gateway.log")
+    print(f"== recommendation path: client -> local gateway {gw.url} (the recommendation Lambda) -> feature store {store_url} "
+          f"(data version {version}) -> endpoint {endpoint_url}")
+    return gw
 
 # %% ../../nbs/api/59_pipeline.demo.ipynb #f36c1683
 def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=None, user:str|None=None) -> int:
@@ -67,10 +82,13 @@ def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=N
         print(f"== starting the local endpoint on {url} with v{prod.version}")
         server = launch(prod.model_uri, port=port)
     else: print(f"== the endpoint on {url} is already running; it serves {current_version(url)}")
+    gateway = None
     try:
         if user is None: user = _busiest_customer(prod.model_uri)
-        print(show_recommendations(url, raw, user))
+        gateway = _recommendation_path(work, result, url)
+        print(show_recommendations(gateway.url, raw, user))
     finally:
+        if gateway is not None: gateway.terminate(); gateway.wait(timeout=30)
         if server is not None and not keep_serving:
             server.terminate(); server.wait(timeout=30); print("== endpoint stopped (use --keep-serving to keep it)")
         elif server is not None: print(f"== endpoint keeps serving on {url} (pid {server.pid})")

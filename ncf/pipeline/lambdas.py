@@ -10,12 +10,16 @@ from datetime import date, datetime, timedelta, timezone
 
 # %% auto #0
 __all__ = ['DATA_SUFFIXES', 'COMPLETION_MARKERS', 'RUN_VARIABLES', 'SCHEDULE_EVENT', 'VARIANT', 'BUSY', 'DEFAULT_INSTANCE_TYPE',
-           'DEFAULT_INVOCATIONS_PER_INSTANCE', 'DataObject', 'is_data_file', 'data_object', 'preprocessed_object',
-           'object_events', 'partition_files', 'partition_version', 'claim_key', 'claim', 'ManifestError',
-           'manifest_names', 'newest_complete_day', 'env_overrides', 'run_variables', 'build_overrides',
-           'scheduled_day', 'queued_key', 'queued_runs', 'release_next', 'trigger_handler', 'capture_config',
-           'endpoint_config_name', 'describe_endpoint', 'ensure_endpoint_config', 'guardrails', 'DeployError', 'deploy',
-           'wait_in_service', 'fleet', 'deployment_record', 'ensure_autoscaling', 'settle_deployment', 'deploy_handler']
+           'DEFAULT_INVOCATIONS_PER_INSTANCE', 'CHALLENGER', 'DEFAULT_CHALLENGER_WEIGHT', 'WEIGHT_FROM_CONFIG',
+           'DEPLOY_AS', 'SCALABLE', 'DataObject', 'is_data_file', 'data_object', 'preprocessed_object', 'object_events',
+           'partition_files', 'partition_version', 'claim_key', 'claim', 'ManifestError', 'manifest_names',
+           'newest_complete_day', 'env_overrides', 'run_variables', 'build_overrides', 'scheduled_day', 'queued_key',
+           'queued_runs', 'release_next', 'trigger_handler', 'capture_config', 'endpoint_config_name',
+           'describe_endpoint', 'production_variant', 'ensure_endpoint_config', 'ensure_config', 'guardrails',
+           'DeployError', 'deploy', 'wait_in_service', 'fleet', 'ABError', 'variants_config_name', 'challenger_weight',
+           'serving_variants', 'start_challenger', 'promote', 'remove_challenger', 'set_weights', 'deployment',
+           'deployment_record', 'ensure_autoscaling', 'deregister_autoscaling', 'sync_autoscaling', 'settle_deployment',
+           'deploy_handler']
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #f0790ca3
 DATA_SUFFIXES = (".parquet", ".csv", ".tsv")   # the files ncf.data.readers reads from a dt= partition
@@ -318,17 +322,24 @@ def describe_endpoint(sm, endpoint_name:str) -> dict|None:
         raise
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #d7efdc73
+def production_variant(name:str, model_name:str, instance_type:str, instance_count:int=1, weight:float=1.0) -> dict:
+    "One `ProductionVariant` of an endpoint config."
+    return {"VariantName": name, "ModelName": model_name, "InitialInstanceCount": int(instance_count),
+            "InstanceType": instance_type, "InitialVariantWeight": float(weight)}
+
 def ensure_endpoint_config(sm, name:str, model_name:str, instance_type:str, instance_count:int=1, capture:dict|None=None) -> bool:
     "Create the endpoint config (variant `VARIANT`, data capture if given) unless it exists; True if this call created it."
+    return ensure_config(sm, name, [production_variant(VARIANT, model_name, instance_type, instance_count)], capture)
+
+def ensure_config(sm, name:str, variants:list[dict], capture:dict|None=None) -> bool:
+    "Create endpoint config `name` of the production `variants` (data capture if given) unless it exists; True if this call created it."
     from botocore.exceptions import ClientError
     try:
         sm.describe_endpoint_config(EndpointConfigName=name); return False
     except ClientError as e:
         if not _not_found(e, "endpoint configuration"): raise
     try:
-        sm.create_endpoint_config(EndpointConfigName=name, **({"DataCaptureConfig": capture} if capture else {}), ProductionVariants=[{
-            "VariantName": VARIANT, "ModelName": model_name, "InitialInstanceCount": int(instance_count),
-            "InstanceType": instance_type, "InitialVariantWeight": 1.0}])
+        sm.create_endpoint_config(EndpointConfigName=name, **({"DataCaptureConfig": capture} if capture else {}), ProductionVariants=list(variants))
         return True
     except ClientError as e:
         if "already exist" in e.response.get("Error", {}).get("Message", "").lower(): return False  # a concurrent call made it
@@ -404,6 +415,113 @@ def fleet(event:dict, env) -> dict:
             "capture": capture_config(env.get("NCF_CAPTURE_URI"), int(env.get("NCF_CAPTURE_PERCENT", 10))),
             "guardrails": guardrails(alarms, count, int(env.get("NCF_CANARY_PERCENT", 20)), int(env.get("NCF_BAKE_SECONDS", 300)))}
 
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #ec42d43d
+CHALLENGER = "Challenger"   # the challenger's variant name, the same in every config (autoscaling and TargetVariant name it)
+DEFAULT_CHALLENGER_WEIGHT = 0.1
+WEIGHT_FROM_CONFIG = [{"VariantPropertyType": "DesiredWeight"}]   # the config sets the weights; the counts stay as autoscaling left them
+
+class ABError(DeployError):
+    "An A/B operation that cannot run now: no endpoint, a busy one, no challenger, a weight out of range."
+
+def variants_config_name(endpoint_name:str, variants:list[dict], capture:dict|None=None) -> str:
+    "A content-hash config name of the variants (models, fleets, weights) and data capture; a lone champion's is `endpoint_config_name`'s."
+    if len(variants) == 1 and variants[0]["VariantName"] == VARIANT:
+        v = variants[0]
+        return endpoint_config_name(endpoint_name, v["ModelName"], v["InstanceType"], v["InitialInstanceCount"], capture)
+    h = hashlib.sha256(json.dumps([variants, capture], sort_keys=True).encode()).hexdigest()[:12]
+    return f"{endpoint_name[:50]}-{h}"
+
+def challenger_weight(weight) -> float:
+    "The challenger's share of traffic, strictly between 0 and 1."
+    try: w = float(weight)
+    except (TypeError, ValueError): raise ABError(f"challenger weight must be a number between 0 and 1, not {weight!r}") from None
+    if not 0 < w < 1: raise ABError(f"challenger weight must be between 0 and 1 (both excluded), not {weight}")
+    return w
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #2767168e
+def serving_variants(sm, endpoint_name:str) -> tuple[dict, dict]:
+    "The endpoint's description (with its config's `DataCaptureConfig`) and its variants by name, at their current weights and counts."
+    ep = describe_endpoint(sm, endpoint_name)
+    if ep is None: raise ABError(f"endpoint {endpoint_name} does not exist: deploy a champion first")
+    config = sm.describe_endpoint_config(EndpointConfigName=ep["EndpointConfigName"])
+    live = {v["VariantName"]: v for v in ep.get("ProductionVariants") or []}
+    out = {}
+    for v in config["ProductionVariants"]:
+        now = live.get(v["VariantName"], {})
+        out[v["VariantName"]] = production_variant(v["VariantName"], v["ModelName"], v["InstanceType"],
+                                        now.get("CurrentInstanceCount") or v.get("InitialInstanceCount", 1),
+                                        now.get("CurrentWeight", v.get("InitialVariantWeight", 1.0)))
+    return {**ep, "DataCaptureConfig": config.get("DataCaptureConfig")}, out
+
+def _challenger(variants:dict, endpoint_name:str) -> dict:
+    if CHALLENGER not in variants: raise ABError(f"endpoint {endpoint_name} has no challenger (variants: {', '.join(variants)}): start one first")
+    return variants[CHALLENGER]
+
+def _champion(variants:dict, endpoint_name:str) -> dict:
+    if VARIANT not in variants: raise ABError(f"endpoint {endpoint_name} has no champion variant {VARIANT} (variants: {', '.join(variants)})")
+    return variants[VARIANT]
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #180308f1
+def _apply(sm, ep:dict, variants:list[dict], capture, guardrails, action:str) -> dict:
+    "Update the endpoint to the config of `variants` (guarded, weights from the config); idempotent while that update runs."
+    name, current = ep["EndpointName"], ep.get("EndpointConfigName")
+    capture = ep.get("DataCaptureConfig") if capture is None else capture
+    config = variants_config_name(name, variants, capture)
+    out = {"endpoint_name": name, "endpoint_config_name": config, "model_name": variants[-1]["ModelName"],
+           "variants": {v["VariantName"]: v["ModelName"] for v in variants}}
+    status, pending = ep["EndpointStatus"], (ep.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+    if status != "Failed" and config in (current, pending):
+        return {**out, "action": "unchanged" if status == "InService" and current == config else "in-progress", "status": status}
+    if status != "InService": raise ABError(f"endpoint {name} is {status}: try again when it is InService")
+    ensure_config(sm, config, variants, capture)
+    sm.update_endpoint(EndpointName=name, EndpointConfigName=config, RetainAllVariantProperties=True,
+                       ExcludeRetainedVariantProperties=WEIGHT_FROM_CONFIG, **({"DeploymentConfig": guardrails} if guardrails else {}))
+    return {**out, "action": action, "previous_endpoint_config_name": current}
+
+def start_challenger(sm, endpoint_name:str, model_name:str, weight:float=DEFAULT_CHALLENGER_WEIGHT, instance_type:str|None=None,
+                     instance_count:int=1, capture:dict|None=None, guardrails:dict|None=None) -> dict:
+    "Serve `model_name` as the challenger beside the champion, with `weight` of the traffic (a challenger already there is replaced)."
+    ep, vs = serving_variants(sm, endpoint_name)
+    champ, w = _champion(vs, endpoint_name), challenger_weight(weight)
+    if champ["ModelName"] == model_name: raise ABError(f"endpoint {endpoint_name} already serves {model_name} as its champion")
+    both = [{**champ, "InitialVariantWeight": round(1 - w, 6)},
+            production_variant(CHALLENGER, model_name, instance_type or champ["InstanceType"], instance_count, w)]
+    return _apply(sm, ep, both, capture, guardrails, "challenger started")
+
+def promote(sm, endpoint_name:str, capture:dict|None=None, guardrails:dict|None=None) -> dict:
+    "The challenger's model becomes the champion `VARIANT`, alone (a guarded update, as a deployment is)."
+    ep, vs = serving_variants(sm, endpoint_name)
+    ch, champ = _challenger(vs, endpoint_name), _champion(vs, endpoint_name)
+    return _apply(sm, ep, [production_variant(VARIANT, ch["ModelName"], ch["InstanceType"], champ["InitialInstanceCount"])], capture, guardrails, "promoted")
+
+def remove_challenger(sm, endpoint_name:str, capture:dict|None=None, guardrails:dict|None=None) -> dict:
+    "Back to the champion alone."
+    ep, vs = serving_variants(sm, endpoint_name)
+    _challenger(vs, endpoint_name); champ = _champion(vs, endpoint_name)
+    return _apply(sm, ep, [{**champ, "InitialVariantWeight": 1.0}], capture, guardrails, "challenger removed")
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #15c8f0f1
+def set_weights(sm, endpoint_name:str, weight:float) -> dict:
+    "Give the challenger `weight` of the traffic and the champion the rest, in place (no new config, no redeployment)."
+    ep, vs = serving_variants(sm, endpoint_name)
+    _challenger(vs, endpoint_name); w = challenger_weight(weight)
+    if ep["EndpointStatus"] != "InService": raise ABError(f"endpoint {endpoint_name} is {ep['EndpointStatus']}: try again when it is InService")
+    weights = {VARIANT: round(1 - w, 6), CHALLENGER: w}
+    sm.update_endpoint_weights_and_capacities(EndpointName=endpoint_name, DesiredWeightsAndCapacities=[
+        {"VariantName": n, "DesiredWeight": x} for n, x in weights.items()])
+    return {"endpoint_name": endpoint_name, "endpoint_config_name": ep["EndpointConfigName"], "action": "weights set", "weights": weights}
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #c29259bc
+DEPLOY_AS = ("champion", "challenger")
+
+def deployment(sm, event:dict, env) -> dict:
+    "Start the deployment an event asks for: `deploy` as the champion, or `start_challenger` (`deploy_as`, `challenger_weight`)."
+    f, role = fleet(event, env), event.get("deploy_as") or "champion"
+    if role not in DEPLOY_AS: raise ValueError(f"deploy_as must be one of {', '.join(DEPLOY_AS)}, not {role!r}")
+    if role == "champion": return deploy(sm, **f)
+    return start_challenger(sm, f["endpoint_name"], f["model_name"], event.get("challenger_weight") or DEFAULT_CHALLENGER_WEIGHT,
+                            f["instance_type"], f["instance_count"], f["capture"], f["guardrails"])
+
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #4235469f
 def _record_location(env, endpoint_name:str) -> tuple[str, str]:
     uri = env.get("NCF_DEPLOYMENTS_URI") or ""
@@ -418,25 +536,48 @@ def deployment_record(s3, env, endpoint_name:str) -> dict|None:
     except s3.exceptions.NoSuchKey: return None
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #24f12bab
-def ensure_autoscaling(aas, endpoint_name:str, min_instances:int, max_instances:int, invocations_per_instance:float) -> str:
+SCALABLE = "sagemaker:variant:DesiredInstanceCount"
+
+def ensure_autoscaling(aas, endpoint_name:str, min_instances:int, max_instances:int, invocations_per_instance:float,
+                       variant_name:str=VARIANT) -> str:
     "Register the variant with Application Auto Scaling and its target-tracking policy (both calls are idempotent); the resource id."
-    rid, dim = f"endpoint/{endpoint_name}/variant/{VARIANT}", "sagemaker:variant:DesiredInstanceCount"
+    rid, dim = f"endpoint/{endpoint_name}/variant/{variant_name}", SCALABLE
+    policy = f"{endpoint_name}-invocations" if variant_name == VARIANT else f"{endpoint_name}-{variant_name.lower()}-invocations"
     aas.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=dim,
                                  MinCapacity=int(min_instances), MaxCapacity=int(max_instances))
-    aas.put_scaling_policy(PolicyName=f"{endpoint_name}-invocations", ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=dim,
+    aas.put_scaling_policy(PolicyName=policy, ServiceNamespace="sagemaker", ResourceId=rid, ScalableDimension=dim,
                            PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration={
                                "TargetValue": float(invocations_per_instance), "ScaleInCooldown": 300, "ScaleOutCooldown": 60,
                                "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
     return rid
+
+# %% ../../nbs/api/54_pipeline.lambdas.ipynb #25f11bd8
+def deregister_autoscaling(aas, endpoint_name:str, variant_name:str=CHALLENGER) -> bool:
+    "Deregister the variant's scalable target (its policies go with it); False if it was not registered."
+    from botocore.exceptions import ClientError
+    try: aas.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=f"endpoint/{endpoint_name}/variant/{variant_name}", ScalableDimension=SCALABLE)
+    except ClientError as e:
+        err = e.response.get("Error", {})   # AWS documents ObjectNotFoundException; moto answers a ValidationException
+        if err.get("Code") == "ObjectNotFoundException" or "no scalable target found" in err.get("Message", "").lower(): return False
+        raise
+    return True
+
+def sync_autoscaling(aas, sm, endpoint_name:str, env) -> list[str]:
+    "Register each variant the endpoint serves (the challenger from one instance), deregister a challenger it no longer serves; the ids registered."
+    ep = describe_endpoint(sm, endpoint_name)
+    names = [v["VariantName"] for v in (ep or {}).get("ProductionVariants") or []] or [VARIANT]
+    low, high = int(env.get("NCF_MIN_INSTANCES") or 1), int(env["NCF_MAX_INSTANCES"])
+    per = float(env.get("NCF_INVOCATIONS_PER_INSTANCE", DEFAULT_INVOCATIONS_PER_INSTANCE))
+    out = [ensure_autoscaling(aas, endpoint_name, low if n == VARIANT else 1, high, per, n) for n in names]
+    if CHALLENGER not in names: deregister_autoscaling(aas, endpoint_name, CHALLENGER)
+    return out
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #d594bca3
 def _end(dep:dict, env, c:_Clients, failure:str|None) -> dict:
     "Complete the callback step (and, on failure, reject the package); drop the record."
     sm, name = c.sagemaker, dep["endpoint_name"]
     if failure is None:
-        if env.get("NCF_MAX_INSTANCES"):
-            ensure_autoscaling(c.autoscaling, name, int(env.get("NCF_MIN_INSTANCES") or 1), int(env["NCF_MAX_INSTANCES"]),
-                               float(env.get("NCF_INVOCATIONS_PER_INSTANCE", DEFAULT_INVOCATIONS_PER_INSTANCE)))
+        if env.get("NCF_MAX_INSTANCES"): sync_autoscaling(c.autoscaling, sm, name, env)
         sm.send_pipeline_execution_step_success(CallbackToken=dep["token"], OutputParameters=[
             {"Name": "action", "Value": dep["action"]}, {"Name": "endpoint_config_name", "Value": dep["endpoint_config_name"]}])
     else:
@@ -463,7 +604,7 @@ def settle_deployment(dep:dict, env, c:_Clients) -> dict:
 def _start_deployment(message:dict, env, c:_Clients) -> dict:
     "A callback message: start the deployment and record it; end the step at once if nothing changes or nothing can start."
     token, args = message["token"], message.get("arguments") or {}
-    try: r = deploy(c.sagemaker, **fleet(args, env))
+    try: r = deployment(c.sagemaker, args, env)
     except (DeployError, ValueError) as e:   # nothing started: the endpoint keeps serving what it serves
         c.sagemaker.send_pipeline_execution_step_failure(CallbackToken=token, FailureReason=str(e)[:256])
         return {"token": token, "outcome": "not started", "reason": str(e)}
@@ -474,6 +615,13 @@ def _start_deployment(message:dict, env, c:_Clients) -> dict:
     return settle_deployment(dep, env, c)   # an unchanged endpoint ends here; a change ends on its events
 
 # %% ../../nbs/api/54_pipeline.lambdas.ipynb #b6912e5f
+def _followed(event:dict, env, c:_Clients) -> dict:
+    "An endpoint event no deployment waits on (a command's A/B change, say): autoscaling follows the variants once it is InService."
+    name = event["detail"]["EndpointName"]
+    out = {"endpoint_name": name, "outcome": "no deployment waits on it"}
+    if event["detail"].get("EndpointStatus") != "IN_SERVICE" or not env.get("NCF_MAX_INSTANCES"): return out
+    return {**out, "autoscaling": sync_autoscaling(c.autoscaling, c.sagemaker, name, env)}
+
 def deploy_handler(event:dict, context=None, *, sagemaker=None, s3=None, autoscaling=None, env=None) -> dict:
     "Deploy queue messages (the pipeline's callback step) start deployments, the endpoint's events end them; a direct `{endpoint_name, model_name}` starts one."
     env = os.environ if env is None else env
@@ -482,9 +630,9 @@ def deploy_handler(event:dict, context=None, *, sagemaker=None, s3=None, autosca
     elif event.get("source") == "aws.sagemaker":
         name = (event.get("detail") or {}).get("EndpointName")
         dep = deployment_record(c.s3, env, name) if name else None
-        results = [settle_deployment(dep, env, c) if dep else {"endpoint_name": name, "outcome": "no deployment waits on it"}]
+        results = [settle_deployment(dep, env, c) if dep else _followed(event, env, c)]
     else:   # by hand (`aws lambda invoke`): start and return
-        r = deploy(c.sagemaker, **fleet(event, env))
+        r = deployment(c.sagemaker, event, env)
         print(json.dumps({"deploy": r, "model_package_arn": event.get("model_package_arn")}))
         return {k: str(v) for k, v in r.items()}
     print(json.dumps({"deploy": results}))

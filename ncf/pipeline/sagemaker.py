@@ -14,7 +14,7 @@ from .retrain import PIPELINE, pipeline_steps, code_version, digest
 from .params import PipelineParams
 from .aws import AwsSettings, aws_context, _images, SERVING_ENV, _not_found
 from .sagemaker_registry import SageMakerRegistry
-from .lambdas import partition_files, partition_version, queued_key, run_variables
+from .lambdas import partition_files, partition_version, queued_key, run_variables, DEFAULT_CHALLENGER_WEIGHT
 
 # %% auto #0
 __all__ = ['COMMON_HYPERPARAMETERS', 'PROCESSING', 'TELEMETRY_OFF', 'METRICS', 'SDK_TYPES', 'RUNNING', 'Param',
@@ -47,7 +47,8 @@ def pipeline_parameters(params:PipelineParams, default_data_uri:str="s3://BUCKET
             Param("Days", "Integer", params.days or 0), Param("DataVersion", "String", ""),
             *(Param(f"hp_{h}", _hp_type(defaults[h]), _hp_value(params.hyperparameters.get(h, defaults[h]))) for h in hps),
             Param("HrThreshold", "Float", params.hr_threshold), Param("Tolerance", "Float", params.tolerance),
-            Param("ProductionModelUri", "String", "")]
+            Param("ProductionModelUri", "String", ""), Param("DeployAs", "String", "champion"),
+            Param("ChallengerWeight", "Float", DEFAULT_CHALLENGER_WEIGHT)]
 
 # %% ../../nbs/api/56_pipeline.sagemaker.ipynb #74e1463b
 def execution_parameters(params:PipelineParams, production_uri:str|None=None, data_version:str|None=None) -> list[dict]:
@@ -185,7 +186,8 @@ def _deploy_steps(b:_Build, serving_tar, approved) -> tuple:
     deploy = CallbackStep(name="Deploy", sqs_queue_url=b.deploy_queue,
         inputs={"endpoint_name": b.params.endpoint_name, "model_name": model.properties.ModelName,
                 "model_package_arn": approved.properties.ModelPackageArn,
-                "instance_type": b.params.endpoint_instance_type},   # the fleet's size: the stack's EndpointMinInstances
+                "instance_type": b.params.endpoint_instance_type,   # the fleet's size: the stack's EndpointMinInstances
+                "deploy_as": b.par["DeployAs"], "challenger_weight": b.par["ChallengerWeight"]},   # champion, or a challenger beside it
         outputs=[CallbackOutput(output_name=n, output_type=CallbackOutputTypeEnum.String) for n in ("action", "endpoint_config_name")])
     return model, deploy
 

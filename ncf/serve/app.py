@@ -19,9 +19,10 @@ from .inference import (Recommender, MAX_ITEMS, INT_ID, input_fn, predict_fn, ou
 _log = logging.getLogger("ncf.serve")
 
 # %% auto #0
-__all__ = ['MAX_BODY', 'QUERY_PARAMS', 'json_response', 'error_response', 'read_body', 'ModelSlot', 'is_loopback', 'endpoint',
-           'ping', 'invocations', 'query_args', 'recommendations_get', 'recommendations_post', 'admin_model',
-           'make_app', 'worker_app']
+__all__ = ['MAX_BODY', 'QUERY_PARAMS', 'RUNTIME_MAX_BODY', 'LOCAL_ACCOUNT', 'LOCAL_REGION', 'json_response', 'error_response',
+           'read_body', 'ModelSlot', 'is_loopback', 'endpoint', 'ping', 'invoke', 'invocations', 'query_args',
+           'recommendations_get', 'recommendations_post', 'admin_model', 'runtime_error', 'model_error',
+           'runtime_invocations', 'make_app', 'worker_app']
 
 # %% ../../nbs/api/42_serve.app.ipynb #c48d1705
 MAX_BODY = 1 << 20
@@ -81,9 +82,13 @@ def endpoint(fn):
 # %% ../../nbs/api/42_serve.app.ipynb #12f7504d
 async def ping(request, rec): return json_response({"status": "healthy", "model_version": rec.version}, rec.version)
 
+def invoke(body:bytes, headers, rec:Recommender, max_body:int) -> bytes:
+    "The container's answer to an invocation: the handler chain `input_fn → predict_fn → output_fn` on `body`; `RequestError` for a client error."
+    if len(body) > max_body: raise RequestError(f"request body of {len(body):,} bytes is over the limit of {max_body:,}", 413)
+    return output_fn(predict_fn(input_fn(body, headers.get("content-type")), rec), headers.get("accept"))
+
 async def invocations(request, rec):
-    body = await read_body(request, request.app.state.max_body)
-    out = output_fn(predict_fn(input_fn(body, request.headers.get("content-type")), rec), request.headers.get("accept"))
+    out = invoke(await read_body(request, request.app.state.max_body), request.headers, rec, request.app.state.max_body)
     return Response(out, 200, {"X-Model-Version": rec.version}, "application/json")
 
 # %% ../../nbs/api/42_serve.app.ipynb #0191b798
@@ -133,20 +138,73 @@ async def admin_model(request, rec):
     _log.info("model swap: %s -> %s (%s)", old.version, new.version, doc["model_dir"])
     return json_response({**new.info(), "previous_version": old.version}, new.version)
 
+# %% ../../nbs/api/42_serve.app.ipynb #4b3530fb
+RUNTIME_MAX_BODY = 6 * 1024 * 1024   # SageMaker's payload limit for real-time InvokeEndpoint
+LOCAL_ACCOUNT, LOCAL_REGION = "000000000000", "us-east-1"
+_CORAL = ":http://internal.amazon.com/coral/com.amazonaws.sagemaker/"   # what follows the code in SageMaker's x-amzn-ErrorType
+
+def runtime_error(status:int, code:str|None, message:str, version:str, **fields) -> Response:
+    "An error as SageMaker's runtime answers it: `x-amzn-ErrorType` is `code` (the exception boto3 raises); the body has `message` and `fields`."
+    headers = {"X-Model-Version": version, **({"x-amzn-ErrorType": code + _CORAL} if code else {})}
+    body = {"message": message, **fields} if code != "ModelError" else {"Message": message, **fields}
+    return Response(json_dumps(body), status, headers, "application/json")
+
+def model_error(status:int, container_body:bytes, endpoint_name:str, variant:str, version:str) -> Response:
+    "The container's `status` and JSON error as SageMaker relays it: a 424 `ModelError`."
+    kind = "client" if status < 500 else "server"
+    log = f"arn:aws:logs:{LOCAL_REGION}:{LOCAL_ACCOUNT}:log-group:/aws/sagemaker/Endpoints/{endpoint_name}:log-stream:{variant}/local"
+    original = container_body.decode(errors="replace")
+    msg = (f'Received {kind} error ({status}) from primary with message "{original}". See the local server log '
+           f"(log stream {log}) for more information.")
+    return runtime_error(424, "ModelError", msg, version, ErrorCode=f"{kind.upper()}_ERROR_FROM_MODEL",
+                         OriginalStatusCode=status, OriginalMessage=original, LogStreamArn=log)
+
+# %% ../../nbs/api/42_serve.app.ipynb #9435f856
+def _runtime_refusal(request:Request, name:str, version:str) -> Response|None:
+    "SageMaker's own refusals, before the container: an unknown endpoint or variant, bad custom attributes, a body over 6 MB."
+    st = request.app.state
+    if name != st.endpoint_name: return runtime_error(400, "ValidationError", f"Endpoint {name} of account {LOCAL_ACCOUNT} not found.", version)
+    target = request.headers.get("x-amzn-sagemaker-target-variant")
+    if target is not None and target != st.variant_name:
+        return runtime_error(400, "ValidationError", f"The variant(s) [{target}] of endpoint {name} of account {LOCAL_ACCOUNT} "
+                             f"not found; the endpoint has [{st.variant_name}].", version)
+    if len(request.headers.get("x-amzn-sagemaker-custom-attributes", "")) > 1024:
+        return runtime_error(400, "ValidationError", "1 validation error detected: Value at 'customAttributes' failed to satisfy constraint: "
+                             "Member must have length less than or equal to 1024", version)
+    return None
+
+async def runtime_invocations(request:Request) -> Response:
+    "`InvokeEndpoint`: the container's `/invocations` in SageMaker's runtime envelope (headers, errors)."
+    st, name = request.app.state, request.path_params["endpoint_name"]
+    rec = st.slot.rec
+    if (refused := _runtime_refusal(request, name, rec.version)) is not None: return refused
+    try:
+        body = await read_body(request, max(RUNTIME_MAX_BODY, st.max_body))
+    except RequestError: return runtime_error(413, None, f"HTTP content length exceeded {RUNTIME_MAX_BODY} bytes.", rec.version)
+    try: out = invoke(body, request.headers, rec, st.max_body)
+    except RequestError as e: return model_error(e.status, json_dumps({"error": str(e), "status": e.status}), name, st.variant_name, rec.version)
+    except Exception as e:
+        _log.exception("internal error on %s %s", request.method, request.url.path)
+        return model_error(500, json_dumps({"error": f"internal error ({type(e).__name__}); see the server log", "status": 500}), name, st.variant_name, rec.version)
+    return Response(out, 200, {"X-Amzn-Invoked-Production-Variant": st.variant_name, "X-Model-Version": rec.version}, "application/json")
+
 # %% ../../nbs/api/42_serve.app.ipynb #198bc280
-def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True) -> Starlette:
-    "The ASGI application serving `rec` (`swappable`: whether `POST /admin/model` may load another model)."
+def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True, endpoint_name:str="ncf-local",
+             variant_name:str="AllTraffic") -> Starlette:
+    "The ASGI application serving `rec` as endpoint `endpoint_name`'s variant `variant_name` (`swappable`: whether `POST /admin/model` may load another model)."
     async def http_error(request, exc):  # unknown route (404) or method (405)
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", request.app.state.slot.rec.version)
     app = Starlette(routes=[
         Route("/ping", endpoint(ping), methods=["GET"]),
         Route("/invocations", endpoint(invocations), methods=["POST"]),
+        Route("/endpoints/{endpoint_name}/invocations", runtime_invocations, methods=["POST"]),
         Route("/recommendations/{user_id:path}", endpoint(recommendations_get), methods=["GET"]),   # ids may contain '/' 
         Route("/recommendations", endpoint(recommendations_post), methods=["POST"]),
         Route("/admin/model", endpoint(admin_model), methods=["GET", "POST"])],
         exception_handlers={HTTPException: http_error})
     app.router.redirect_slashes = False   # `/recommendations/` (an empty user) is a JSON 404, not a bare redirect
     app.state.slot, app.state.max_body, app.state.swappable = ModelSlot(rec), max_body, swappable
+    app.state.endpoint_name, app.state.variant_name = endpoint_name, variant_name
     return app
 
 # %% ../../nbs/api/42_serve.app.ipynb #a5d37e7d
@@ -160,4 +218,5 @@ def worker_app() -> Starlette:
     "The app of one of several worker processes (`uvicorn --factory`), configured by the parent through the environment."
     cfg = json.loads(os.environ[_WORKER_ENV])
     _one_thread()
-    return make_app(Recommender.load(cfg["model_dir"]), cfg["max_body"], swappable=False)
+    return make_app(Recommender.load(cfg["model_dir"]), cfg["max_body"], swappable=False,
+                    endpoint_name=cfg.get("endpoint_name", "ncf-local"), variant_name=cfg.get("variant_name", "AllTraffic"))

@@ -114,14 +114,17 @@ class IdIndex:
 
     def get(self, x) -> int|None: return self.index.get(self.key(x))
 
-    def indexes(self, ids:list) -> np.ndarray:
-        "Indexes of `ids`; `RequestError` naming the unknown ones."
+    def lookup(self, ids:list) -> list:
+        "Index of each id, None for an unknown one; one dict look-up per id, respelling only when one is missing."
         get = self.index.get
         out = [get(x) for x in ids]
-        if None in out:  # slow path: spelled differently, or unknown
-            out = [self.get(x) for x in ids]
-            if unknown := list(dict.fromkeys(x for x, i in zip(ids, out) if i is None)):
-                raise RequestError(f"unknown {self.what} id(s) {_show(unknown)}: not in this model's catalogue")
+        return [self.get(x) for x in ids] if None in out else out   # slow path: spelled differently, or unknown
+
+    def indexes(self, ids:list) -> np.ndarray:
+        "Indexes of `ids`; `RequestError` naming the unknown ones."
+        out = self.lookup(ids)
+        if unknown := list(dict.fromkeys(x for x, i in zip(ids, out) if i is None)):
+            raise RequestError(f"unknown {self.what} id(s) {_show(unknown)}: not in this model's catalogue")
         return np.fromiter(out, np.int64, len(out))
 
 # %% ../../nbs/api/41_serve.inference.ipynb #6782ea68
@@ -165,15 +168,29 @@ class Recommender:
 
 # %% ../../nbs/api/41_serve.inference.ipynb #c9a6fa4a
 @patch
-def rank(self:Recommender, user, items:list, top_k:int|None=None, return_scores:bool=False):
-    "The seed contract: `items` (ids) ranked for `user`, best first; unknown ids are a `RequestError`."
-    u = self.users.indexes([user])[0]
-    idx = self.items.indexes(items)
-    s = self.scorer.logits(u, idx)
+def rank(self:Recommender, user, items:list, top_k:int|None=None, return_scores:bool=False, details:bool=False):
+    """The seed contract: `items` (ids) ranked for `user`, best first, the model's unknown items after the known ones in request order.
+    An unknown user, or no known item, is a cold start: known items by popularity (ties in request order), then the unknown ones.
+    Answers the ids; `return_scores`: `{"items", "scores"}` (null for unknown items); `details`: that plus
+    `cold_start`, `unknown_items`, `unknown_user`, `model_version`."""
+    u = self.users.index.get(user)
+    if u is None: u = self.users.get(user)
+    pos, unknown = self.items.lookup(items), []
+    if None in pos:   # new SKUs: ranked after the known ones, in request order
+        unknown = [x for x, i in zip(items, pos) if i is None]
+        pos = [i for i in pos if i is not None]
+    idx = np.fromiter(pos, np.int64, len(pos))
+    cold = u is None or not len(pos)
+    s = self.popularity[idx] if cold else self.scorer.logits(u, idx)
     order = np.argsort(-s, kind="stable")[:top_k]
     ids = self.items.ids
     ranked = [ids[i] for i in idx[order].tolist()]
-    return {"items": ranked, "scores": _sigmoid(s[order]).tolist()} if return_scores else ranked
+    if unknown: ranked = (ranked + unknown)[:top_k]
+    if not (return_scores or details): return ranked
+    scores = (s[order] if cold else _sigmoid(s[order])).tolist()
+    out = {"items": ranked, "scores": (scores + [None]*len(unknown))[:len(ranked)]}
+    if details: out.update(cold_start=cold, unknown_items=list(dict.fromkeys(unknown)), unknown_user=u is None, model_version=self.version)
+    return out
 
 # %% ../../nbs/api/41_serve.inference.ipynb #e5b56f19
 @patch
@@ -224,6 +241,7 @@ class Query:
     items:list
     top_k:int|None=None
     return_scores:bool=False
+    details:bool=False
 
 @dataclass(frozen=True)
 class Batch:
@@ -231,7 +249,7 @@ class Batch:
     queries:list
     batch:bool   # the body was an array: answer with an array
 
-QUERY_FIELDS = ("user", "item", "top_k", "return_scores")
+QUERY_FIELDS = ("user", "item", "top_k", "return_scores", "details")
 
 # %% ../../nbs/api/41_serve.inference.ipynb #db105930
 def _type(x) -> str: return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
@@ -260,9 +278,10 @@ def parse_query(q, where:str="") -> Query:
     elif not _is_id(user): raise RequestError(f"{where}'user' must be an id or an array of ids, got {_type(user)}")
     top = q.get("top_k")
     if top is not None and (type(top) is not int or not 1 <= top <= MAX_K): raise RequestError(f"{where}'top_k' must be an integer in 1..{MAX_K}, got {json.dumps(top)[:50]}")
-    scores = q.get("return_scores", False)
+    scores, details = q.get("return_scores", False), q.get("details", False)
     if type(scores) is not bool: raise RequestError(f"{where}'return_scores' must be true or false, got {_type(scores)}")
-    return Query(user, items, top, scores)
+    if type(details) is not bool: raise RequestError(f"{where}'details' must be true or false, got {_type(details)}")
+    return Query(user, items, top, scores, details)
 
 # %% ../../nbs/api/41_serve.inference.ipynb #da234600
 def media_type(header:str|None) -> str: return (header or "").split(";")[0].strip().lower()
@@ -345,10 +364,10 @@ class Prediction:
     batch:bool
 
 def predict_fn(data:Batch, model:Recommender) -> Prediction:
-    "Rank every query's candidates; unknown user or item ids are a `RequestError` naming them."
+    "Rank every query's candidates with `Recommender.rank` (unknown ids are tolerated: cold start or ranked last)."
     out = []
     for n, q in enumerate(data.queries):
-        try: out.append(model.rank(q.user, q.items, q.top_k, q.return_scores))
+        try: out.append(model.rank(q.user, q.items, q.top_k, q.return_scores, q.details))
         except RequestError as e:
             if data.batch: raise RequestError(f"[{n}]: {e}", e.status) from None
             raise
