@@ -47,7 +47,7 @@ nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
 
 # Developer helpers: regenerate what `check` verifies.
 export: $(STAMP)
