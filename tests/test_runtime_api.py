@@ -139,8 +139,9 @@ def test_runtime_client_after_the_server_stops(rec):
 
 
 def test_several_workers_answer_as_the_variant(rec):
+    # a long timeout: on a loaded machine uvicorn's 5 s health check can kill a worker still importing torch, and restart it
     proc = _launch(trained_models()["a"], port=0, workers=2, log_path=workdir() / "runtime-api-workers.log",
-                   endpoint_name=ENDPOINT, variant_name="Challenger")
+                   endpoint_name=ENDPOINT, variant_name="Challenger", timeout=180)
     try:
         with RuntimeClient(proc.url, ENDPOINT) as rc:
             status, out, variant = rc.invoke(json.dumps({"user": rec.users.ids[2], "item": rec.items.ids[:5]}).encode())

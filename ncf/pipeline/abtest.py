@@ -70,7 +70,8 @@ def replay(experiment, rank, requests, sink, k:int=10) -> int:
 # %% ../../nbs/api/58_pipeline.abtest.ipynb #d53edc4e
 def _index(ids) -> np.ndarray:
     "Shop indexes of catalogue ids such as `C0000042` or `SKU-000123`."
-    return np.array([int(re.sub(r"\D", "", str(x)) or -1) for x in ids], dtype=np.int64)
+    uniq, inv = np.unique(np.asarray(ids).astype(str), return_inverse=True)   # parse each distinct id once
+    return np.array([int(re.sub(r"\D", "", x) or -1) for x in uniq], dtype=np.int64)[inv.ravel()]
 
 @dataclass(frozen=True)
 class ClickModel:
