@@ -4,7 +4,6 @@ HTTP client, and the real boto3 `sagemaker-runtime` client)."""
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,9 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import venv_bin
 from serve_helpers import trained_models, workdir
-from ncf.serve.client import free_port, launch
+from ncf.serve.client import launch, launch_gateway
 from ncf.serve.gateway import handle, service_from_env
 from ncf.serve.inference import Recommender
 from ncf.serve.store import load_features, open_store
@@ -57,21 +55,8 @@ def flush(url: str):
     redis.Redis.from_url(url).flushdb()
 
 
-def gateway(store_url: str, endpoint_url: str, *extra: str, log: Path) -> subprocess.Popen:
-    "`ncf_gateway` on a free port, once its /ping answers."
-    port = free_port()
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([venv_bin("ncf_gateway"), "--store", store_url, "--endpoint-url", endpoint_url, "--endpoint-name", ENDPOINT,
-                                 "--port", str(port), *extra], stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(proc.url + "/ping", timeout=1).status_code == 200: return proc
-        except httpx.HTTPError: pass
-        if proc.poll() is not None: break
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"ncf_gateway did not start: {log.read_text()[-2000:]}")
+def gateway(store_url: str, endpoint_url: str, *options: str, log: Path):
+    return launch_gateway(store_url, endpoint_url, port=0, log_path=log, endpoint_name=ENDPOINT, options=options)
 
 
 def stop(proc):
