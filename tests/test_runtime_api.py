@@ -107,9 +107,9 @@ def test_runtime_client_matches_boto3(server, sm, rec):
         assert status == 400 and "Challenger" in json.loads(out)["message"]
         status, out, _ = rc.invoke(b'{"user": ')
         assert status == 424 and json.loads(out)["OriginalStatusCode"] == 400
-        conn = rc._conn
+        conn = rc._sock
         for _ in range(20): assert rc.invoke(body)[0] == 200
-        assert rc._conn is conn   # one keep-alive connection for every call
+        assert rc._sock is conn   # one keep-alive connection for every call
     with RuntimeClient(server.url, "other", timeout_s=10) as rc:
         assert rc.invoke(body)[0] == 400
 

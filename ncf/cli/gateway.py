@@ -9,33 +9,63 @@ from ..core import ConfigError, extra
 from ..options import Parser, command
 
 # %% auto #0
-__all__ = ['gateway_app', 'parser', 'lambda_env', 'main']
+__all__ = ['read_body', 'proxy_event', 'gateway_app', 'parser', 'lambda_env', 'main']
 
 # %% ../../nbs/api/76_cli.gateway.ipynb #91409779
-def gateway_app(service=None):
-    "The local gateway's ASGI app: every request as an HTTP API proxy event to `ncf.serve.gateway.handle`."
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import Response
-    from starlette.routing import Route
-    from ncf.core import RequestError
-    from ncf.serve.app import read_body
+async def read_body(scope:dict, receive, limit:int) -> bytes|None:
+    "The request's body, or None when it is over `limit` bytes (declared or sent) or the client went away."
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+    if declared.isdigit() and int(declared) > limit: return None
+    chunks, size = [], 0
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect": return None
+        chunks.append(m.get("body", b"")); size += len(chunks[-1])
+        if size > limit: return None
+        if not m.get("more_body"): return b"".join(chunks)
+
+def proxy_event(scope:dict, body:bytes) -> dict:
+    "The HTTP API (2.0) proxy event of an ASGI request, as API Gateway builds it: repeated headers joined by commas."
+    headers = {}
+    for k, v in scope["headers"]:
+        k, v = k.decode("latin-1"), v.decode("latin-1")
+        headers[k] = f"{headers[k]},{v}" if k in headers else v
+    try: text, b64 = body.decode(), False
+    except UnicodeDecodeError: text, b64 = base64.b64encode(body).decode(), True
+    return {"version": "2.0", "rawPath": scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"],
+            "rawQueryString": scope["query_string"].decode("latin-1"), "headers": headers,
+            "requestContext": {"http": {"method": scope["method"]}, "requestId": uuid.uuid4().hex}, "body": text, "isBase64Encoded": b64}
+
+# %% ../../nbs/api/76_cli.gateway.ipynb #0df092b7
+_HEALTHY = {"statusCode": 200, "headers": {"Content-Type": "application/json"}, "body": '{"status": "healthy"}'}
+
+def gateway_app(service=None, threads:int=32):
+    "The local gateway's ASGI app: every request as an HTTP API proxy event to `ncf.serve.gateway.handle`, on `threads` threads."
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from ncf.serve.gateway import MAX_BODY, handle, proxy_response, service_from_env
     svc = service if service is not None else service_from_env()
-    answer = lambda r: Response(r["body"], r["statusCode"], r["headers"])
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="ncf-gateway")
+    too_big = proxy_response(413, {"error": f"request body over the limit of {MAX_BODY:,} bytes", "status": 413})
 
-    async def proxy(request):
-        try: body = await read_body(request, MAX_BODY)
-        except RequestError as e: return answer(proxy_response(e.status, {"error": str(e), "status": e.status}))
-        try: text, b64 = body.decode(), False
-        except UnicodeDecodeError: text, b64 = base64.b64encode(body).decode(), True
-        event = {"version": "2.0", "rawPath": request.url.path, "rawQueryString": request.url.query, "headers": dict(request.headers),
-                 "requestContext": {"http": {"method": request.method}, "requestId": uuid.uuid4().hex}, "body": text, "isBase64Encoded": b64}
-        return answer(await run_in_threadpool(handle, svc, event))
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan": return await _lifespan(receive, send, pool)
+        if scope["type"] != "http": raise ValueError(f"ncf_gateway serves HTTP only, not {scope['type']}")
+        if scope["path"] == "/ping" and scope["method"] == "GET": r = _HEALTHY
+        elif (body := await read_body(scope, receive, MAX_BODY)) is None: r = too_big
+        else: r = await asyncio.get_running_loop().run_in_executor(pool, handle, svc, proxy_event(scope, body))
+        out = base64.b64decode(r["body"]) if r.get("isBase64Encoded") else r["body"].encode()
+        headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in r["headers"].items()]
+        await send({"type": "http.response.start", "status": r["statusCode"], "headers": headers + [(b"content-length", b"%d" % len(out))]})
+        await send({"type": "http.response.body", "body": out})
+    return app
 
-    async def ping(request): return Response(b'{"status": "healthy"}', 200, {"Content-Type": "application/json"})
-    return Starlette(routes=[Route("/ping", ping, methods=["GET"]),
-                             Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])])
+async def _lifespan(receive, send, pool):
+    while True:
+        m = await receive()
+        if m["type"] == "lifespan.startup": await send({"type": "lifespan.startup.complete"})
+        elif m["type"] == "lifespan.shutdown":
+            pool.shutdown(wait=False); await send({"type": "lifespan.shutdown.complete"}); return
 
 # %% ../../nbs/api/76_cli.gateway.ipynb #26fdb5ae
 def parser() -> Parser:

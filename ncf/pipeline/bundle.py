@@ -246,7 +246,7 @@ def serving_archive(model_dir, out, wheels=None) -> dict:
 
 # %% ../../nbs/api/55_pipeline.bundle.ipynb #9d63c383
 LAMBDA_PYTHON = "3.12"   # the template's Runtime: python3.12
-LAMBDA_PACKAGES = ("boto3", "botocore", "redis")   # redis: the recommendation Lambda's store client
+LAMBDA_PACKAGES = ("boto3", "botocore", "redis", "hiredis")   # redis: the recommendation Lambda's store client; hiredis: its C parser
 
 class BundleError(NCFError):
     "A code bundle is missing something it must carry: the message names the bundle and the part."

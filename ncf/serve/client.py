@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/44_serve.client.ipynb #11b5862d
 from __future__ import annotations
-import http.client, json, os, signal, socket, subprocess, sys, tempfile, time
+import http.client, json, os, re, signal, socket, subprocess, sys, tempfile, time
 import urllib.error, urllib.parse, urllib.request
 from pathlib import Path
 from ..core import NCFError
@@ -83,54 +83,84 @@ def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log
 class EndpointUnreachable(NCFError, ConnectionError):
     "The endpoint did not answer: refused, timed out, or dropped the connection twice."
 
+_HEADER_SAFE = re.compile(r"[\x20-\x7e]{1,1024}")   # printable ASCII: nothing that could end a header line
+
 class RuntimeClient:
-    "SageMaker's runtime API (`InvokeEndpoint`) on one keep-alive connection, standard library only: one client per thread."
+    "SageMaker's runtime API (`InvokeEndpoint`) on one keep-alive connection, answers parsed by httptools: one client per thread."
     def __init__(self, endpoint_url:str, # the runtime API's base URL, `http://127.0.0.1:8080` for `ncf_serve`
                  endpoint_name:str,      # the endpoint's name, as in `/endpoints/{name}/invocations`
                  timeout_s:float=5.0,    # connect and read timeout of one attempt, in seconds
                  content_type:str="application/json", accept:str="application/json"):
         u = urllib.parse.urlsplit(endpoint_url)
         if u.scheme not in ("http", "https") or not u.hostname: raise NCFError(f"endpoint_url must be http(s)://host[:port], got {endpoint_url!r}")
+        if not all(_HEADER_SAFE.fullmatch(v) for v in (content_type, accept)): raise NCFError("content_type and accept must be printable header values")
         self.url, self.endpoint_name, self.timeout_s = endpoint_url, endpoint_name, timeout_s
-        self._conn_args = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection, u.hostname, u.port)
+        self._tls, self._addr = u.scheme == "https", (u.hostname, u.port or (443 if u.scheme == "https" else 80))
         self.path = f"{u.path.rstrip('/')}/endpoints/{urllib.parse.quote(endpoint_name, safe='')}/invocations"
-        self.headers = {"Content-Type": content_type, "Accept": accept}
-        self._conn = None
+        host = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
+        self._head = (f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nAccept: {accept}\r\n").encode()
+        self._sock = None
 
-    def _connect(self) -> http.client.HTTPConnection:
-        cls, host, port = self._conn_args
-        conn = cls(host, port, timeout=self.timeout_s)
-        conn.connect()   # http.client writes the headers and the body separately: without TCP_NODELAY the body waits for an ACK
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(self._addr, self.timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # a request is one write: send it now, not after the last ACK
+        if self._tls:
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._addr[0])
+        return sock
 
     def close(self):
         "Close the connection; the next `invoke` opens another."
-        if self._conn is not None: self._conn.close(); self._conn = None
+        if self._sock is not None: self._sock.close(); self._sock = None
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
 # %% ../../nbs/api/44_serve.client.ipynb #97acdfde
+class _Answer:
+    "One response as httptools parses it: headers (lower-cased names), body, whether it is complete and the connection stays open."
+    __slots__ = ("headers", "body", "complete", "keep_alive", "parser")
+    def __init__(self):
+        import httptools
+        self.headers, self.body, self.complete, self.keep_alive = {}, [], False, False
+        self.parser = httptools.HttpResponseParser(self)
+    def on_header(self, name:bytes, value:bytes): self.headers[name.lower()] = value
+    def on_headers_complete(self): self.keep_alive = self.parser.should_keep_alive()   # only meaningful while parsing
+    def on_body(self, body:bytes): self.body.append(body)
+    def on_message_complete(self): self.complete = True
+
+def _exchange(sock:socket.socket, request:bytes):
+    "Send `request`, read one answer: `(status, body, headers, keep_alive)`."
+    sock.sendall(request)
+    answer, got = _Answer(), 0
+    while not answer.complete:
+        data = sock.recv(65536)
+        if not data:
+            if not got: raise http.client.RemoteDisconnected("the connection closed before any answer")
+            raise http.client.IncompleteRead(b"".join(answer.body))
+        got += len(data); answer.parser.feed_data(data)
+    return answer.parser.get_status_code(), b"".join(answer.body), answer.headers, answer.keep_alive
+
+# %% ../../nbs/api/44_serve.client.ipynb #c9d09b8c
 def _invoke(self:RuntimeClient, body:bytes, target_variant:str|None=None) -> tuple[int, bytes, str|None]:
     "POST `body` to the endpoint: `(status, response body, X-Amzn-Invoked-Production-Variant)`; `EndpointUnreachable` if no answer."
-    headers = {**self.headers, "Content-Length": str(len(body))}
-    if target_variant is not None: headers["X-Amzn-SageMaker-Target-Variant"] = target_variant
+    if target_variant is not None and not _HEADER_SAFE.fullmatch(target_variant): raise NCFError(f"target_variant {target_variant[:80]!r} is not a header value")
+    variant = b"" if target_variant is None else b"X-Amzn-SageMaker-Target-Variant: %s\r\n" % target_variant.encode()
+    request = b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, variant, len(body), body)
+    from httptools import HttpParserError
     for attempt in (1, 2):
-        reused = self._conn is not None
+        reused = self._sock is not None
         try:
-            if not reused: self._conn = self._connect()
-            self._conn.request("POST", self.path, body, headers)
-            r = self._conn.getresponse()
-            data = r.read()
-        except (ConnectionError, http.client.BadStatusLine) as e:   # BadStatusLine: closed before any answer
+            if not reused: self._sock = self._connect()
+            status, data, headers, keep_alive = _exchange(self._sock, request)
+        except ConnectionError as e:   # reset, broken pipe, or closed before any answer (RemoteDisconnected)
             self.close()
             if reused and attempt == 1: continue   # an idle keep-alive connection the server had closed: once more, on a new one
             raise EndpointUnreachable(f"{self.url}{self.path}: {type(e).__name__}: {e}") from None
-        except (OSError, http.client.HTTPException) as e:   # timeout, refused, a truncated answer: not retried
+        except (OSError, http.client.HTTPException, HttpParserError) as e:   # timeout, refused, a truncated or malformed answer: not retried
             self.close()
             raise EndpointUnreachable(f"{self.url}{self.path}: {type(e).__name__}: {e}") from None
-        if r.will_close: self.close()
-        return r.status, data, r.getheader("x-amzn-invoked-production-variant")
+        if not keep_alive: self.close()
+        return status, data, headers[b"x-amzn-invoked-production-variant"].decode() if b"x-amzn-invoked-production-variant" in headers else None
 
 RuntimeClient.invoke = _invoke   # a method in a cell of its own, without fastcore's @patch: the Lambda has no fastcore
 
