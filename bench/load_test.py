@@ -1,12 +1,12 @@
 """Load test in one command: start `ncf_serve` on a model directory, run Locust headless against it on
-127.0.0.1, and print requests/s, failures and p50/p95/p99 latency for each scenario, with the CPU
+127.0.0.1, and print requests/s, failures and p50/p95/p99 latency of the seed scenario, with the CPU
 that the server, Locust and everything else on the machine used during the run.
 
-    .venv/bin/python bench/load_test.py --model-dir /tmp/model --scenario seed --duration 60
-    .venv/bin/python bench/load_test.py --model-dir /tmp/model --scenario topk --duration 60
+    .venv/bin/python bench/load_test.py --model-dir /tmp/model --duration 60
 
-Scenarios (see bench/locustfile.py): `seed` is POST /invocations with one user and 25 candidates;
-`topk` is GET /recommendations/{user}?k=10 over the whole catalogue, training items excluded.
+The scenario (see bench/locustfile.py), `seed`, is POST /invocations with one user and 25 candidates:
+what the endpoint serves. The recommendation path (client -> gateway -> feature store -> endpoint)
+is measured by bench/bench_realtime.py.
 
 The load generator runs on the same machine as the server, so the two compete for the cores. The
 report accounts for it over the exact load window (measured inside Locust, see the locustfile):
@@ -29,7 +29,7 @@ from pathlib import Path
 from ncf.serve.client import launch
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = {"seed": ("SeedUser", 2500, 20), "topk": ("TopKUser", 1000, 50)}  # class, target req/s, target p99 ms
+SCENARIOS = {"seed": ("SeedUser", 2500, 20)}  # class, target req/s, target p99 ms
 
 
 def locust(url: str, user_class: str, users: int, seconds: int, csv_prefix: Path, env: dict, log: Path) -> int:
@@ -87,7 +87,7 @@ def report(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", required=True, type=Path)
-    p.add_argument("--scenario", choices=("seed", "topk", "both"), default="both")
+    p.add_argument("--scenario", choices=tuple(SCENARIOS), default="seed")
     p.add_argument("--duration", type=int, default=60, help="seconds of measured load per scenario")
     p.add_argument("--warmup", type=int, default=5, help="seconds of unmeasured load first")
     p.add_argument("--users", type=int, default=16, help="concurrent Locust users (closed loop)")
@@ -101,9 +101,8 @@ def main(argv=None) -> int:
     results = []
     try:
         print(f"server {proc.url} (pid {proc.pid}), model {args.model_dir}; Locust logs and CSVs in {workdir}", flush=True)
-        for name in (("seed", "topk") if args.scenario == "both" else (args.scenario,)):
-            results.append(run_scenario(name, proc.url, proc.pid, args, workdir))
-            print(report(results[-1]), flush=True)
+        results.append(run_scenario(args.scenario, proc.url, proc.pid, args, workdir))
+        print(report(results[-1]), flush=True)
     finally:
         proc.terminate(); proc.wait(timeout=30)
     if args.json: args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,12 +1,11 @@
 """Locust load for `ncf_serve`; `bench/load_test.py` runs it headless and reports the figures.
 
-Two user classes, picked on the command line (`locust -f bench/locustfile.py SeedUser`):
-
-- `SeedUser`: the seed request, `POST /invocations` with one user and 25 candidate items;
-- `TopKUser`: full-catalogue top-10, `GET /recommendations/{user}?k=10` (training items excluded).
+One user class, named on the command line (`locust -f bench/locustfile.py SeedUser`): `SeedUser`
+sends the seed request, `POST /invocations` with one user and 25 candidate items, what the endpoint
+serves. The recommendation path through the gateway is measured by `bench/bench_realtime.py`.
 
 Users and items are drawn from the catalogue of the model directory in `NCF_MODEL_DIR`, so every
-request names known ids. Bodies and paths are built once, before the run, so that Locust spends
+request names known ids. Bodies are built once, before the run, so that Locust spends
 its CPU on HTTP and not on building requests. `NCF_USER_RATE` (requests/s per Locust user) paces the
 run with `constant_throughput`; unset, each user sends its next request as soon as the answer arrives.
 
@@ -19,7 +18,6 @@ import os
 import random
 import resource
 import time
-import urllib.parse
 from pathlib import Path
 
 import gevent
@@ -36,7 +34,6 @@ _users = pd.read_parquet(MODEL_DIR / "users.parquet").user_id.tolist()
 _items = pd.read_parquet(MODEL_DIR / "items.parquet").item_id.tolist()
 SEED_BODIES = [json.dumps({"user": [u] * CANDIDATES, "item": _rng.sample(_items, CANDIDATES)}).encode()
                for u in (_rng.choice(_users) for _ in range(4096))]
-TOPK_PATHS = [f"/recommendations/{urllib.parse.quote(str(u), safe='')}?k=10" for u in _users]
 
 
 class _Base(FastHttpUser):
@@ -48,12 +45,6 @@ class SeedUser(_Base):
     @task
     def seed(self):
         self.client.post("/invocations", data=random.choice(SEED_BODIES), headers=JSON, name="POST /invocations (25 candidates)")
-
-
-class TopKUser(_Base):
-    @task
-    def top10(self):
-        self.client.get(random.choice(TOPK_PATHS), name="GET /recommendations/{user}?k=10")
 
 
 # -- accounting of the load window -------------------------------------------------------------

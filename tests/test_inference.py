@@ -1,15 +1,14 @@
 """The inference path on trained models: numpy scoring against PyTorch, the SageMaker handler chain,
-the recommendation business rules (seen items, exclude list, categories, cold start, k), and
-client errors that name what is wrong."""
+unknown ids and cold start, and client errors that name what is wrong. (The business rules of a
+recommendation, seen items, exclude list, categories, k, are the gateway's: tests/test_realtime.py.)"""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from ncf.core import ModelError, RequestError
-from ncf.serve.inference import MAX_K, Recommender, input_fn, model_fn, output_fn, predict_fn
+from ncf.serve.inference import Recommender, input_fn, model_fn, output_fn, predict_fn
 from ncf.model.nets import score_matrix
 from serve_helpers import damaged_copy, int_model, trained_models
 
@@ -69,8 +68,8 @@ def test_integer_catalogue_takes_numeric_strings():
     r = model_fn(int_model())
     got = handle(r, json.dumps({"user": ["11", 11, 11], "item": ["105", 100, 109]}))
     assert sorted(got) == [100, 105, 109] and all(type(i) is int for i in got)
-    assert r.recommend("21", k=3)["cold_start"] is False   # user 21 exists: a path segment is a string
-    assert r.recommend("x21", k=3)["cold_start"] is True
+    assert r.rank("21", [100, 101], details=True)["unknown_user"] is False   # user 21 exists: "21" is the integer id
+    assert r.rank("x21", [100, 101], details=True)["unknown_user"] is True
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -213,60 +212,6 @@ def test_content_type_and_accept(rec):
     assert e.value.status == 415
     with pytest.raises(RequestError) as e: handle(rec, json.dumps({"user": rec.users.ids[0], "item": rec.items.ids[:1]}), accept="text/csv")
     assert e.value.status == 406
-
-
-def test_recommendations_exclude_training_items_and_rank_the_rest(rec, torch_scores):
-    for u in range(0, len(rec.users), 7):
-        r = rec.recommend(rec.users.ids[u], k=20)
-        seen = set(rec.seen(u).tolist())
-        assert len(seen) > 0 and not seen & {rec.items.index[i] for i in r["items"]}
-        s = torch_scores[u].copy(); s[list(seen)] = -np.inf
-        assert [rec.items.index[i] for i in r["items"]] == list(np.argsort(-s, kind="stable")[:20])
-        assert r["cold_start"] is False and r["user"] == rec.users.ids[u]
-
-
-def test_seen_items_match_the_model_directory(rec):
-    seen = pd.read_parquet(rec.md.path / "seen.parquet")
-    for u in (0, 5, 77):
-        assert sorted(rec.seen(u).tolist()) == sorted(seen[seen.user == u].item.tolist())
-
-
-def test_exclude_list_and_candidates(rec):
-    uid = rec.users.ids[4]
-    top = rec.recommend(uid, k=5)["items"]
-    again = rec.recommend(uid, k=5, exclude=top[:2] + ["SKU-unknown"])["items"]
-    assert again[:3] == top[2:] and not set(again) & set(top[:2])
-    seen = [rec.items.ids[i] for i in rec.seen(4)[:2]]
-    cand = rec.recommend(uid, k=10, items=seen + top[:3], exclude=[top[0]])["items"]
-    assert cand == top[1:3]   # training items and the excluded one are dropped, the order kept
-
-
-def test_category_filter(rec):
-    items = pd.read_parquet(rec.md.path / "items.parquet").set_index("item_id")
-    cats = items.category.value_counts().index[:2].tolist()
-    r = rec.recommend(rec.users.ids[0], k=30, categories=[c.upper() for c in cats])
-    assert r["items"] and set(items.loc[r["items"], "category"]) <= set(cats)
-    with pytest.raises(RequestError, match="unknown category"): rec.recommend(rec.users.ids[0], categories=["no-such-category"])
-    g = model_fn(int_model())
-    assert set(g.recommend("1", k=10, categories=["drama"])["items"]) <= {100, 103, 106, 109}
-
-
-def test_cold_start_is_popularity(rec):
-    items = pd.read_parquet(rec.md.path / "items.parquet").sort_values(["train_count", "item"], ascending=[False, True])
-    r = rec.recommend("someone-new", k=10)
-    assert r["cold_start"] is True and r["user"] == "someone-new"
-    assert r["items"] == items.item_id.tolist()[:10]
-    assert r["scores"] == sorted(r["scores"], reverse=True) and 0 < sum(r["scores"]) <= 1
-
-
-@pytest.mark.parametrize("k", [0, -1, MAX_K + 1, 2.5, True, "5"])
-def test_k_bounds(rec, k):
-    with pytest.raises(RequestError, match="k must be an integer"): rec.recommend(rec.users.ids[0], k=k)
-
-
-def test_k_larger_than_what_is_left(rec):
-    r = rec.recommend(rec.users.ids[0], k=MAX_K)
-    assert len(r["items"]) == len(rec.items) - len(rec.seen(0)) < MAX_K
 
 
 def test_damaged_model_never_loads(tmp_path):

@@ -1,5 +1,6 @@
-"""The real server on a free loopback port: SageMaker contract, recommendation API, bad input, the
-admin API, a hot swap under concurrent load with no failed request, and a fuzz test."""
+"""The real server on a free loopback port: SageMaker contract, bad input, the admin API, a hot swap
+under concurrent load with no failed request, and a fuzz test; and the recommendation API, which is the
+gateway's (`ncf_gateway` over this server and a feature store), for what tests/test_realtime.py leaves out."""
 import json
 import socket
 import urllib.parse
@@ -7,17 +8,18 @@ import threading
 import time
 
 import httpx
-import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from ncf.core import NCFError
-from ncf.serve.inference import MAX_K, Recommender
+from ncf.serve.inference import Recommender
 from ncf.serve.app import MAX_BODY, make_app
-from ncf.serve.client import current_version, free_port, swap_model
+from ncf.serve.client import current_version, free_port, launch_gateway, swap_model
 from ncf.serve.client import launch as _launch
+from ncf.serve.recommend import MAX_K
+from ncf.serve.store import load_features, open_store
 from serve_helpers import damaged_copy, diverged_copy, trained_models, workdir
 
 JSON = {"content-type": "application/json"}
@@ -94,58 +96,56 @@ def test_invocations_tolerate_unknown_ids(http, recs):
     assert doc["scores"] == sorted(doc["scores"], reverse=True)
 
 
-# -- the recommendation API ----------------------------------------------------------------------
+# -- the recommendation API: the gateway's, over this server --------------------------------------
+# tests/test_realtime.py has the path end to end (seen items, one category, k=0, exclude, cold start,
+# fallbacks); here: default k, several categories, GET exclude, and the 4xx answers it leaves out.
 
-def test_top_k_excludes_training_items(http, recs, models):
-    rec, seen = recs["a"], pd.read_parquet(models["a"] / "seen.parquet")
-    for u in (0, 17, len(rec.users) - 1):
-        uid = rec.users.ids[u]
-        r = http.get(f"/recommendations/{uid}", params={"k": 25})
-        doc = r.json()
-        assert r.status_code == 200 and r.headers["x-model-version"] == doc["model_version"] == rec.version
-        assert len(doc["items"]) == 25 and doc["cold_start"] is False
-        trained = {rec.items.ids[i] for i in seen[seen.user == u].item}
-        assert trained and not trained & set(doc["items"])
-        assert doc["items"] == rec.recommend(uid, k=25)["items"]
-
-
-def test_default_k_is_10(http, recs):
-    assert len(http.get(f"/recommendations/{recs['a'].users.ids[1]}").json()["items"]) == 10
+@pytest.fixture(scope="module")
+def gateway(server, tmp_path_factory):
+    store_url = f"sqlite://{tmp_path_factory.mktemp('store') / 'store.db'}"
+    store = open_store(store_url)
+    try: load_features(store, next((workdir() / "shop" / "data").glob("dt=*")))   # the partition the models learned from
+    finally: store.close()
+    proc = launch_gateway(store_url, server.url, port=0, log_path=workdir() / "gateway.log")
+    yield proc
+    proc.terminate(); proc.wait(timeout=30)
 
 
-def test_categories_and_exclude(http, recs, models):
-    rec = recs["a"]
-    meta = pd.read_parquet(models["a"] / "items.parquet").set_index("item_id")
-    cats = meta.category.value_counts().index[:2].tolist()
-    uid = rec.users.ids[3]
-    doc = http.get(f"/recommendations/{uid}", params={"k": 20, "category": ",".join(cats)}).json()
-    assert doc["items"] and set(meta.loc[doc["items"], "category"]) <= set(cats)
-    repeated = http.get(f"/recommendations/{uid}", params=[("k", "20"), ("category", cats[0]), ("category", cats[1])]).json()
-    assert repeated["items"] == doc["items"]
-    top = http.get(f"/recommendations/{uid}?k=5").json()["items"]
-    rest = http.get(f"/recommendations/{uid}", params={"k": 5, "exclude": ",".join(top[:2])}).json()["items"]
-    assert rest[:3] == top[2:]
+def test_gateway_default_k_categories_and_exclude(gateway, recs):
+    rec, url = recs["a"], f"{gateway.url}/recommendations/{recs['a'].users.ids[3]}"
+    category = {i: c.casefold() for i, c in zip(rec.md.items.item_id, rec.md.items.category)}
+    assert len(httpx.get(url).json()["items"]) == 10
+    cats = sorted(rec.categories)[:2]
+    listed = httpx.get(url, params={"k": 20, "category": ",".join(cats)}).json()
+    assert listed["items"] and {category[i] for i in listed["items"]} <= set(cats) and listed["fallback"] is None
+    assert httpx.get(url, params=[("k", "20"), ("category", cats[0].upper()), ("category", cats[1])]).json()["items"] == listed["items"]
+    posted = httpx.post(f"{gateway.url}/recommendations", json={"user": rec.users.ids[3], "k": 20, "categories": cats}).json()
+    assert posted["items"] == listed["items"]
+    top = httpx.get(url, params={"k": 5}).json()["items"]
+    rest = httpx.get(url, params={"k": 5, "exclude": ",".join(top[:2])}).json()["items"]
+    assert len(rest) == 5 and not set(top[:2]) & set(rest)
 
 
-def test_post_form(http, recs):
-    rec = recs["a"]
-    uid, top = rec.users.ids[8], rec.recommend(rec.users.ids[8], k=6)["items"]
-    r = http.post("/recommendations", json={"user": uid, "k": 3, "items": top + rec.items.ids[:5], "exclude": [top[0]]})
-    assert r.status_code == 200
-    assert r.json()["items"] == rec.recommend(uid, k=3, items=top + rec.items.ids[:5], exclude=[top[0]])["items"]
-    assert r.json()["items"][:2] == top[1:3]
-    cat = rec.md.items.category.iloc[0]
-    doc = http.post("/recommendations", json={"user": uid, "categories": cat, "k": 5}).json()
-    assert set(rec.md.items.set_index("item_id").loc[doc["items"], "category"]) == {cat}
+GATEWAY_BAD = [  # method, query or JSON body, status, fragment of the error
+    ("get", {"k": MAX_K + 1}, 400, "'k' must be an integer in 1..100"),
+    ("get", {"k": "ten"}, 400, "'k' must be an integer"),
+    ("get", {"items": "SKU-1"}, 400, "unknown query parameter(s) ['items']"),
+    ("post", {"k": 3}, 400, "'user' must be"),
+    ("post", {"user": "C0000001", "exclude": "SKU-000001"}, 400, "'exclude' must be an array"),
+    ("post", {"user": "C0000001", "items": ["SKU-1"]}, 400, "unknown field(s) ['items']"),
+]
 
 
-def test_cold_start(http, recs):
-    rec = recs["a"]
-    items = rec.md.items.sort_values(["train_count", "item"], ascending=[False, True]).item_id.tolist()
-    doc = http.get("/recommendations/brand-new-customer?k=5").json()
-    assert doc["cold_start"] is True and doc["items"] == items[:5] and doc["user"] == "brand-new-customer"
-    doc = http.post("/recommendations", json={"user": "another-one", "k": 3, "exclude": items[:1]}).json()
-    assert doc["cold_start"] is True and doc["items"] == items[1:4]
+@pytest.mark.parametrize("method,args,status,fragment", GATEWAY_BAD, ids=[f"{b[0]} {b[1]}" for b in GATEWAY_BAD])
+def test_gateway_bad_input(gateway, method, args, status, fragment):
+    if method == "get": r = httpx.get(f"{gateway.url}/recommendations/C0000001", params=args)
+    else: r = httpx.post(f"{gateway.url}/recommendations", json=args)
+    assert r.status_code == status and fragment in r.json()["error"], r.text
+
+
+def test_gateway_refuses_a_form_body(gateway):
+    r = httpx.post(f"{gateway.url}/recommendations", content=b"user=C1", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415 and "content type" in r.json()["error"], r.text
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -163,17 +163,9 @@ BAD = [  # method, path, kwargs, status, fragment of the error
     ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-000001"], "top_k": 0}}, 400, "top_k"),
     ("post", "/invocations", {"json": {"user": "C0000001", "item": ["SKU-000001"]}, "headers": {"accept": "text/csv"}}, 406, "Accept"),
     ("post", "/invocations", {"content": b"[" + b"1," * MAX_BODY + b"1]", "headers": JSON}, 413, "over the limit"),
-    ("get", "/recommendations/C0000001?k=0", {}, 400, "k must be an integer in 1..1000"),
-    ("get", f"/recommendations/C0000001?k={MAX_K + 1}", {}, 400, "k must be an integer"),
-    ("get", "/recommendations/C0000001?k=ten", {}, 400, "k must be an integer"),
-    ("get", "/recommendations/C0000001?kk=3", {}, 400, "unknown query parameter"),
-    ("get", "/recommendations/C0000001?category=no-such-thing", {}, 400, "unknown category"),
-    ("get", "/recommendations/C0000001?items=SKU-X", {}, 400, "unknown item id"),
-    ("post", "/recommendations", {"json": {"user": "C0000001", "k": -3}}, 400, "k must be"),
-    ("post", "/recommendations", {"json": {"k": 3}}, 400, "'user' must be an id"),
-    ("post", "/recommendations", {"json": {"user": "C0000001", "items": []}}, 400, "non-empty array"),
-    ("post", "/recommendations", {"json": {"user": "C0000001", "exclude": "SKU-000001"}}, 400, "'exclude' must be"),
-    ("post", "/recommendations", {"content": b"user=C1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, ""),
+    ("get", "/recommendations/C0000001?k=5", {}, 404, "Not Found"),   # the gateway's route, not the endpoint's
+    ("post", "/recommendations", {"json": {"user": "C0000001"}}, 404, "Not Found"),
+    ("get", "/ping/", {}, 404, "Not Found"),                            # a JSON 404, not a bare redirect
     ("get", "/nowhere", {}, 404, "Not Found"),
     ("get", "/invocations", {}, 405, "Method Not Allowed"),
     ("delete", "/ping", {}, 405, ""),
@@ -248,8 +240,8 @@ def test_swap_under_concurrent_load(models, recs, tmp_path):
                 i = (i + 1) % len(queries)
                 t0 = time.monotonic()
                 try:
-                    if i % 4 == 0:
-                        r = c.get(f"/recommendations/{queries[i]['user'][0]}?k=10")
+                    if i % 4 == 0:   # the body names its model too
+                        r = c.post("/invocations", json={**queries[i], "details": True})
                         ok = r.status_code == 200 and r.json()["model_version"] == r.headers["x-model-version"]
                     else:
                         r = c.post("/invocations", json=queries[i])
@@ -362,27 +354,18 @@ def query_strategy(rec):
     return st.one_of(near, near, st.lists(near, min_size=1, max_size=4), shapes, st.lists(shapes, max_size=3), junk)
 
 
-def rec_strategy(rec):
-    users, items, junk = _ids(rec)
-    cats = st.sampled_from(sorted(rec.categories)[:5] + ["no-such", "CAT-1"])
-    base = st.fixed_dictionaries({"user": st.one_of(users, st.text(max_size=8))},
-                                 optional={"k": st.integers(1, 60), "items": st.lists(items, min_size=1, max_size=20),
-                                           "categories": st.one_of(cats, st.lists(cats, min_size=1, max_size=3)),
-                                           "exclude": st.lists(st.one_of(items, st.integers()), max_size=10)})
-    return _mutate(base, ["user", "k", "items", "categories", "exclude", "other"], st.one_of(junk, st.integers(-5, 1100)))
-
-
 def request_strategy(rec):
     "(method, path, body bytes, content type): valid-ish JSON, raw bytes, odd paths and query strings."
-    json_body = st.one_of(query_strategy(rec), rec_strategy(rec)).map(lambda d: json.dumps(d).encode())
+    json_body = query_strategy(rec).map(lambda d: json.dumps(d).encode())
     raw = st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode), json_body.map(lambda b: b[: len(b) // 2]))
     ctype = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", "", "APPLICATION/JSON", "multipart/form-data"])
     path_seg = st.one_of(st.sampled_from(rec.users.ids[:20]), st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12))
-    query = st.lists(st.tuples(st.sampled_from(["k", "category", "exclude", "items", "x"]),
+    query = st.lists(st.tuples(st.sampled_from(["k", "user", "item", "x"]),
                                st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=10), st.sampled_from(rec.items.ids[:10]))), max_size=4)
-    post = st.tuples(st.just("POST"), st.sampled_from(["/invocations", "/recommendations"]), st.one_of(json_body, json_body, raw), ctype)
-    get = st.builds(lambda seg, q: ("GET", "/recommendations/" + urllib.parse.quote(seg, safe="")
-                                    + ("?" + urllib.parse.urlencode(q) if q else ""), b"", ""), path_seg, query)
+    post = st.tuples(st.just("POST"), st.just("/invocations"), st.one_of(json_body, json_body, raw), ctype)
+    get = st.builds(lambda root, seg, q: ("GET", root + urllib.parse.quote(seg, safe="")
+                                          + ("?" + urllib.parse.urlencode(q) if q else ""), b"", ""),
+                    st.sampled_from(["/", "/ping/", "/recommendations/", "/invocations/"]), path_seg, query)
     other = st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "PATCH"]), st.sampled_from(["/ping", "/invocations", "/admin/model", "/x"]), raw, ctype)
     return st.one_of(post, post, get, other)
 
@@ -413,18 +396,3 @@ def test_fuzz_in_process(recs):
 def test_fuzz_real_server(http, recs):
     rec = recs["a"]
     fuzz(http, rec, 600)
-
-
-def test_empty_user_is_a_json_404(http, recs):
-    # found by the fuzzer: the router used to answer this with a bare 307 redirect, without JSON or X-Model-Version
-    r = http.get("/recommendations/")
-    assert r.status_code == 404 and r.json()["status"] == 404 and "no user id" in r.json()["error"]
-    assert r.headers["x-model-version"] == recs["a"].version
-
-
-@pytest.mark.parametrize("path", ["/recommendations/%2F", "/recommendations//"])
-def test_a_slash_is_part_of_the_user_id(http, recs, path):
-    # uvicorn decodes %2F before routing; the id is the rest of the path, so both are the (unknown) user "/"
-    r = http.get(path)
-    assert r.status_code == 200 and r.json()["user"] == "/" and r.json()["cold_start"] is True
-    assert r.headers["x-model-version"] == recs["a"].version

@@ -16,7 +16,7 @@ from ..serve.client import current_version, launch, launch_gateway
 from ..serve.store import load_features, open_store
 
 # %% auto #0
-__all__ = ['fetch_json', 'show_recommendations', 'demo']
+__all__ = ['fetch_json', 'show_recommendations', 'recommendation_path', 'demo']
 
 # %% ../../nbs/api/59_pipeline.demo.ipynb #e8a3c59f
 def fetch_json(url:str, timeout:float=10) -> tuple[dict, dict]:
@@ -41,24 +41,24 @@ def show_recommendations(url:str, raw:Path, user_id:str, k:int=10) -> str:
         lines.append(f"   {rank:>2}. {item:<12} {items.get(item, ''):<8}" + (f" score {score:.3f}" if score is not None else ""))
     return "\n".join(lines)
 
-# %% ../../nbs/api/59_pipeline.demo.ipynb #15451829
-def _busiest_customer(model_dir) -> str:
-    "The original id of the customer with the most training interactions in a model directory (`seen.parquet`)."
-    seen = pd.read_parquet(Path(model_dir)/SEEN); users = pd.read_parquet(Path(model_dir)/USERS)
-    return str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
-
-# %% ../../nbs/api/59_pipeline.demo.ipynb #b91ccc25
-def _recommendation_path(work:Path, result, endpoint_url:str):
-    "Load the run's features into the demo's store and start the gateway over it and the endpoint (a process with `.url`)."
-    part = next(r.outputs["path"] for r in result.records if r.name == "Preprocess")
+# %% ../../nbs/api/59_pipeline.demo.ipynb #1025abc7
+def recommendation_path(partition, work, endpoint_url:str):
+    "Load the features of the preprocessed `partition` into the store `work/store.db`; start the gateway over it and the endpoint at `endpoint_url` (a process with `.url`)."
+    work = Path(work)
     store_url = f"sqlite://{(work/'store.db').resolve()}"
     store = open_store(store_url)
-    try: version = load_features(store, part)
+    try: version = load_features(store, partition)
     finally: store.close()
     gw = launch_gateway(store_url, endpoint_url, port=0, log_path=work/"gateway.log")
     print(f"== recommendation path: client -> local gateway {gw.url} (the recommendation Lambda) -> feature store {store_url} "
           f"(data version {version}) -> endpoint {endpoint_url}")
     return gw
+
+# %% ../../nbs/api/59_pipeline.demo.ipynb #15451829
+def _busiest_customer(model_dir) -> str:
+    "The original id of the customer with the most training interactions in a model directory (`seen.parquet`)."
+    seen = pd.read_parquet(Path(model_dir)/SEEN); users = pd.read_parquet(Path(model_dir)/USERS)
+    return str(users.user_id.iloc[int(seen.user.value_counts().index[0])])
 
 # %% ../../nbs/api/59_pipeline.demo.ipynb #f36c1683
 def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=None, user:str|None=None) -> int:
@@ -85,7 +85,7 @@ def demo(work=".demo", port:int=8080, keep_serving:bool=False, epochs:int|None=N
     gateway = None
     try:
         if user is None: user = _busiest_customer(prod.model_uri)
-        gateway = _recommendation_path(work, result, url)
+        gateway = recommendation_path(next(r.outputs["path"] for r in result.records if r.name == "Preprocess"), work, url)
         print(show_recommendations(gateway.url, raw, user))
     finally:
         if gateway is not None: gateway.terminate(); gateway.wait(timeout=30)
