@@ -38,6 +38,12 @@ def trained_models() -> dict:
 
 
 @functools.cache
+def shop_partition() -> Path:
+    "The preprocessed partition the session's models were trained on (`trained_models`), with its features."
+    trained_models()
+    return next((workdir() / "shop" / "data").glob("dt=*"))
+
+
 def int_model() -> Path:
     "A small model directory with random weights and integer ids (like MovieLens), with `genres` metadata."
     dest = workdir() / "ints"

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_helpers import trained_models, workdir
+from serve_helpers import shop_partition, trained_models, workdir
 from ncf.serve.client import launch, launch_gateway
 from ncf.serve.gateway import handle, service_from_env
 from ncf.serve.inference import Recommender
@@ -19,12 +19,6 @@ from ncf.serve.store import load_features, open_store
 
 pytestmark = pytest.mark.timeout(300)
 ENDPOINT = "ncf-local"
-
-
-def shop_partition() -> Path:
-    "The preprocessed partition the session's models were trained on (tests/serve_helpers.trained_models)."
-    trained_models()
-    return next((workdir() / "shop" / "data").glob("dt=*"))
 
 
 @pytest.fixture(scope="module")

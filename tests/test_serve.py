@@ -20,7 +20,7 @@ from ncf.serve.client import current_version, free_port, launch_gateway, swap_mo
 from ncf.serve.client import launch as _launch
 from ncf.serve.recommend import MAX_K
 from ncf.serve.store import load_features, open_store
-from serve_helpers import damaged_copy, diverged_copy, trained_models, workdir
+from serve_helpers import damaged_copy, diverged_copy, shop_partition, trained_models, workdir
 
 JSON = {"content-type": "application/json"}
 _logs = iter(range(10**6))
@@ -104,7 +104,7 @@ def test_invocations_tolerate_unknown_ids(http, recs):
 def gateway(server, tmp_path_factory):
     store_url = f"sqlite://{tmp_path_factory.mktemp('store') / 'store.db'}"
     store = open_store(store_url)
-    try: load_features(store, next((workdir() / "shop" / "data").glob("dt=*")))   # the partition the models learned from
+    try: load_features(store, shop_partition())   # the partition the models learned from
     finally: store.close()
     proc = launch_gateway(store_url, server.url, port=0, log_path=workdir() / "gateway.log")
     yield proc
