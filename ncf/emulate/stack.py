@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/64_emulate.stack.ipynb #0ba6597e
 from __future__ import annotations
-import base64, json, random, re, string, uuid
+import base64, hashlib, json, random, re, string, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -274,6 +274,7 @@ class Naming:
     arn: str|None = "Arn"     # the attribute that is its ARN
     limit: int = 64           # the longest name CloudFormation generates for it
     lower: bool = False       # generated names are lower-case (S3)
+    assigned: tuple = ()      # what only the API knows (an id, an address; "Ref" for what Ref gives): a stand-in until created
 
 def _generated(w:Resolved, logical_id:str, n:Naming) -> str:
     "The name CloudFormation generates for a resource without one: `{stack}-{logical id}-{12 random characters}`."
@@ -432,7 +433,7 @@ def _create_rule(w, r:Resource, p:dict):
         if out["FailedEntryCount"]: raise NCFError(f"{r.logical_id}: EventBridge refused targets {out['FailedEntries']}")
 
 def _create_function(w, r:Resource, p:dict):
-    "AWS::Lambda::Function: create_function from its zip in S3, which must be there."
+    "AWS::Lambda::Function: create_function from its zip in S3, which must be there; in a VPC, if its role may manage the network interfaces."
     code = p.pop("Code")
     if unknown := sorted(set(code) - {"S3Bucket", "S3Key", "S3ObjectVersion"}):
         raise UnsupportedResource(f"{r.logical_id} ({r.type}): Code {unknown} is not emulated (only S3Bucket, S3Key, S3ObjectVersion)")
@@ -443,6 +444,7 @@ def _create_function(w, r:Resource, p:dict):
     kw = _pop(p, "Description", "Runtime", "Handler", "Timeout", "MemorySize", "Architectures", "Layers", "TracingConfig", "EphemeralStorage", "KmsKeyArn")
     if env := p.pop("Environment", None): kw["Environment"] = {"Variables": {k: _text(v) for k, v in env.get("Variables", {}).items()}}
     if tags := p.pop("Tags", None): kw["Tags"] = {x["Key"]: x["Value"] for x in tags}
+    if vpc := p.pop("VpcConfig", None): kw["VpcConfig"] = _vpc_config(w, r, vpc, p["Role"])   # checked as Lambda checks it (below)
     out = w.client("lambda").create_function(FunctionName=r.name, Role=p.pop("Role"), Code=code, **kw)
     return {"Arn": out["FunctionArn"]}
 
@@ -528,6 +530,156 @@ def _create_schedule(w, r:Resource, p:dict):
                                                  "FlexibleTimeWindow", "Description", "GroupName", "State", "StartDate", "EndDate"))
     return {"Arn": out["ScheduleArn"]}
 
+# %% ../../nbs/api/64_emulate.stack.ipynb #498ea7a6
+def _stand_in(prefix:str, name:str, digits:int=17) -> str:
+    "An id the API will assign (`sg-` and 17 hex digits), derived from the resource's name: what `resolve` shows until it is created."
+    return f"{prefix}{'-' if prefix else ''}{hashlib.sha256(name.encode()).hexdigest()[:digits]}"
+
+def _group_values(n, p, w):
+    g = _stand_in("sg", n)
+    return g, {"GroupId": g, **({"VpcId": p["VpcId"]} if "VpcId" in p else {})}
+
+def _vpc_endpoint_values(n, p, w):
+    e = _stand_in("vpce", n)
+    return e, {"Id": e, "CreationTimestamp": "", "DnsEntries": [], "NetworkInterfaceIds": []}
+
+def _replication_group_values(n, p, w):
+    port = _text(p.get("Port", 6379))
+    return n, {"PrimaryEndPoint.Address": f"master.{n}.{_stand_in('', n, 6)}.{w.region}.cache.amazonaws.com", "PrimaryEndPoint.Port": port}
+
+def _api_values(n, p, w):
+    i = _stand_in("", n, 10)
+    return i, {"ApiId": i, "ApiEndpoint": f"https://{i}.execute-api.{w.region}.amazonaws.com"}
+
+def _id_values(attribute:str):
+    return lambda n, p, w: (i := _stand_in("", n, 7), {attribute: i})
+
+NAMES.update({   # the real-time stack's types (pipelines/realtime.yaml)
+    "AWS::EC2::SecurityGroup": Naming("GroupName", _group_values, arn=None, limit=255, assigned=("Ref", "GroupId")),
+    "AWS::EC2::VPCEndpoint": Naming(None, _vpc_endpoint_values, arn=None,
+                                    assigned=("Ref", "Id", "CreationTimestamp", "DnsEntries", "NetworkInterfaceIds")),
+    "AWS::ElastiCache::SubnetGroup": Naming("CacheSubnetGroupName", lambda n, p, w: (n, {}), arn=None, limit=255, lower=True),
+    "AWS::ElastiCache::ReplicationGroup": Naming("ReplicationGroupId", _replication_group_values, arn=None, limit=40, lower=True,
+                                                 assigned=("PrimaryEndPoint.Address", "PrimaryEndPoint.Port")),
+    "AWS::KinesisFirehose::DeliveryStream": Naming("DeliveryStreamName", lambda n, p, w: (n, {"Arn": _arn(w, "firehose", f"deliverystream/{n}")})),
+    "AWS::ApiGatewayV2::Api": Naming("Name", _api_values, arn=None, limit=128, assigned=("Ref", "ApiId", "ApiEndpoint")),
+    "AWS::ApiGatewayV2::Integration": Naming(None, _id_values("IntegrationId"), arn=None, assigned=("Ref", "IntegrationId")),
+    "AWS::ApiGatewayV2::Route": Naming(None, _id_values("RouteId"), arn=None, assigned=("Ref", "RouteId")),
+    "AWS::ApiGatewayV2::Stage": Naming("StageName", lambda n, p, w: (n, {}), arn=None, limit=128),
+})
+
+# %% ../../nbs/api/64_emulate.stack.ipynb #c84456f4
+def _bool(v) -> bool: return v if isinstance(v, bool) else _text(v).lower() == "true"
+
+def _permissions(r:Resource, rules:list, peer:str) -> list[dict]:
+    "CloudFormation's security group rules as the API's `IpPermissions`; `peer` is the key naming another group."
+    out = []
+    for x in map(dict, rules):
+        perm, why = {"IpProtocol": _text(x.pop("IpProtocol"))}, _pop(x, "Description")
+        perm |= {k: int(v) for k, v in _pop(x, "FromPort", "ToPort").items()}
+        if "CidrIp" in x: perm["IpRanges"] = [{"CidrIp": x.pop("CidrIp"), **why}]
+        if "CidrIpv6" in x: perm["Ipv6Ranges"] = [{"CidrIpv6": x.pop("CidrIpv6"), **why}]
+        if peer in x: perm["UserIdGroupPairs"] = [{"GroupId": x.pop(peer), **why}]
+        if x: raise UnsupportedResource(f"{r.logical_id} ({r.type}): rule keys {sorted(x)} are not emulated")
+        out.append(perm)
+    return out
+
+def _create_security_group(w, r:Resource, p:dict):
+    "AWS::EC2::SecurityGroup: create_security_group, its ingress rules, and its egress rules in place of EC2's default allow-all (as CloudFormation does)."
+    ec2, kw = w.client("ec2"), _pop(p, "VpcId")
+    if tags := p.pop("Tags", None): kw["TagSpecifications"] = [{"ResourceType": "security-group", "Tags": tags}]
+    g = ec2.create_security_group(GroupName=r.name, Description=p.pop("GroupDescription"), **kw)["GroupId"]
+    if ingress := p.pop("SecurityGroupIngress", None): ec2.authorize_security_group_ingress(GroupId=g, IpPermissions=_permissions(r, ingress, "SourceSecurityGroupId"))
+    if egress := p.pop("SecurityGroupEgress", None):
+        ec2.revoke_security_group_egress(GroupId=g, IpPermissions=[{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+        ec2.authorize_security_group_egress(GroupId=g, IpPermissions=_permissions(r, egress, "DestinationSecurityGroupId"))
+    return {"Ref": g, "GroupId": g, "VpcId": ec2.describe_security_groups(GroupIds=[g])["SecurityGroups"][0]["VpcId"]}
+
+def _create_vpc_endpoint(w, r:Resource, p:dict):
+    "AWS::EC2::VPCEndpoint: create_vpc_endpoint (an interface endpoint gets a network interface per subnet)."
+    kw = _pop(p, "VpcEndpointType", "ServiceName", "VpcId", "SubnetIds", "SecurityGroupIds", "RouteTableIds")
+    if "PrivateDnsEnabled" in p: kw["PrivateDnsEnabled"] = _bool(p.pop("PrivateDnsEnabled"))
+    if (doc := p.pop("PolicyDocument", None)) is not None: kw["PolicyDocument"] = doc if isinstance(doc, str) else json.dumps(doc)
+    e = w.client("ec2").create_vpc_endpoint(**kw)["VpcEndpoint"]
+    return {"Ref": e["VpcEndpointId"], "Id": e["VpcEndpointId"], "CreationTimestamp": e["CreationTimestamp"].isoformat(),
+            "DnsEntries": [f"{d['HostedZoneId']}:{d['DnsName']}" for d in e.get("DnsEntries", [])], "NetworkInterfaceIds": e.get("NetworkInterfaceIds", [])}
+
+# %% ../../nbs/api/64_emulate.stack.ipynb #a035b55e
+_VPC_ACTIONS = ("ec2:CreateNetworkInterface", "ec2:DescribeNetworkInterfaces", "ec2:DeleteNetworkInterface")
+
+def _vpc_config(w, r:Resource, vpc:dict, role_arn:str) -> dict:
+    "A function's VpcConfig, after Lambda's own check that its role may manage the network interfaces (inline policies, on `*`)."
+    from ncf.emulate.iam import allowed
+    iam, role = w.client("iam"), role_arn.rsplit("/", 1)[-1]
+    policies = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in iam.list_role_policies(RoleName=role)["PolicyNames"]]
+    if denied := [a for a in _VPC_ACTIONS if not allowed(policies, a, "*").allowed]:
+        raise NCFError(f"{r.logical_id}: InvalidParameterValueException: The provided execution role does not have permissions to call "
+                       f"{denied[0].split(':')[1]} on EC2 (role {role_arn} lacks {', '.join(denied)})")
+    return vpc
+
+_REPLICATION = {"text": ("Engine", "EngineVersion", "CacheNodeType", "CacheSubnetGroupName", "SecurityGroupIds", "CacheParameterGroupName",
+                         "PreferredMaintenanceWindow", "SnapshotWindow", "KmsKeyId", "Tags", "NotificationTopicArn", "PreferredCacheClusterAZs"),
+                "int": ("NumCacheClusters", "Port", "NumNodeGroups", "ReplicasPerNodeGroup", "SnapshotRetentionLimit"),
+                "bool": ("AutomaticFailoverEnabled", "MultiAZEnabled", "TransitEncryptionEnabled", "AtRestEncryptionEnabled", "AutoMinorVersionUpgrade")}
+
+def _create_cache_subnet_group(w, r:Resource, p:dict):
+    "AWS::ElastiCache::SubnetGroup: create_cache_subnet_group."
+    w.client("elasticache").create_cache_subnet_group(CacheSubnetGroupName=r.name, CacheSubnetGroupDescription=p.pop("Description"),
+                                                      SubnetIds=p.pop("SubnetIds"), **_pop(p, "Tags"))
+
+def _create_replication_group(w, r:Resource, p:dict):
+    "AWS::ElastiCache::ReplicationGroup: create_replication_group; its endpoints (moto's addresses: no Redis answers there)."
+    kw = (_pop(p, *_REPLICATION["text"]) | {k: int(v) for k, v in _pop(p, *_REPLICATION["int"]).items()}
+          | {k: _bool(v) for k, v in _pop(p, *_REPLICATION["bool"]).items()})
+    g = w.client("elasticache").create_replication_group(ReplicationGroupId=r.name, ReplicationGroupDescription=p.pop("ReplicationGroupDescription"), **kw)["ReplicationGroup"]
+    node, out = g["NodeGroups"][0], {}
+    for cfn, api in (("PrimaryEndPoint", "PrimaryEndpoint"), ("ReaderEndPoint", "ReaderEndpoint")):
+        if e := node.get(api): out |= {f"{cfn}.Address": e["Address"], f"{cfn}.Port": _text(e["Port"])}
+    return out
+
+def _create_delivery_stream(w, r:Resource, p:dict):
+    "AWS::KinesisFirehose::DeliveryStream: create_delivery_stream; its buffering hints as numbers."
+    kw = _pop(p, "DeliveryStreamType", "ExtendedS3DestinationConfiguration", "S3DestinationConfiguration", "KinesisStreamSourceConfiguration",
+              "DeliveryStreamEncryptionConfigurationInput", "Tags")
+    for dest in (kw.get("ExtendedS3DestinationConfiguration"), kw.get("S3DestinationConfiguration")):
+        if dest and "BufferingHints" in dest: dest["BufferingHints"] = {k: int(v) for k, v in dest["BufferingHints"].items()}
+    return {"Arn": w.client("firehose").create_delivery_stream(DeliveryStreamName=r.name, **kw)["DeliveryStreamARN"]}
+
+# %% ../../nbs/api/64_emulate.stack.ipynb #4575d0bb
+def _create_api(w, r:Resource, p:dict):
+    "AWS::ApiGatewayV2::Api: create_api; its id is what `Ref` gives."
+    kw = _pop(p, "ProtocolType", "Description", "RouteSelectionExpression", "ApiKeySelectionExpression", "CorsConfiguration", "Version", "Tags")
+    if "DisableExecuteApiEndpoint" in p: kw["DisableExecuteApiEndpoint"] = _bool(p.pop("DisableExecuteApiEndpoint"))
+    a = w.client("apigatewayv2").create_api(Name=r.name, **kw)
+    return {"Ref": a["ApiId"], "ApiId": a["ApiId"], "ApiEndpoint": a["ApiEndpoint"]}
+
+def _create_integration(w, r:Resource, p:dict):
+    "AWS::ApiGatewayV2::Integration: create_integration (for a Lambda proxy, IntegrationUri is the function's ARN)."
+    kw = _pop(p, "ApiId", "IntegrationType", "IntegrationUri", "IntegrationMethod", "PayloadFormatVersion", "ConnectionType", "ConnectionId",
+              "CredentialsArn", "Description", "RequestParameters", "PassthroughBehavior", "IntegrationSubtype")
+    if "TimeoutInMillis" in p: kw["TimeoutInMillis"] = int(p.pop("TimeoutInMillis"))
+    i = w.client("apigatewayv2").create_integration(**kw)["IntegrationId"]
+    return {"Ref": i, "IntegrationId": i}
+
+def _create_route(w, r:Resource, p:dict):
+    "AWS::ApiGatewayV2::Route: create_route with its authorisation type and target."
+    kw = _pop(p, "ApiId", "RouteKey", "AuthorizationType", "AuthorizerId", "AuthorizationScopes", "Target", "OperationName", "RequestParameters")
+    if "ApiKeyRequired" in p: kw["ApiKeyRequired"] = _bool(p.pop("ApiKeyRequired"))
+    i = w.client("apigatewayv2").create_route(**kw)["RouteId"]
+    return {"Ref": i, "RouteId": i}
+
+_ROUTE_SETTINGS = {"ThrottlingRateLimit": float, "ThrottlingBurstLimit": int, "DetailedMetricsEnabled": _bool,
+                   "DataTraceEnabled": _bool, "LoggingLevel": str}
+
+def _create_stage(w, r:Resource, p:dict):
+    "AWS::ApiGatewayV2::Stage: create_stage with its default route settings (throttling) and access log settings."
+    kw = _pop(p, "ApiId", "AccessLogSettings", "Description", "StageVariables", "Tags", "DeploymentId")
+    if "AutoDeploy" in p: kw["AutoDeploy"] = _bool(p.pop("AutoDeploy"))
+    if (s := p.pop("DefaultRouteSettings", None)) is not None:
+        if unknown := sorted(set(s) - set(_ROUTE_SETTINGS)): raise UnsupportedResource(f"{r.logical_id} ({r.type}): DefaultRouteSettings {unknown} are not emulated")
+        kw["DefaultRouteSettings"] = {k: _ROUTE_SETTINGS[k](v) for k, v in s.items()}
+    w.client("apigatewayv2").create_stage(StageName=r.name, **kw)
+
 # %% ../../nbs/api/64_emulate.stack.ipynb #c9243bdd
 CREATORS = {   # CloudFormation type -> creator(stack, resource, properties to pop) -> attributes from the API
     "AWS::S3::Bucket": _create_bucket, "AWS::IAM::Role": _create_role, "AWS::Logs::LogGroup": _create_log_group,
@@ -537,6 +689,11 @@ CREATORS = {   # CloudFormation type -> creator(stack, resource, properties to p
     "AWS::SNS::Topic": _create_topic, "AWS::SNS::Subscription": _create_subscription, "AWS::CloudWatch::Alarm": _create_alarm,
     "AWS::Scheduler::Schedule": _create_schedule, "AWS::SNS::TopicPolicy": _create_topic_policy,
     "AWS::Lambda::EventSourceMapping": _create_event_source_mapping,
+    # the real-time stack's (pipelines/realtime.yaml)
+    "AWS::EC2::SecurityGroup": _create_security_group, "AWS::EC2::VPCEndpoint": _create_vpc_endpoint,
+    "AWS::ElastiCache::SubnetGroup": _create_cache_subnet_group, "AWS::ElastiCache::ReplicationGroup": _create_replication_group,
+    "AWS::KinesisFirehose::DeliveryStream": _create_delivery_stream, "AWS::ApiGatewayV2::Api": _create_api,
+    "AWS::ApiGatewayV2::Integration": _create_integration, "AWS::ApiGatewayV2::Route": _create_route, "AWS::ApiGatewayV2::Stage": _create_stage,
 }
 
 def _create(w, r:Resource):
@@ -544,6 +701,11 @@ def _create(w, r:Resource):
     p = {k: v for k, v in r.properties.items() if k != NAMES[r.type].prop}
     got = CREATORS[r.type](w, r, p) or {}
     if p: raise UnsupportedResource(f"{r.logical_id} ({r.type}) was created without its properties {sorted(p)}: the emulation does not create them yet")
+    if missing := [k for k in NAMES[r.type].assigned if k not in got]:
+        raise NCFError(f"{r.logical_id} ({r.type}): the API did not give {missing}, which CloudFormation gives once it is created")
+    assigned = {k: got.pop(k) for k in NAMES[r.type].assigned}
+    r.physical_id = assigned.pop("Ref", r.physical_id)
+    r.attributes |= assigned
     if clash := {k: v for k, v in got.items() if r.attributes.get(k, v) != v}:
         raise NCFError(f"{r.logical_id} ({r.type}): the API gave {clash}, CloudFormation gives { {k: r.attributes[k] for k in clash} }")
     r.attributes |= got
