@@ -302,7 +302,9 @@ def _actors(world:World) -> dict:
 _OPEN = []   # the world open in this process, if any
 
 @contextlib.contextmanager
-def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=print):
+def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=print,
+               prepare=None, # world -> more parameters: what the template takes as given (a VPC, its subnets), made before the stack
+              ):
     "The emulated account with the stack of `template` created and IAM enforced; closed (server stopped, moto restored) on exit."
     from ncf.emulate.stack import create_stack
     import boto3
@@ -315,6 +317,7 @@ def open_world(root=None, template=TEMPLATE, parameters:dict|None=None, log=prin
         world = World(root, url, _admin(url), log=log)
         stack.enter_context(moto_additions(world.queue, world._s3_denied, world.starts, world.callbacks))
         _upload_code(world, parameters["CodeBucket"], parameters)
+        if prepare: parameters |= prepare(world) or {}
         session = boto3.Session(region_name=REGION, **world.admin)
         world.stack = create_stack(template, parameters, _EndpointSession(session, url), region=REGION, stack_name="ncf")
         world.actors = _actors(world)
