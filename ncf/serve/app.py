@@ -142,7 +142,7 @@ def model_error(status:int, container_body:bytes, endpoint_name:str, variant:str
                          OriginalStatusCode=status, OriginalMessage=original, LogStreamArn=log)
 
 # %% ../../nbs/api/42_serve.app.ipynb #9435f856
-def _runtime_refusal(request:Request, name:str) -> tuple[str|None, Response|None]:
+def _variant_or_refusal(request:Request, name:str) -> tuple[str|None, Response|None]:
     "`(variant, None)`: the variant that answers (the target, or one drawn by weight); `(None, refusal)`: SageMaker's own refusal, before the container."
     st = request.app.state
     version = st.slot.rec.version
@@ -159,7 +159,7 @@ def _runtime_refusal(request:Request, name:str) -> tuple[str|None, Response|None
 async def runtime_invocations(request:Request) -> Response:
     "`InvokeEndpoint`: the container's `/invocations` in SageMaker's runtime envelope (headers, errors), answered by the request's variant."
     st, name = request.app.state, request.path_params["endpoint_name"]
-    variant, refused = _runtime_refusal(request, name)
+    variant, refused = _variant_or_refusal(request, name)
     if refused is not None: return refused
     rec = st.slots[variant].rec   # read once: a swap of this variant during the call does not change the model that answers
     try:
@@ -179,7 +179,7 @@ def check_variants(names) -> list[str]:
     "The variant `names`, in order; `ConfigError` for a name SageMaker would refuse, or one given twice."
     out = []
     for n in names:
-        if not isinstance(n, str) or not VARIANT_NAME.fullmatch(n):
+        if not isinstance(n, str) or len(n) > 63 or not VARIANT_NAME.fullmatch(n):
             raise ConfigError(f"variant name {str(n)[:80]!r} is not valid: 1-63 letters, digits and inner hyphens ({VARIANT_NAME.pattern})")
         if n in out: raise ConfigError(f"variant {n!r} is named twice; each variant of an endpoint needs its own name")
         out.append(n)
