@@ -177,3 +177,145 @@ def test_fuzz_runtime_route_in_process(rec):
             assert (kind, r.status_code) in (("ValidationError", 400), ("ModelError", 424)), r.headers
             if kind == "ModelError": assert 400 <= r.json()["OriginalStatusCode"] < 500, r.text   # a client error, never the container's 500
     run()
+
+
+# -- an endpoint with two production variants ----------------------------------------------------------
+
+CHAMPION, CHALLENGER = "AllTraffic", "Challenger"
+
+
+@pytest.fixture(scope="module")
+def recs() -> dict:
+    return {name: Recommender.load(d) for name, d in trained_models().items()}
+
+
+@pytest.fixture(scope="module")
+def ab_server():
+    "One `ncf_serve` with the champion (model a) and the challenger (model b), at equal weights."
+    models = trained_models()
+    proc = _launch(models["a"], port=0, log_path=workdir() / "runtime-api-ab.log", endpoint_name=ENDPOINT, variant_name=CHAMPION,
+                   variants={CHALLENGER: models["b"]}, variant_weights={CHAMPION: 0.5, CHALLENGER: 0.5})
+    yield proc
+    proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ab_sm(ab_server):
+    return boto3.client("sagemaker-runtime", endpoint_url=ab_server.url, region_name="us-east-1", aws_access_key_id="x",
+                        aws_secret_access_key="x", config=Config(retries={"total_max_attempts": 1}))
+
+
+def ranked(sm, u, items, **kw):
+    r = invoke(sm, {"user": [u] * len(items), "item": items}, **kw)
+    return json.loads(r["Body"].read()), r["InvokedProductionVariant"], r["ResponseMetadata"]["HTTPHeaders"]["x-model-version"]
+
+
+def test_target_variant_routes_to_its_model(ab_sm, recs):
+    "TargetVariant reaches that variant's model: the answer is its `Recommender.rank`, and both headers name it."
+    a, b = recs["a"], recs["b"]
+    assert a.version != b.version
+    u, items = a.users.ids[4], a.items.ids[:40]
+    assert a.rank(u, items) != b.rank(u, items)   # the two models disagree, so the answer tells which one ranked
+    assert ranked(ab_sm, u, items, TargetVariant=CHAMPION) == (a.rank(u, items), CHAMPION, a.version)
+    assert ranked(ab_sm, u, items, TargetVariant=CHALLENGER) == (b.rank(u, items), CHALLENGER, b.version)
+
+
+def test_without_target_variant_the_weights_route(ab_sm, recs):
+    "Without TargetVariant, each request goes to one variant drawn by weight (0.5/0.5), and the answer is that variant's."
+    u, items = recs["a"].users.ids[9], recs["a"].items.ids[:20]
+    expected = {CHAMPION: (recs["a"].rank(u, items), recs["a"].version), CHALLENGER: (recs["b"].rank(u, items), recs["b"].version)}
+    seen = {CHAMPION: 0, CHALLENGER: 0}
+    for _ in range(200):
+        out, variant, version = ranked(ab_sm, u, items)
+        assert (out, version) == expected[variant]
+        seen[variant] += 1
+    # P(a fair coin gives fewer than 60 of 200) is about 1e-8: this bound does not flake, and a router stuck on one variant fails it
+    assert min(seen.values()) >= 60, seen
+
+
+def test_unknown_variant_names_the_endpoints_variants(ab_sm, recs):
+    with pytest.raises(ab_sm.exceptions.ValidationError) as e:
+        invoke(ab_sm, {"user": recs["a"].users.ids[0], "item": recs["a"].items.ids[:3]}, TargetVariant="Blue")
+    assert e.value.response["Error"]["Message"] == (f"The variant(s) [Blue] of endpoint {ENDPOINT} of account 000000000000 not found; "
+                                                    f"the endpoint has [{CHAMPION}, {CHALLENGER}].")
+
+
+def test_ping_and_invocations_answer_for_the_champion(ab_server, recs):
+    import urllib.request
+    doc = json.loads(urllib.request.urlopen(ab_server.url + "/ping", timeout=10).read())
+    assert doc == {"status": "healthy", "model_version": recs["a"].version, "variants": {CHAMPION: recs["a"].version, CHALLENGER: recs["b"].version}}
+    assert ab_server.variants == [CHAMPION, CHALLENGER]
+
+
+def test_swapping_the_challenger_leaves_the_champion_serving(recs):
+    "A hot swap of the challenger (to model a) changes its answers; the champion's answers, during and after the swap, stay model a's."
+    from ncf.serve.client import _http, swap_model
+    models = trained_models()
+    proc = _launch(models["a"], port=0, log_path=workdir() / "runtime-api-ab-swap.log", endpoint_name=ENDPOINT,
+                   variants={CHALLENGER: models["b"]})
+    try:
+        u, items = recs["a"].users.ids[2], recs["a"].items.ids[:30]
+        body = json.dumps({"user": u, "item": items}).encode()
+        champion_answers, errors = [], []
+
+        def champion_calls(stop):
+            with RuntimeClient(proc.url, ENDPOINT, timeout_s=10) as rc:
+                while not stop.is_set():
+                    status, out, variant = rc.invoke(body, CHAMPION)
+                    champion_answers.append((status, json.loads(out), variant))
+        stop = threading.Event()
+        t = threading.Thread(target=champion_calls, args=(stop,)); t.start()
+        try:
+            status, _, raw = _http("POST", proc.url + "/admin/model", {"model_dir": str(models["a"]), "variant": CHALLENGER}, timeout=120)
+        finally: stop.set(); t.join()
+        doc = json.loads(raw)
+        assert (status, doc["variant"], doc["previous_version"], doc["model_version"]) == (200, CHALLENGER, recs["b"].version, recs["a"].version)
+        assert champion_answers and all(a == (200, recs["a"].rank(u, items), CHAMPION) for a in champion_answers)
+        with RuntimeClient(proc.url, ENDPOINT, timeout_s=10) as rc:
+            status, out, variant = rc.invoke(body, CHALLENGER)
+        assert (status, json.loads(out), variant) == (200, recs["a"].rank(u, items), CHALLENGER)
+        variants = json.loads(_http("GET", proc.url + "/admin/model")[2])["variants"]
+        assert {n: i["model_version"] for n, i in variants.items()} == {CHAMPION: recs["a"].version, CHALLENGER: recs["a"].version}
+        assert swap_model(proc.url, models["b"]) == recs["b"].version   # no variant named: the champion's
+    finally: proc.terminate(); proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("variants,weights,message", [
+    ({CHAMPION: "b"}, None, "variant 'AllTraffic' is named twice"),
+    ({"Chal_lenger": "b"}, None, "variant name 'Chal_lenger' is not valid"),
+    ({CHALLENGER: "b"}, {CHAMPION: 1}, "give one weight per variant"),
+    ({CHALLENGER: "b"}, {CHAMPION: -1, CHALLENGER: 2}, "must be finite numbers >= 0"),
+    ({CHALLENGER: "b"}, {CHAMPION: 0, CHALLENGER: 0}, "must sum to more than 0"),
+    ({CHALLENGER: "/nonexistent/model"}, None, "did not load (variant Challenger)"),
+])
+def test_bad_variant_options_stop_the_server(variants, weights, message):
+    from ncf.core import NCFError
+    models = trained_models()
+    variants = {n: models.get(d, d) for n, d in variants.items()}
+    with pytest.raises(NCFError, match="exited with status 2") as e:
+        _launch(models["a"], port=0, log_path=workdir() / "runtime-api-bad-variant.log", variants=variants, variant_weights=weights, timeout=120)
+    assert message in str(e.value)
+
+
+def test_bad_variant_option_syntax():
+    import contextlib, io
+    from ncf.cli.serve import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): rc = main(["--model-dir", str(trained_models()["a"]), "--variant", "Challenger"])
+    assert rc == 2 and "--variant 'Challenger' is not NAME=MODEL_DIR" in err.getvalue()
+
+
+def test_several_workers_carry_the_variants(recs):
+    models = trained_models()
+    proc = _launch(models["a"], port=0, workers=2, log_path=workdir() / "runtime-api-ab-workers.log", endpoint_name=ENDPOINT,
+                   variants={CHALLENGER: models["b"]}, variant_weights={CHAMPION: 0, CHALLENGER: 1}, timeout=180)
+    try:
+        u, items = recs["a"].users.ids[6], recs["a"].items.ids[:15]
+        body = json.dumps({"user": u, "item": items}).encode()
+        with RuntimeClient(proc.url, ENDPOINT) as rc:
+            for _ in range(20):   # the champion weighs 0: every untargeted call, in whichever worker, is the challenger's
+                status, out, variant = rc.invoke(body)
+                assert (status, json.loads(out), variant) == (200, recs["b"].rank(u, items), CHALLENGER)
+            status, out, variant = rc.invoke(body, CHAMPION)
+            assert (status, json.loads(out), variant) == (200, recs["a"].rank(u, items), CHAMPION)
+    finally: proc.terminate(); proc.wait(timeout=30)

@@ -6,12 +6,13 @@
 from __future__ import annotations
 import json, logging, os, sys
 from pathlib import Path
-from ..core import extra
+from ..core import ConfigError, extra
 from ..options import Parser, command
 from ..serve.inference import Recommender
+from ..serve.experiment import parse_weights
 
 # %% auto #0
-__all__ = ['parser', 'main']
+__all__ = ['parser', 'parse_variant', 'endpoint_variants', 'main']
 
 # %% ../../nbs/api/76_cli.serve.ipynb #3f85fbe6
 def parser() -> Parser:
@@ -23,34 +24,63 @@ def parser() -> Parser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (more than 1: no hot swap)")
     p.add_argument("--max-body", type=int, default=None, help="largest request body in bytes (none: ncf.serve.app.MAX_BODY, 1 MiB)")
     p.add_argument("--endpoint-name", default="ncf-local", help="the endpoint's name on the runtime API (POST /endpoints/NAME/invocations)")
-    p.add_argument("--variant-name", default="AllTraffic", help="the production variant it answers as (X-Amzn-Invoked-Production-Variant)")
+    p.add_argument("--variant-name", default="AllTraffic", help="the production variant it answers as (X-Amzn-Invoked-Production-Variant): the first, the champion")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=MODEL_DIR", help="another production variant and its model directory (repeatable)")
+    p.add_argument("--variant-weights", default=None, metavar="NAME=W,...", help="each variant's traffic weight without TargetVariant (none: equal)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="server log level")
     return p
 
+# %% ../../nbs/api/76_cli.serve.ipynb #3de1b669
+def parse_variant(text:str) -> tuple[str, str]:
+    "`(name, model_dir)` of a `--variant NAME=MODEL_DIR`; `ConfigError` otherwise."
+    name, eq, path = text.partition("=")
+    if not eq or not name.strip() or not path.strip(): raise ConfigError(f"--variant {text!r} is not NAME=MODEL_DIR (e.g. Challenger=models/v7)")
+    return name.strip(), path.strip()
+
+def endpoint_variants(args) -> tuple[dict[str, str], dict[str, float]]:
+    "`({name: model_dir}, {name: weight})` of the options, the champion (`--model-dir`, `--variant-name`) first; `ConfigError` naming the fault."
+    from ncf.serve.app import check_variants, variant_weights
+    pairs = [(args.variant_name, args.model_dir)] + [parse_variant(v) for v in args.variant]
+    names = check_variants([n for n, _ in pairs])
+    weights = parse_weights(args.variant_weights, "--variant-weights") if args.variant_weights else None
+    return dict(pairs), variant_weights(names, weights)
+
+def _load(dirs:dict) -> dict[str, Recommender]:
+    "Each variant's model; `ConfigError` naming the one that does not load."
+    recs = {}
+    for name, d in dirs.items():
+        try: recs[name] = Recommender.load(d)
+        except Exception as e: raise ConfigError(f"model {d} did not load" + (f" (variant {name})" if len(dirs) > 1 else "") + f": {e}") from None
+    return recs
+
+# %% ../../nbs/api/76_cli.serve.ipynb #92b20dd9
 @command("ncf_serve")
 def main(argv=None) -> int:
-    "Load the model, then serve it with uvicorn until stopped."
+    "Load every variant's model, then serve them with uvicorn until stopped."
     args = parser().parse_args(argv)
     uvicorn, app = extra("uvicorn", "ncf_serve"), extra("ncf.serve.app", "ncf_serve")
     max_body = args.max_body or app.MAX_BODY
+    dirs, weights = endpoint_variants(args)   # checked before anything loads
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app._one_thread()
-    try: rec = Recommender.load(args.model_dir)
-    except Exception as e:
-        print(f"ncf_serve: error: model {args.model_dir} did not load: {e}", file=sys.stderr); return 2
+    recs = _load(dirs)
+    rec, more = recs.pop(args.variant_name), recs
     print(f"ncf_serve: serving model {rec.version} from {args.model_dir} on http://{args.host}:{args.port}"
-          + (f" with {args.workers} workers" if args.workers > 1 else "") + f", endpoint {args.endpoint_name} variant {args.variant_name}",
-          file=sys.stderr, flush=True)
+          + (f" with {args.workers} workers" if args.workers > 1 else "") + f", endpoint {args.endpoint_name} variant {args.variant_name}"
+          + "".join(f", variant {n} model {r.version} from {dirs[n]}" for n, r in more.items())
+          + (f", weights {weights}" if more else ""), file=sys.stderr, flush=True)
     run = dict(host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
                log_level=args.log_level, timeout_graceful_shutdown=10)
     if args.workers > 1:  # workers are fresh interpreters: these variables reach their BLAS before it starts
         os.environ.update({app._WORKER_ENV: json.dumps({"model_dir": str(Path(args.model_dir).resolve()), "max_body": max_body,
-                                                         "endpoint_name": args.endpoint_name, "variant_name": args.variant_name}),
+                                                         "endpoint_name": args.endpoint_name, "variant_name": args.variant_name,
+                                                         "variants": {n: str(Path(dirs[n]).resolve()) for n in more}, "weights": weights}),
                            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-        del rec
+        del rec, more
         # a worker still importing torch and loading the model on a busy machine is not a dead one: uvicorn's 5 s would kill it
         uvicorn.run("ncf.serve.app:worker_app", factory=True, workers=args.workers, timeout_worker_healthcheck=60, **run)
-    else: uvicorn.run(app.make_app(rec, max_body, endpoint_name=args.endpoint_name, variant_name=args.variant_name), **run)
+    else: uvicorn.run(app.make_app(rec, max_body, endpoint_name=args.endpoint_name, variant_name=args.variant_name,
+                                   variants=more, weights=weights), **run)
     return 0
 
 # %% ../../nbs/api/76_cli.serve.ipynb #3556082e

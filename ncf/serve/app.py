@@ -4,7 +4,7 @@
 
 # %% ../../nbs/api/42_serve.app.ipynb #ea09ff6a
 from __future__ import annotations
-import asyncio, ipaddress, json, logging, os
+import asyncio, ipaddress, itertools, json, logging, os, random, re
 from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -12,15 +12,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from ..core import NCFError, RequestError
+from ..core import ConfigError, NCFError, RequestError
 from .inference import Recommender, input_fn, predict_fn, output_fn, parse_json, smoke_check, json_dumps
 
 _log = logging.getLogger("ncf.serve")
 
 # %% auto #0
-__all__ = ['MAX_BODY', 'RUNTIME_MAX_BODY', 'LOCAL_ACCOUNT', 'LOCAL_REGION', 'json_response', 'error_response', 'read_body',
-           'ModelSlot', 'is_loopback', 'endpoint', 'ping', 'invoke', 'invocations', 'admin_model', 'runtime_error',
-           'model_error', 'runtime_invocations', 'make_app', 'worker_app']
+__all__ = ['MAX_BODY', 'RUNTIME_MAX_BODY', 'LOCAL_ACCOUNT', 'LOCAL_REGION', 'VARIANT_NAME', 'json_response', 'error_response',
+           'read_body', 'ModelSlot', 'is_loopback', 'endpoint', 'ping', 'invoke', 'invocations', 'admin_model',
+           'runtime_error', 'model_error', 'runtime_invocations', 'check_variants', 'variant_weights', 'make_app',
+           'worker_app']
 
 # %% ../../nbs/api/42_serve.app.ipynb #c48d1705
 MAX_BODY = 1 << 20
@@ -78,7 +79,9 @@ def endpoint(fn):
     return handle
 
 # %% ../../nbs/api/42_serve.app.ipynb #12f7504d
-async def ping(request, rec): return json_response({"status": "healthy", "model_version": rec.version}, rec.version)
+async def ping(request, rec):
+    variants = {n: s.rec.version for n, s in request.app.state.slots.items()}
+    return json_response({"status": "healthy", "model_version": rec.version, "variants": variants}, rec.version)
 
 def invoke(body:bytes, headers, rec:Recommender, max_body:int) -> bytes:
     "The container's answer to an invocation: the handler chain `input_fn → predict_fn → output_fn` on `body`; `RequestError` for a client error."
@@ -90,21 +93,32 @@ async def invocations(request, rec):
     return Response(out, 200, {"X-Model-Version": rec.version}, "application/json")
 
 # %% ../../nbs/api/42_serve.app.ipynb #a263bd5c
+_SWAP_DOC = 'expected {"model_dir": "/path/to/model"}, optionally with "variant": "NAME" (default: the first variant)'
+
+def _swap_request(doc, slots:dict) -> tuple[str, str]:
+    "`(model_dir, variant)` of a swap request; `RequestError` for anything else, or a variant the endpoint does not have."
+    if not isinstance(doc, dict) or not {"model_dir"} <= set(doc) <= {"model_dir", "variant"} or not isinstance(doc["model_dir"], str) or not doc["model_dir"]:
+        raise RequestError(_SWAP_DOC)
+    variant = doc.get("variant", next(iter(slots)))
+    if not isinstance(variant, str) or variant not in slots:
+        raise RequestError(f"no variant {str(variant)[:70]!r} on this endpoint; its variants are {list(slots)}", 404)
+    return doc["model_dir"], variant
+
 async def admin_model(request, rec):
+    st = request.app.state
     if not is_loopback(request.client.host if request.client else None):
         raise RequestError("the admin API answers loopback clients only", 403)
-    if request.method == "GET": return json_response(rec.info(), rec.version)
-    if not request.app.state.swappable:
+    if request.method == "GET": return json_response({**rec.info(), "variants": {n: s.rec.info() for n, s in st.slots.items()}}, rec.version)
+    if not st.swappable:
         raise RequestError("this server runs several worker processes and cannot swap models; run it with --workers 1, or restart it", 409)
-    doc = parse_json(await read_body(request, request.app.state.max_body), request.headers.get("content-type"))
-    if not isinstance(doc, dict) or set(doc) != {"model_dir"} or not isinstance(doc["model_dir"], str) or not doc["model_dir"]:
-        raise RequestError('expected {"model_dir": "/path/to/model"}')
-    try: old, new = await request.app.state.slot.swap(doc["model_dir"])
+    model_dir, variant = _swap_request(parse_json(await read_body(request, st.max_body), request.headers.get("content-type")), st.slots)
+    slot = st.slots[variant]
+    try: old, new = await slot.swap(model_dir)
     except Exception as e:
-        _log.warning("model swap to %s refused: %s", doc["model_dir"], e)
-        raise RequestError(f"model directory {doc['model_dir']} was not loaded ({type(e).__name__}: {e}); still serving {rec.version}", 422) from None
-    _log.info("model swap: %s -> %s (%s)", old.version, new.version, doc["model_dir"])
-    return json_response({**new.info(), "previous_version": old.version}, new.version)
+        _log.warning("model swap of variant %s to %s refused: %s", variant, model_dir, e)
+        raise RequestError(f"model directory {model_dir} was not loaded ({type(e).__name__}: {e}); variant {variant} still serves {slot.rec.version}", 422) from None
+    _log.info("model swap of variant %s: %s -> %s (%s)", variant, old.version, new.version, model_dir)
+    return json_response({**new.info(), "variant": variant, "previous_version": old.version}, new.version)
 
 # %% ../../nbs/api/42_serve.app.ipynb #4b3530fb
 RUNTIME_MAX_BODY = 6 * 1024 * 1024   # SageMaker's payload limit for real-time InvokeEndpoint
@@ -128,38 +142,67 @@ def model_error(status:int, container_body:bytes, endpoint_name:str, variant:str
                          OriginalStatusCode=status, OriginalMessage=original, LogStreamArn=log)
 
 # %% ../../nbs/api/42_serve.app.ipynb #9435f856
-def _runtime_refusal(request:Request, name:str, version:str) -> Response|None:
-    "SageMaker's own refusals, before the container: an unknown endpoint or variant, bad custom attributes, a body over 6 MB."
+def _variant_or_refusal(request:Request, name:str) -> tuple[str|None, Response|None]:
+    "`(variant, None)`: the variant that answers (the target, or one drawn by weight); `(None, refusal)`: SageMaker's own refusal, before the container."
     st = request.app.state
-    if name != st.endpoint_name: return runtime_error(400, "ValidationError", f"Endpoint {name} of account {LOCAL_ACCOUNT} not found.", version)
+    version = st.slot.rec.version
+    if name != st.endpoint_name: return None, runtime_error(400, "ValidationError", f"Endpoint {name} of account {LOCAL_ACCOUNT} not found.", version)
     target = request.headers.get("x-amzn-sagemaker-target-variant")
-    if target is not None and target != st.variant_name:
-        return runtime_error(400, "ValidationError", f"The variant(s) [{target}] of endpoint {name} of account {LOCAL_ACCOUNT} "
-                             f"not found; the endpoint has [{st.variant_name}].", version)
+    if target is not None and target not in st.slots:
+        return None, runtime_error(400, "ValidationError", f"The variant(s) [{target}] of endpoint {name} of account {LOCAL_ACCOUNT} "
+                                   f"not found; the endpoint has [{', '.join(st.slots)}].", version)
     if len(request.headers.get("x-amzn-sagemaker-custom-attributes", "")) > 1024:
-        return runtime_error(400, "ValidationError", "1 validation error detected: Value at 'customAttributes' failed to satisfy constraint: "
-                             "Member must have length less than or equal to 1024", version)
-    return None
+        return None, runtime_error(400, "ValidationError", "1 validation error detected: Value at 'customAttributes' failed to satisfy constraint: "
+                                   "Member must have length less than or equal to 1024", version)
+    return target if target is not None else st.rng.choices(st.variant_names, cum_weights=st.cum_weights)[0], None
 
 async def runtime_invocations(request:Request) -> Response:
-    "`InvokeEndpoint`: the container's `/invocations` in SageMaker's runtime envelope (headers, errors)."
+    "`InvokeEndpoint`: the container's `/invocations` in SageMaker's runtime envelope (headers, errors), answered by the request's variant."
     st, name = request.app.state, request.path_params["endpoint_name"]
-    rec = st.slot.rec
-    if (refused := _runtime_refusal(request, name, rec.version)) is not None: return refused
+    variant, refused = _variant_or_refusal(request, name)
+    if refused is not None: return refused
+    rec = st.slots[variant].rec   # read once: a swap of this variant during the call does not change the model that answers
     try:
         body = await read_body(request, max(RUNTIME_MAX_BODY, st.max_body))
     except RequestError: return runtime_error(413, None, f"HTTP content length exceeded {RUNTIME_MAX_BODY} bytes.", rec.version)
     try: out = invoke(body, request.headers, rec, st.max_body)
-    except RequestError as e: return model_error(e.status, json_dumps({"error": str(e), "status": e.status}), name, st.variant_name, rec.version)
+    except RequestError as e: return model_error(e.status, json_dumps({"error": str(e), "status": e.status}), name, variant, rec.version)
     except Exception as e:
         _log.exception("internal error on %s %s", request.method, request.url.path)
-        return model_error(500, json_dumps({"error": f"internal error ({type(e).__name__}); see the server log", "status": 500}), name, st.variant_name, rec.version)
-    return Response(out, 200, {"X-Amzn-Invoked-Production-Variant": st.variant_name, "X-Model-Version": rec.version}, "application/json")
+        return model_error(500, json_dumps({"error": f"internal error ({type(e).__name__}); see the server log", "status": 500}), name, variant, rec.version)
+    return Response(out, 200, {"X-Amzn-Invoked-Production-Variant": variant, "X-Model-Version": rec.version}, "application/json")
+
+# %% ../../nbs/api/42_serve.app.ipynb #c3a6c8b8
+VARIANT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")   # SageMaker's ProductionVariant.VariantName
+
+def check_variants(names) -> list[str]:
+    "The variant `names`, in order; `ConfigError` for a name SageMaker would refuse, or one given twice."
+    out = []
+    for n in names:
+        if not isinstance(n, str) or len(n) > 63 or not VARIANT_NAME.fullmatch(n):
+            raise ConfigError(f"variant name {str(n)[:80]!r} is not valid: 1-63 letters, digits and inner hyphens ({VARIANT_NAME.pattern})")
+        if n in out: raise ConfigError(f"variant {n!r} is named twice; each variant of an endpoint needs its own name")
+        out.append(n)
+    return out
+
+def variant_weights(names:list[str], weights:dict|None=None) -> dict[str, float]:
+    "Each variant's traffic weight, in the order of `names`: `weights` names each variant once, numbers >= 0 with a positive sum; None: 1 each."
+    if weights is None: return {n: 1.0 for n in names}
+    if set(weights) != set(names):
+        raise ConfigError(f"variant weights are for {list(weights)}, but the endpoint's variants are {names}: give one weight per variant")
+    bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")}
+    if bad: raise ConfigError(f"variant weights must be finite numbers >= 0, got {bad}")
+    if sum(weights.values()) <= 0: raise ConfigError(f"variant weights must sum to more than 0, got {weights}")
+    return {n: float(weights[n]) for n in names}
 
 # %% ../../nbs/api/42_serve.app.ipynb #198bc280
 def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True, endpoint_name:str="ncf-local",
-             variant_name:str="AllTraffic") -> Starlette:
-    "The ASGI application serving `rec` as endpoint `endpoint_name`'s variant `variant_name` (`swappable`: whether `POST /admin/model` may load another model)."
+             variant_name:str="AllTraffic", variants:dict|None=None, # the other variants' models, by name
+             weights:dict|None=None, # each variant's traffic weight (None: equal)
+             seed:int|None=None) -> Starlette:
+    "The ASGI application serving `rec` as endpoint `endpoint_name`'s variant `variant_name`, and `variants` (`swappable`: whether `POST /admin/model` may load another model)."
+    names = check_variants([variant_name, *(variants or {})])
+    weights = variant_weights(names, weights)
     async def http_error(request, exc):  # unknown route (404) or method (405)
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", request.app.state.slot.rec.version)
     app = Starlette(routes=[
@@ -169,8 +212,11 @@ def make_app(rec:Recommender, max_body:int=MAX_BODY, swappable:bool=True, endpoi
         Route("/admin/model", endpoint(admin_model), methods=["GET", "POST"])],
         exception_handlers={HTTPException: http_error})
     app.router.redirect_slashes = False   # `/ping/` is a JSON 404 with X-Model-Version, not a bare redirect
-    app.state.slot, app.state.max_body, app.state.swappable = ModelSlot(rec), max_body, swappable
-    app.state.endpoint_name, app.state.variant_name = endpoint_name, variant_name
+    st = app.state
+    st.slots = {n: ModelSlot(rec if n == variant_name else variants[n]) for n in names}
+    st.slot, st.max_body, st.swappable = st.slots[variant_name], max_body, swappable   # `slot`: the champion's
+    st.endpoint_name, st.variant_name, st.weights, st.rng = endpoint_name, variant_name, weights, random.Random(seed)
+    st.variant_names, st.cum_weights = names, list(itertools.accumulate(weights.values()))
     return app
 
 # %% ../../nbs/api/42_serve.app.ipynb #a5d37e7d
@@ -184,5 +230,7 @@ def worker_app() -> Starlette:
     "The app of one of several worker processes (`uvicorn --factory`), configured by the parent through the environment."
     cfg = json.loads(os.environ[_WORKER_ENV])
     _one_thread()
+    variants = {n: Recommender.load(d) for n, d in cfg.get("variants", {}).items()}   # the other variants' model directories
     return make_app(Recommender.load(cfg["model_dir"]), cfg["max_body"], swappable=False,
-                    endpoint_name=cfg.get("endpoint_name", "ncf-local"), variant_name=cfg.get("variant_name", "AllTraffic"))
+                    endpoint_name=cfg.get("endpoint_name", "ncf-local"), variant_name=cfg.get("variant_name", "AllTraffic"),
+                    variants=variants, weights=cfg.get("weights"))

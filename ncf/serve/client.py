@@ -67,16 +67,20 @@ def _started(cmd:list, url:str, log_path, timeout:float, what:str, ready) -> sub
     raise NCFError(f"{what} {why}: " + (" | ".join(tail) or "no output"))
 
 def launch(model_dir, host:str="127.0.0.1", port:int=8080, timeout:float=60, log_path=None, workers:int=1,
-           endpoint_name:str="ncf-local", variant_name:str="AllTraffic") -> subprocess.Popen:
-    "Start `ncf_serve` on `model_dir` in a subprocess; return it once `/ping` answers. `NCFError` (process killed) otherwise."
+           endpoint_name:str="ncf-local", variant_name:str="AllTraffic",
+           variants:dict|None=None, # the endpoint's other production variants: name -> model directory
+           variant_weights:dict|None=None) -> subprocess.Popen: # each variant's traffic weight, by name (None: equal)
+    "Start `ncf_serve` on `model_dir` (and `variants`) in a subprocess; return it once `/ping` answers. `NCFError` (process killed) otherwise."
+    more = [a for n, d in (variants or {}).items() for a in ("--variant", f"{n}={d}")]
+    if variant_weights: more += ["--variant-weights", ",".join(f"{n}={w}" for n, w in variant_weights.items())]
     port = port or free_port(host)
     url = _url(host, port)
     if current_version(url) is not None: raise NCFError(f"{url} already answers: another server holds port {port}")
     log_path = log_path or tempfile.mkstemp(prefix=f"ncf-serve-{port}-", suffix=".log")[1]
     proc = _started([sys.executable, "-m", "ncf.cli.serve", "--model-dir", str(model_dir), "--host", host, "--port", str(port),
-                     "--workers", str(workers), "--endpoint-name", endpoint_name, "--variant-name", variant_name],
+                     "--workers", str(workers), "--endpoint-name", endpoint_name, "--variant-name", variant_name, *more],
                     url, log_path, timeout, f"ncf_serve on {model_dir}", lambda u: current_version(u) is not None)
-    proc.port, proc.endpoint_name, proc.variant_name = port, endpoint_name, variant_name
+    proc.port, proc.endpoint_name, proc.variant_name, proc.variants = port, endpoint_name, variant_name, [variant_name, *(variants or {})]
     return proc
 
 # %% ../../nbs/api/44_serve.client.ipynb #74ba3ee0
