@@ -49,7 +49,7 @@ def gateway_app(service=None, threads:int=32):
     too_big = proxy_response(413, {"error": f"request body over the limit of {MAX_BODY:,} bytes", "status": 413})
 
     async def app(scope, receive, send):
-        if scope["type"] == "lifespan": return await _lifespan(receive, send, pool)
+        if scope["type"] == "lifespan": return await _lifespan(receive, send, pool, svc)
         if scope["type"] != "http": raise ValueError(f"ncf_gateway serves HTTP only, not {scope['type']}")
         if scope["path"] == "/ping" and scope["method"] == "GET": r = _HEALTHY
         elif (body := await read_body(scope, receive, MAX_BODY)) is None: r = too_big
@@ -60,12 +60,14 @@ def gateway_app(service=None, threads:int=32):
         await send({"type": "http.response.body", "body": out})
     return app
 
-async def _lifespan(receive, send, pool):
+async def _lifespan(receive, send, pool, svc):
     while True:
         m = await receive()
         if m["type"] == "lifespan.startup": await send({"type": "lifespan.startup.complete"})
         elif m["type"] == "lifespan.shutdown":
-            pool.shutdown(wait=False); await send({"type": "lifespan.shutdown.complete"}); return
+            pool.shutdown(wait=True)   # the requests in flight log their impressions first
+            if getattr(svc, "impressions", None) is not None: svc.impressions.close()
+            await send({"type": "lifespan.shutdown.complete"}); return
 
 # %% ../../nbs/api/76_cli.gateway.ipynb #26fdb5ae
 def parser() -> Parser:
