@@ -5,7 +5,6 @@
 # %% ../../nbs/api/42_serve.app.ipynb #ea09ff6a
 from __future__ import annotations
 import asyncio, ipaddress, itertools, json, logging, os, random, re
-from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException

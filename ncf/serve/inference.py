@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, os, re
 from dataclasses import dataclass
-from pathlib import Path
 import numpy as np, pandas as pd, torch
 from ..core import NCFError, RequestError
 from ..model.nets import NCF, item_tables
