@@ -18,13 +18,14 @@ Prints samples/s, seconds per epoch, time to reach the baseline's best validatio
 NDCG@10 at the validation-selected epoch, and peak RSS; then the seconds one evaluation of every test
 user takes, by the paper protocol and by full ranking.
 """
-import argparse, json, os, platform, resource, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, platform, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "ml-100k" / "u.data"
+BASELINE = Path(__file__).with_name("baseline_ncf.py")
 
 
 def cpu_name() -> str:
@@ -32,6 +33,33 @@ def cpu_name() -> str:
     try: line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or "unknown CPU"
     return line.split(":", 1)[1].strip()
+
+
+def cpu_flags() -> str:
+    "The CPU flags that decide the speed of a training step here: bf16 (AMX, AVX-512 BF16) and the vector width."
+    try: flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration): return "unknown"
+    return " ".join(f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags) or "none of amx_bf16, avx512_bf16, avx512f, avx2"
+
+
+def gemm_bound(batch: int, bf16: bool = False, factor_num: int = 32, num_layers: int = 3, seconds: float = 1.0) -> float:
+    """The roofline of a step: samples/s if a training step cost only the matrix products of the default NeuMF's tower
+    as the common code computes them (each layer's forward product and the two of its backward, in the run's precision, at `batch` rows,
+    with the threads the project's run would take), measured on this machine. Lookups, GMF, dropout and Adam are left
+    out, so a step cannot reach it; the share says how much of a step is framework and memory work rather than arithmetic.
+    """
+    import torch
+    from ncf.train.threads import share_cores
+    shapes = [(factor_num * 2 ** (num_layers - i), factor_num * 2 ** (num_layers - i - 1)) for i in range(num_layers)] + [(2 * factor_num, 1)]
+    with share_cores():
+        dt = torch.bfloat16 if bf16 else torch.float32
+        mats = [(torch.randn(batch, i, dtype=dt), torch.randn(i, o, dtype=dt), torch.randn(batch, o, dtype=dt)) for i, o in shapes]
+        def step():
+            for x, w, dy in mats: x @ w; dy @ w.T; x.T @ dy
+        for _ in range(20): step()
+        n, t0 = 0, time.perf_counter()
+        while (dt := time.perf_counter() - t0) < seconds: step(); n += 1
+    return n * batch / dt
 
 
 def prepare(work: Path, synthetic_rows: int = 0) -> Path:
@@ -46,80 +74,7 @@ def prepare(work: Path, synthetic_rows: int = 0) -> Path:
     return Path(preprocess(src, work / "data", run_id="bench")["path"])
 
 
-def common_code_model(n_users: int, n_items: int, factor_num=32, num_layers=3, dropout=0.3):
-    "NeuMF written as the common public code writes it: torch's nn.Dropout in an nn.Sequential tower."
-    import torch
-    from torch import nn
-
-    class NeuMF(nn.Module):
-        def __init__(self):
-            super().__init__()
-            width = factor_num * 2 ** (num_layers - 1)
-            self.embed_user_GMF, self.embed_item_GMF = nn.Embedding(n_users, factor_num), nn.Embedding(n_items, factor_num)
-            self.embed_user_MLP, self.embed_item_MLP = nn.Embedding(n_users, width), nn.Embedding(n_items, width)
-            layers = []
-            for i in range(num_layers):
-                size = factor_num * 2 ** (num_layers - i)
-                layers += [nn.Dropout(p=dropout), nn.Linear(size, size // 2), nn.ReLU()]
-            self.MLP_layers = nn.Sequential(*layers)
-            self.predict_layer = nn.Linear(2 * factor_num, 1)
-            for m in self.modules():
-                if isinstance(m, nn.Embedding): nn.init.normal_(m.weight, std=0.01)
-                elif isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-            nn.init.kaiming_uniform_(self.predict_layer.weight, a=1, nonlinearity="sigmoid")
-
-        def forward(self, user, item):
-            gmf = self.embed_user_GMF(user) * self.embed_item_GMF(item)
-            mlp = self.MLP_layers(torch.cat((self.embed_user_MLP(user), self.embed_item_MLP(item)), -1))
-            return self.predict_layer(torch.cat((gmf, mlp), -1)).view(-1)
-
-    return NeuMF()
-
-
-def per_sample_baseline(data: Path, epochs: int, seed: int) -> dict:
-    "The common recipe: per-sample Dataset, Python-loop negatives, DataLoader(batch_size=256), fp32."
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-    from ncf.data.dataset import load_splits
-    from ncf.train.trainer import evaluate_sampled
-    torch.manual_seed(seed); rng = np.random.default_rng(seed)
-    s = load_splits(data)
-    pairs = list(zip(s.train_users.tolist(), s.train_items.tolist()))
-    train_set = set(pairs)
-
-    class Triples(Dataset):
-        def __init__(self): self.rows = []
-        def resample(self):
-            rows = []
-            for u, i in pairs:
-                rows.append((u, i, 1.0))
-                for _ in range(4):
-                    j = int(rng.integers(s.n_items))
-                    while (u, j) in train_set: j = int(rng.integers(s.n_items))
-                    rows.append((u, j, 0.0))
-            self.rows = rows
-        def __len__(self): return len(self.rows)
-        def __getitem__(self, k): return self.rows[k]
-
-    ds = Triples()
-    model = common_code_model(s.n_users, s.n_items)
-    opt = torch.optim.Adam(model.parameters(), lr=0.001); loss_fn = torch.nn.BCEWithLogitsLoss()
-    history, t_train = [], 0.0
-    best = (-1, None)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter(); ds.resample(); model.train()
-        for u, i, y in DataLoader(ds, batch_size=256, shuffle=True, num_workers=0):
-            opt.zero_grad(); loss = loss_fn(model(u, i), y.float()); loss.backward(); opt.step()
-        dt = time.perf_counter() - t0; t_train += dt
-        v = evaluate_sampled(model, s.validation, 10, "cpu")
-        history.append({"epoch": epoch, "seconds": dt, "elapsed": t_train, "samples_per_s": len(ds) / dt, "validation": v})
-        if v["hr"] > best[0]: best = (v["hr"], {k: t.clone() for k, t in model.state_dict().items()})
-    model.load_state_dict(best[1])
-    return {"history": history, "test": evaluate_sampled(model, s.test, 10, "cpu")}
-
-
 def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
-    import torch
     from ncf.data.dataset import load_splits
     from ncf.train.config import TrainConfig
     from ncf.train.trainer import train, sampled_ranks
@@ -131,11 +86,12 @@ def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
     elapsed, hist = 0.0, []
     for h in r.metrics["history"]:
         elapsed += h["seconds"]; hist.append({**h, "elapsed": elapsed})
-    return {"history": hist, "test": r.metrics["test"], "best_epoch": r.metrics["best_epoch"], "precision": r.metrics["precision"],
+    return {"history": hist, "test": r.metrics["test"], "best_epoch": r.metrics["best_epoch"], "precision": r.metrics["precision"], "batch_size": cfg.batch_size,
             "test_ranks": sampled_ranks(r.model, s.test, "cpu").tolist()}
 
 
 def child(kind: str, data: str, epochs: int, seed: int, extra: list):
+    from baseline_ncf import per_sample_baseline
     out = per_sample_baseline(Path(data), epochs, seed) if kind == "baseline" else ours(Path(data), epochs, seed, extra)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
@@ -173,6 +129,7 @@ def main():
     n = len(pd.read_parquet(data / "train.parquet", columns=["user"]))
     print(f"data: {data} ({f'synthetic, {a.synthetic:,} rows asked' if a.synthetic else 'ML-100K' if ML100K.exists() else 'synthetic'}), "
           f"{n:,} training interactions, {a.epochs} epochs, {os.cpu_count()} CPUs ({cpu_name()})")
+    print(f"CPU flags: {cpu_flags()}; baseline {BASELINE.name} sha256 {hashlib.sha256(BASELINE.read_bytes()).hexdigest()[:16]}")
     if a.seeds: return accuracy(data, a)
     base = None if a.no_baseline else run("baseline", data, a.epochs, a.seed)
     target = max(x["validation"]["hr"] for x in base["history"]) if base else None
@@ -183,6 +140,8 @@ def main():
         r = run("ours", data, a.epochs, a.seed, extra)
         sps, reach = summarise(name, r, target)
         if base: print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
+        batch, bf16 = r["batch_size"], r["precision"]["autocast"] == "bf16"; bound = gemm_bound(batch, bf16)
+        print(f"{'':<28} {100 * sps / bound:>11.1f}% of the roofline at batch {batch}: {bound:,.0f} samples/s if a step were only the tower's {'bf16' if bf16 else 'fp32'} matrix products")
     evaluation_speed(data)
 
 

@@ -195,3 +195,22 @@ def test_recency_weighting_is_recorded_and_can_be_turned_off(data, tmp_path):
     assert cfg["weighted"]["train"]["recency_weight"] == TrainConfig().recency_weight > 1 and cfg["plain"]["train"]["recency_weight"] == 1
     loss = {n: read_metrics(tmp_path / n)["history"][0]["loss"] for n in cfg}
     assert loss["weighted"] != loss["plain"]   # the weights reach the loss
+
+
+def test_runs_started_together_share_the_cores(data, tmp_path):
+    "Two training runs at once, while this test holds a third slot (as another run would): each takes its share of the cores, never all of them."
+    from ncf.train.threads import CpuShare, usable_cores
+    slots, cores = tmp_path / "slots", usable_cores()
+    other = CpuShare(directory=slots)
+    try:
+        runs = [subprocess.Popen([sys.executable, "-m", "ncf.cli.train", "--data", str(data), "--model-dir", str(tmp_path / f"m{k}"), "--epochs", "2", *FAST],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "NCF_CPU_SLOTS": str(slots)}) for k in range(2)]
+        outs = [p.communicate(timeout=600) for p in runs]
+    finally: other.close()
+    for p, (out, err) in zip(runs, outs):
+        assert p.returncode == 0, err
+        threads, seen = map(int, re.search(r"^threads: (\d+) \((\d+) training run\(s\) share \d+ cores\)$", out, re.M).groups())
+        assert seen >= 2 and threads == max(1, cores // seen)
+        assert threads < cores or cores == 1
+    r = run_train("--data", data, "--model-dir", tmp_path / "asked", "--epochs", "1", *FAST, "--threads", "3", env={"NCF_CPU_SLOTS": str(slots)})
+    assert r.returncode == 0 and "threads: 3 (--threads)" in r.stdout, r.stderr

@@ -34,7 +34,7 @@ class TrainConfig:
     patience:int=0               # early stopping: stop after this many epochs without a better validation HR (0: off)
     seed:int=42                  # seed of initialisation, negatives and dropout
     device:Literal["auto", "cpu", "cuda"]="auto"  # auto: CUDA when available
-    threads:int=0                # torch CPU threads (0: torch's default)
+    threads:int=0                # torch CPU threads (0: this run's share of the cores among the runs training now)
     pretrain:bool=False          # NeuMF: pre-train a GMF and an MLP with these hyperparameters first (the paper's recipe)
     gmf_pretrain:str|None=None   # NeuMF pre-training from directories instead: a trained GMF model directory
     mlp_pretrain:str|None=None   # ... and a trained MLP model directory

@@ -19,6 +19,7 @@ from ..model.nets import NCF, neumf_from_pretrained, score_matrix, item_tables
 from ..model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from ..model.modeldir import write_model_dir, load_model_dir
 from .config import TrainConfig, metric_line
+from .threads import share_cores, rebalance
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
@@ -230,6 +231,7 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         for o in opts: o.zero_grad(set_to_none=True)
         loss.backward()
         for o in opts: o.step()
+        rebalance()   # this run's share of the cores, if another run started or ended (at most once a second)
         total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
@@ -336,8 +338,12 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
 
 # %% ../../nbs/api/32_train.trainer.ipynb #472989cf
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
-    "Train on `splits`; select the epoch on validation; score the selected model on test."
-    if cfg.threads: torch.set_num_threads(cfg.threads)
+    "Train on `splits`; select the epoch on validation; score the selected model on test; on this run's share of the CPU cores (`ncf.train.threads`)."
+    with share_cores(cfg.threads) as share:
+        log(f"threads: {torch.get_num_threads()} ({'--threads' if share.requested else f'{share.runs} training run(s) share {share.cores} cores'})")
+        return _train(splits, cfg, checkpoint_dir, log, metric_lines)
+
+def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:bool) -> TrainResult:
     keep_freed_memory()
     pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
     device = resolve_device(cfg)
