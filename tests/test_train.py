@@ -214,3 +214,17 @@ def test_runs_started_together_share_the_cores(data, tmp_path):
         assert threads < cores or cores == 1
     r = run_train("--data", data, "--model-dir", tmp_path / "asked", "--epochs", "1", *FAST, "--threads", "3", env={"NCF_CPU_SLOTS": str(slots)})
     assert r.returncode == 0 and "threads: 3 (--threads)" in r.stdout, r.stderr
+
+
+def test_mf_trains_saves_and_serves(data, tmp_path):
+    "The rival through the whole path: `ncf_train --model MF` (L2, 8 negatives), its model directory, and the SageMaker handler ranking as PyTorch does."
+    from ncf.model.nets import score_matrix
+    from ncf.serve.inference import model_fn
+    r = run_train("--data", data, "--model-dir", tmp_path / "mf", "--model", "MF", "--epochs", "2", "--num_ng", "8", "--weight_decay", "1e-6", *FAST)
+    assert r.returncode == 0, r.stderr
+    m = read_metrics(tmp_path / "mf")
+    assert m["history"][1]["loss"] < m["history"][0]["loss"]
+    rec = model_fn(tmp_path / "mf")
+    assert rec.md.model.cfg.model == "MF" and not hasattr(rec.md.model, "predict_layer")
+    reference = score_matrix(rec.md.model.eval(), torch.arange(len(rec.users))).numpy()
+    np.testing.assert_allclose(np.stack([rec.scorer.logits(u) for u in range(len(rec.users))]), reference, rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ __all__ = ['MODELS', 'DROPOUT_STEPS', 'WEIGHTS', 'CONFIG', 'USERS', 'ITEMS', 'SE
            'read_metrics']
 
 # %% ../../nbs/api/23_model.layout.ipynb #876ebbc0
-MODELS = ("GMF", "MLP", "NeuMF")
+MODELS = ("GMF", "MLP", "NeuMF", "MF")   # MF: the dot product with user and item biases (Rendle et al., RecSys 2020), NCF's strongest simple rival
 DROPOUT_STEPS = 256   # dropout rates are multiples of 1/256 (see `Dropout`)
 
 def dropout_steps(p:float) -> int:
@@ -45,6 +45,10 @@ class ModelConfig:
         if not 0 <= self.dropout < 1: raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
     @property
     def mlp_width(self) -> int: return self.factor_num*2**(self.num_layers - 1)
+    @property
+    def has_gmf(self) -> bool: return self.model != "MLP"   # a user and an item table of factor_num whose product is scored (MF's too)
+    @property
+    def has_mlp(self) -> bool: return self.model in ("MLP", "NeuMF")
 
 # %% ../../nbs/api/23_model.layout.ipynb #c6205bb1
 WEIGHTS, CONFIG, USERS, ITEMS, SEEN, METRICS, MANIFEST = (

@@ -42,12 +42,13 @@ class Scorer:
     @classmethod
     @torch.no_grad()
     def from_model(cls, model:NCF) -> Scorer:
-        "The numpy tables of `model` (GMF, MLP or NeuMF); a branch the model lacks is None."
+        "The numpy tables of `model` (GMF, MLP, NeuMF or MF); a branch the model lacks is None."
         cfg, f = model.cfg, model.cfg.factor_num
         np32 = lambda t: np.ascontiguousarray(t.detach().float().cpu().numpy(), dtype=np.float32).copy()
+        if cfg.model == "MF": return cls._from_mf(model, np32)
         w = model.predict_layer.weight[0]
         tables = item_tables(model)
-        gmf, mlp = cfg.model != "MLP", cfg.model != "GMF"
+        gmf, mlp = cfg.has_gmf, cfg.has_mlp
         w_gmf, w_mlp = (w[:f], w[f:]) if gmf and mlp else (w, None) if gmf else (None, w)
         first = model.MLP_layers[1] if mlp else None
         upper = [m for m in model.MLP_layers[3:] if isinstance(m, torch.nn.Linear)] if mlp else []
@@ -56,6 +57,14 @@ class Scorer:
                    np32(tables["mlp"]) if mlp else None,
                    [(np32(l.weight.T), np32(l.bias)) for l in upper], np32(w_mlp) if mlp else None,
                    float(model.predict_layer.bias[0]))
+
+    @classmethod
+    def _from_mf(cls, model:NCF, np32) -> Scorer:
+        "MF as a GMF branch of width f + 2: `[p_u, b_u, 1]·[q_i, 1, b_i] = p_u·q_i + b_u + b_i`, so that serving runs one code path."
+        ones = lambda n: torch.ones(n, 1)
+        user = torch.cat([model.embed_user_GMF.weight, model.embed_user_bias.weight, ones(model.cfg.n_users)], 1)
+        item = torch.cat([model.embed_item_GMF.weight, ones(model.cfg.n_items), model.embed_item_bias.weight], 1)
+        return cls(np32(user), np32(item), None, None, [], None, float(model.global_bias[0]))
 
 # %% ../../nbs/api/41_serve.inference.ipynb #5b98f9d2
 @patch

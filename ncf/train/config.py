@@ -18,7 +18,7 @@ __all__ = ['METRIC_DEFINITIONS', 'TrainConfig', 'check_config', 'config_from_fla
 @dataclass(frozen=True)
 class TrainConfig:
     "Training hyperparameters and run options. Validated on construction."
-    model:Literal[MODELS]="NeuMF"  # the network: GMF, MLP or NeuMF (both, fused)
+    model:Literal[MODELS]="NeuMF"  # the network: GMF, MLP, NeuMF (both, fused), or MF (dot product with biases: the rival)
     epochs:int=10                # passes over the training set
     lr:float=0.001               # Adam's learning rate at batch 256 (see lr_scaling)
     batch_size:int=256           # training examples (positives and their negatives) per step

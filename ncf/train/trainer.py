@@ -54,7 +54,7 @@ def precision_choice(cfg:TrainConfig, device:torch.device) -> tuple[torch.dtype|
     if cfg.precision != "auto": return (torch.bfloat16 if cfg.precision == "bf16" else None), f"--precision {cfg.precision}"
     kind = "cuda" if device.type == "cuda" else cpu_bf16()
     if kind is None: return None, "auto: this CPU has no native bf16 (neither amx_bf16 nor avx512_bf16)"
-    if cfg.model == "GMF": return None, "auto: GMF has no matrix product for bf16 to speed up"
+    if cfg.model in ("GMF", "MF"): return None, f"auto: {cfg.model} has no matrix product for bf16 to speed up"
     need = BF16_MIN_BATCH[kind]
     if cfg.batch_size < need: return None, f"auto: batch_size {cfg.batch_size} < {need}, below which bf16 is slower on {kind}"
     return torch.bfloat16, f"auto: batch_size {cfg.batch_size} >= {need}, from which bf16 is faster on {kind}"
