@@ -5,11 +5,14 @@ on the same preprocessed data, in the same run, on this machine. The per-sample 
 public recipe: the model written with torch's nn.Dropout in an nn.Sequential, a torch Dataset whose
 __getitem__ returns one (user, item, label) triple, negatives drawn in a Python loop each epoch (timed,
 as the common code times it), a DataLoader with batch_size 256 and no worker processes (two cores),
-fp32. Each configuration runs in its own process so that peak memory is its own.
+fp32. It lives frozen in baseline_ncf.py, whose hash every run prints. Each configuration runs in its
+own process so that peak memory is its own. The last row is the strongest simple rival, a tuned
+dot-product MF (Rendle et al., RecSys 2020), trained by the same trainer on the same split.
 
     .venv/bin/python bench/bench_train.py                      # ML-100K if ../shared has it, else synthetic
     .venv/bin/python bench/bench_train.py --seeds 5 --pretrain # accuracy over 5 seeds: defaults, defaults without
                                                                # recency weighting, and with GMF/MLP pre-training
+    .venv/bin/python bench/bench_train.py --tune-mf --epochs 20  # the MF rival's validation-only search
     .venv/bin/python bench/bench_train.py --synthetic 1000000 --no-baseline --epochs 3 -- --device cuda
                                                                # a GPU: the built-in shop at 1M interactions,
                                                                # defaults and the fast configuration
@@ -118,8 +121,10 @@ def main():
     p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
     p.add_argument("--pretrain", action="store_true"); p.add_argument("--results", help="with --seeds: a JSON file that keeps each run, so that an interrupted run resumes")
     p.add_argument("--fast", default="--batch_size 16384 --lr_scaling sqrt")
+    p.add_argument("--mf", default=MF_TUNED, help="the MF rival's flags (the best of --tune-mf on ML-100K's validation set)")
     p.add_argument("--synthetic", type=int, default=0, metavar="ROWS", help="the built-in shop with about ROWS interactions instead of ML-100K")
     p.add_argument("--no-baseline", action="store_true", help="skip the per-sample baseline (for large data or a GPU)")
+    p.add_argument("--tune-mf", action="store_true", help="the validation-only search of the MF rival's hyperparameters (MF_GRID)")
     p.add_argument("extra", nargs="*", help="ncf_train flags for the project's runs, after --")
     a = p.parse_args()
     if a.child: return child(a.child, a.data, a.epochs, a.seed, a.extra)
@@ -130,16 +135,18 @@ def main():
     print(f"data: {data} ({f'synthetic, {a.synthetic:,} rows asked' if a.synthetic else 'ML-100K' if ML100K.exists() else 'synthetic'}), "
           f"{n:,} training interactions, {a.epochs} epochs, {os.cpu_count()} CPUs ({cpu_name()})")
     print(f"CPU flags: {cpu_flags()}; baseline {BASELINE.name} sha256 {hashlib.sha256(BASELINE.read_bytes()).hexdigest()[:16]}")
+    if a.tune_mf: return tune_mf(data, a)
     if a.seeds: return accuracy(data, a)
     base = None if a.no_baseline else run("baseline", data, a.epochs, a.seed)
     target = max(x["validation"]["hr"] for x in base["history"]) if base else None
     if base: print(f"baseline's best validation HR@10: {target:.4f}")
     print(f"{'configuration':<28} {'samples/s':>12} {'s/epoch':>9} {'to target':>10} {'test HR':>8} {'NDCG':>8} {'peak MB':>9}")
     if base: b_sps, b_reach = summarise("per-sample baseline", base, target)
-    for name, extra in (("ncf defaults", a.extra), (f"ncf fast ({a.fast})", [*a.extra, *a.fast.split()])):
+    for name, extra in (("ncf defaults", a.extra), (f"ncf fast ({a.fast})", [*a.extra, *a.fast.split()]), ("MF, tuned (--mf)", [*a.extra, *a.mf.split()])):
         r = run("ours", data, a.epochs, a.seed, extra)
         sps, reach = summarise(name, r, target)
         if base: print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
+        if "MF" in extra: continue   # no tower: the roofline is the NeuMF's
         batch, bf16 = r["batch_size"], r["precision"]["autocast"] == "bf16"; bound = gemm_bound(batch, bf16)
         print(f"{'':<28} {100 * sps / bound:>11.1f}% of the roofline at batch {batch}: {bound:,.0f} samples/s if a step were only the tower's {'bf16' if bf16 else 'fp32'} matrix products")
     evaluation_speed(data)
@@ -174,9 +181,28 @@ def bootstrap_interval(ranks, k: int = 10, reps: int = 2000, seed: int = 0) -> d
     return out
 
 
+MF_FIXED = ["--model", "MF", "--num_ng", "8", "--batch_size", "4096", "--lr_scaling", "sqrt", "--refit", "false"]
+MF_TUNED = "--model MF --num_ng 8 --batch_size 4096 --lr_scaling sqrt --factor_num 64 --weight_decay 1e-5 --lr 0.001 --epochs 20"
+MF_GRID = {"--factor_num": ["32", "64", "128"], "--weight_decay": ["0", "1e-6", "1e-5", "1e-4"], "--lr": ["0.001", "0.003"]}
+
+
+def tune_mf(data, a):
+    "The validation-only search behind the MF row: every point of MF_GRID on top of MF_FIXED, seed 0, ranked by the selected epoch's validation HR@10."
+    import itertools
+    rows = []
+    for values in itertools.product(*MF_GRID.values()):
+        flags = [*MF_FIXED, *itertools.chain.from_iterable(zip(MF_GRID, values))]
+        r = run("ours", data, a.epochs, 0, [*a.extra, *flags])
+        v = max((h["validation"] for h in r["history"]), key=lambda v: (v["hr"], v["ndcg"]))
+        rows.append((v["hr"], v["ndcg"], r["best_epoch"], " ".join(flags[len(MF_FIXED):])))
+        print(f"validation HR@10 {v['hr']:.4f} NDCG@10 {v['ndcg']:.4f} at epoch {r['best_epoch']:>2}: {rows[-1][3]}", flush=True)
+    best = max(rows)
+    print(f"best on validation: {' '.join(MF_FIXED)} {best[3]} (HR@10 {best[0]:.4f}, NDCG@10 {best[1]:.4f}, epoch {best[2]})")
+
+
 def accuracy(data, a):
     "Test HR/NDCG at the validation-selected epoch over seeds, with and without pre-training; each run is kept in --results as it ends."
-    rows = {"NeuMF, no recency weight": ["--recency_weight", "1"], "NeuMF": [], "NeuMF + pre-training": ["--pretrain"]}
+    rows = {"NeuMF, no recency weight": ["--recency_weight", "1"], "NeuMF": [], "NeuMF + pre-training": ["--pretrain"], "MF, tuned (--mf)": a.mf.split()}
     if not a.pretrain: del rows["NeuMF + pre-training"]
     done = json.loads(Path(a.results).read_text()) if a.results and Path(a.results).exists() else {}
     for seed in range(a.seeds):
