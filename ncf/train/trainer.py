@@ -19,7 +19,7 @@ from ..model.nets import NCF, neumf_from_pretrained, score_matrix, item_tables
 from ..model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from ..model.modeldir import write_model_dir, load_model_dir
 from .config import TrainConfig, metric_line
-from .threads import share_cores, rebalance
+from .threads import share_cores, rebalance_threads
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
@@ -231,7 +231,7 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         for o in opts: o.zero_grad(set_to_none=True)
         loss.backward()
         for o in opts: o.step()
-        rebalance()   # this run's share of the cores, if another run started or ended (at most once a second)
+        rebalance_threads()   # this run's share of the cores, if another run started or ended (at most once a second)
         total += loss.detach()*len(batch_labels)
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
