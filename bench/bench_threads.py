@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import cpu_flags, cpu_name, prepare   # noqa: E402
+from ncf.train.threads import usable_cores   # noqa: E402
 
 
 def runs_at_once(data: Path, work: Path, n: int, threads: int, flags: list) -> list:
@@ -41,7 +42,7 @@ def main():
 
 def measure(work: Path, a):
     data = prepare(work)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     print(f"{cores} usable cores ({cpu_name()}; {cpu_flags()}), batch {a.batch_size}, {a.epochs} epochs per run")
     flags = ["--epochs", str(a.epochs), "--batch_size", str(a.batch_size)]
     for name, n, threads in (("one run alone, its share (all cores)", 1, 0), ("two at once, torch's default threads each", 2, cores),

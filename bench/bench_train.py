@@ -181,20 +181,20 @@ def bootstrap_interval(ranks, k: int = 10, reps: int = 2000, seed: int = 0) -> d
     return out
 
 
-MF_FIXED = ["--model", "MF", "--num_ng", "8", "--batch_size", "4096", "--lr_scaling", "sqrt", "--refit", "false"]
-MF_TUNED = "--model MF --num_ng 8 --batch_size 4096 --lr_scaling sqrt --factor_num 64 --weight_decay 1e-5 --lr 0.001 --epochs 20"
+MF_FIXED = ["--model", "MF", "--num_ng", "8", "--batch_size", "4096", "--lr_scaling", "sqrt"]
+MF_TUNED = " ".join([*MF_FIXED, "--factor_num", "64", "--weight_decay", "1e-5", "--lr", "0.001", "--epochs", "20"])   # the best of tune_mf
 MF_GRID = {"--factor_num": ["32", "64", "128"], "--weight_decay": ["0", "1e-6", "1e-5", "1e-4"], "--lr": ["0.001", "0.003"]}
 
 
 def tune_mf(data, a):
-    "The validation-only search behind the MF row: every point of MF_GRID on top of MF_FIXED, seed 0, ranked by the selected epoch's validation HR@10."
+    "The validation-only search behind the MF row: every point of MF_GRID on top of MF_FIXED, seed 0, no refit, ranked by the selected epoch's validation HR@10."
     import itertools
     rows = []
     for values in itertools.product(*MF_GRID.values()):
-        flags = [*MF_FIXED, *itertools.chain.from_iterable(zip(MF_GRID, values))]
-        r = run("ours", data, a.epochs, 0, [*a.extra, *flags])
+        point = list(itertools.chain.from_iterable(zip(MF_GRID, values)))
+        r = run("ours", data, a.epochs, 0, [*a.extra, *MF_FIXED, "--refit", "false", *point])   # validation only: no refit
         v = max((h["validation"] for h in r["history"]), key=lambda v: (v["hr"], v["ndcg"]))
-        rows.append((v["hr"], v["ndcg"], r["best_epoch"], " ".join(flags[len(MF_FIXED):])))
+        rows.append((v["hr"], v["ndcg"], r["best_epoch"], " ".join(point)))
         print(f"validation HR@10 {v['hr']:.4f} NDCG@10 {v['ndcg']:.4f} at epoch {r['best_epoch']:>2}: {rows[-1][3]}", flush=True)
     best = max(rows)
     print(f"best on validation: {' '.join(MF_FIXED)} {best[3]} (HR@10 {best[0]:.4f}, NDCG@10 {best[1]:.4f}, epoch {best[2]})")
