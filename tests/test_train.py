@@ -122,6 +122,21 @@ def test_pretrain_flag_trains_gmf_and_mlp_and_keeps_validation_clean(data, tmp_p
     assert again.metrics["test"] == r.metrics["test"]
 
 
+def test_a_short_refit_continues_the_selected_model_and_skips_the_pretrainings_refits(data, monkeypatch):
+    import ncf.train.trainer as T
+    monkeypatch.setattr(T, "_better", lambda a, b: True)   # the last epoch wins, whatever this CPU's trajectory
+    cfg = TrainConfig(epochs=2, batch_size=512, factor_num=8, num_layers=2, full_ranking=False, pretrain=True, refit_epochs=1)
+    lines = []
+    r = train(load_splits(data), cfg, log=lines.append)
+    assert {k: r.metrics["refit"][k] for k in ("epochs", "from")} == {"epochs": 1, "from": "selected"}
+    assert r.selected is not r.model and len(r.pairs[0]) == r.metrics["refit"]["interactions"]
+    # the selected NeuMF is kept as selected: the refit trained a copy
+    assert any(not torch.equal(a, b) for a, b in zip(r.selected.state_dict().values(), r.model.state_dict().values()))
+    # NeuMF's refit no longer starts from the GMF and MLP refits, so they are not trained
+    assert not any("pre-training: refit" in l for l in lines) and any(l.startswith("GMF pre-training: epoch 2/2") for l in lines)
+    assert sum(l.startswith("refit epoch") for l in lines) == 1
+
+
 @pytest.mark.parametrize("cpu, model, expected", [("avx512", "NeuMF", "bf16"), ("none", "NeuMF", "fp32"), ("avx512", "GMF", "fp32")])
 def test_auto_precision_follows_the_cpu_kind_and_says_why(data, tmp_path, cpu, model, expected):
     # NCF_CPU_BF16 stands in for /proc/cpuinfo, so that each CPU kind's choice is checked on any machine

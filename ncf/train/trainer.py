@@ -164,7 +164,7 @@ CHECKPOINT = "last.pt"
 
 def fingerprint(cfg:TrainConfig, data_version:str) -> str:
     "What a checkpoint must match to be resumed: the data and every setting that changes the result."
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "threads", "full_ranking", "device")}
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "threads", "full_ranking", "device", "refit_epochs")}
     return json.dumps({"cfg": keep, "data": data_version}, sort_keys=True)
 
 def save_checkpoint(path:Path, state:dict):
@@ -242,14 +242,14 @@ def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tens
     return None if w is None else torch.as_tensor(w, device=device)
 
 # %% ../../nbs/api/32_train.trainer.ipynb #d2c94a41
-def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None):
-    "Train a fresh model (from `pretrained` GMF and MLP if given) on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
+def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None, start:NCF|None=None):
+    "Train a copy of `start`, or a fresh model (from `pretrained` GMF and MLP if given), on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
     users = np.concatenate([splits.train_users, splits.validation.users])
     items = np.concatenate([splits.train_items, splits.validation.items])
     times = None if splits.train_times is None or splits.validation.times is None else np.concatenate([splits.train_times, splits.validation.times])
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    model = build_model(cfg, splits.n_users, splits.n_items, pretrained).to(device)
+    model = copy.deepcopy(start).train() if start is not None else build_model(cfg, splits.n_users, splits.n_items, pretrained).to(device)
     opts = make_optimizer(model, cfg)
     tu, ti = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
@@ -257,7 +257,8 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
     for epoch in range(1, epochs + 1):
         loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw); seconds += s
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
-    return model.eval(), (users, items), {"epochs": epochs, "seconds": round(seconds, 3), "interactions": len(users)}
+    summary = {"epochs": epochs, "from": "selected" if start is not None else "scratch", "seconds": round(seconds, 3), "interactions": len(users)}
+    return model.eval(), (users, items), summary
 
 # %% ../../nbs/api/32_train.trainer.ipynb #62d75a9e
 def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, best:dict|None, pairs=None) -> dict:
@@ -355,7 +356,9 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     opts = make_optimizer(model, cfg)
     history, best = _select_epoch(model, opts, splits, cfg, device, gen, dtype, checkpoint_dir, log, metric_lines)
     selected, pairs, refit = model.eval(), (splits.train_users, splits.train_items), None
-    if cfg.refit and best and best["epoch"] > 0:
+    if cfg.refit and best and best["epoch"] > 0 and cfg.refit_epochs:   # continue the selected model
+        model, pairs, refit = refit_with_validation(splits, cfg, cfg.refit_epochs, device, dtype, log, start=selected)
+    elif cfg.refit and best and best["epoch"] > 0:   # a fresh model for the selected epochs
         model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
     metrics["precision"] = {"autocast": "bf16" if dtype else "fp32", "reason": why}
@@ -368,7 +371,7 @@ def pretrain(splits:Splits, cfg:TrainConfig, checkpoint_dir=None, log=print) -> 
     "A GMF and an MLP trained with `cfg`'s hyperparameters (each selected on validation, then refit): NeuMF's initialisation."
     out = {}
     for kind in ("GMF", "MLP"):
-        sub = dataclasses.replace(cfg, model=kind, pretrain=False, full_ranking=False)
+        sub = dataclasses.replace(cfg, model=kind, pretrain=False, full_ranking=False, refit=cfg.refit and not cfg.refit_epochs)   # only a fresh refit starts from their refits
         out[kind] = train(splits, sub, Path(checkpoint_dir)/f"pretrain-{kind}" if checkpoint_dir else None,
                           lambda msg, kind=kind: log(f"{kind} pre-training: {msg}"), metric_lines=False)
     return out
