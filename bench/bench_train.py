@@ -12,7 +12,8 @@ dot-product MF (Rendle et al., RecSys 2020), trained by the same trainer on the 
     .venv/bin/python bench/bench_train.py                      # ML-100K if ../shared has it, else synthetic
     .venv/bin/python bench/bench_train.py --seeds 5 --pretrain # accuracy over 5 seeds: defaults, defaults without
                                                                # recency weighting, and with GMF/MLP pre-training
-    .venv/bin/python bench/bench_train.py --tune-mf --epochs 20  # the MF rival's validation-only search
+    .venv/bin/python bench/bench_train.py --tune MF --epochs 20  # the MF rival's validation-only search
+    .venv/bin/python bench/bench_train.py --tune NeuMF           # the same search for NeuMF at the original settings
     .venv/bin/python bench/bench_train.py --synthetic 1000000 --no-baseline --epochs 3 -- --device cuda
                                                                # a GPU: the built-in shop at 1M interactions,
                                                                # defaults and the fast configuration
@@ -21,7 +22,7 @@ Prints samples/s, seconds per epoch, time to reach the baseline's best validatio
 NDCG@10 at the validation-selected epoch, and peak RSS; then the seconds one evaluation of every test
 user takes, by the paper protocol and by full ranking.
 """
-import argparse, hashlib, json, os, platform, resource, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, platform, resource, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,9 @@ def ours(data: Path, epochs: int, seed: int, extra: list) -> dict:
 
 def child(kind: str, data: str, epochs: int, seed: int, extra: list):
     from baseline_ncf import per_sample_baseline
+    t0 = time.perf_counter()
     out = per_sample_baseline(Path(data), epochs, seed) if kind == "baseline" else ours(Path(data), epochs, seed, extra)
+    out["run_seconds"] = time.perf_counter() - t0   # the whole run: epochs, selection, refit, evaluation
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -111,7 +114,7 @@ def summarise(name, r, target_hr=None):
     sps = np.mean([x["samples_per_s"] for x in h]); spe = np.mean([x["seconds"] for x in h])
     reach = next((x["elapsed"] for x in h if target_hr is not None and x["validation"]["hr"] >= target_hr), None)
     print(f"{name:<28} {sps:>12,.0f} {spe:>9.2f} {('%.1f' % reach) if reach is not None else '-':>10} "
-          f"{r['test']['hr']:>8.4f} {r['test']['ndcg']:>8.4f} {r['peak_rss_mb']:>9.0f}")
+          f"{r['test']['hr']:>8.4f} {r['test']['ndcg']:>8.4f} {r['peak_rss_mb']:>9.0f} {r['run_seconds']:>7.1f}")
     return sps, reach
 
 
@@ -121,28 +124,32 @@ def main():
     p.add_argument("--seed", type=int, default=0); p.add_argument("--seeds", type=int, default=0)
     p.add_argument("--pretrain", action="store_true"); p.add_argument("--results", help="with --seeds: a JSON file that keeps each run, so that an interrupted run resumes")
     p.add_argument("--fast", default="--batch_size 16384 --lr_scaling sqrt")
-    p.add_argument("--mf", default=MF_TUNED, help="the MF rival's flags (the best of --tune-mf on ML-100K's validation set)")
+    p.add_argument("--mf", default=MF_TUNED, help="the MF rival's flags (the best of --tune MF on ML-100K's validation set)")
     p.add_argument("--synthetic", type=int, default=0, metavar="ROWS", help="the built-in shop with about ROWS interactions instead of ML-100K")
     p.add_argument("--no-baseline", action="store_true", help="skip the per-sample baseline (for large data or a GPU)")
-    p.add_argument("--tune-mf", action="store_true", help="the validation-only search of the MF rival's hyperparameters (MF_GRID)")
+    p.add_argument("--tune", choices=sorted(GRIDS), help="a validation-only search of that model's hyperparameters (GRIDS)")
     p.add_argument("extra", nargs="*", help="ncf_train flags for the project's runs, after --")
     a = p.parse_args()
     if a.child: return child(a.child, a.data, a.epochs, a.seed, a.extra)
     work = Path(tempfile.mkdtemp(prefix="ncf-bench-"))
-    data = prepare(work, a.synthetic)
+    try: benchmark(a, prepare(work, a.synthetic))
+    finally: shutil.rmtree(work, ignore_errors=True)   # the data it prepared, also after an error or ^C
+
+
+def benchmark(a, data: Path):
     import pandas as pd
     n = len(pd.read_parquet(data / "train.parquet", columns=["user"]))
     print(f"data: {data} ({f'synthetic, {a.synthetic:,} rows asked' if a.synthetic else 'ML-100K' if ML100K.exists() else 'synthetic'}), "
           f"{n:,} training interactions, {a.epochs} epochs, {os.cpu_count()} CPUs ({cpu_name()})")
     print(f"CPU flags: {cpu_flags()}; baseline {BASELINE.name} sha256 {hashlib.sha256(BASELINE.read_bytes()).hexdigest()[:16]}")
-    if a.tune_mf: return tune_mf(data, a)
+    if a.tune: return tune(data, a, *GRIDS[a.tune])
     if a.seeds: return accuracy(data, a)
     base = None if a.no_baseline else run("baseline", data, a.epochs, a.seed)
     target = max(x["validation"]["hr"] for x in base["history"]) if base else None
     if base: print(f"baseline's best validation HR@10: {target:.4f}")
-    print(f"{'configuration':<28} {'samples/s':>12} {'s/epoch':>9} {'to target':>10} {'test HR':>8} {'NDCG':>8} {'peak MB':>9}")
+    print(f"{'configuration':<28} {'samples/s':>12} {'s/epoch':>9} {'to target':>10} {'test HR':>8} {'NDCG':>8} {'peak MB':>9} {'run s':>7}")
     if base: b_sps, b_reach = summarise("per-sample baseline", base, target)
-    for name, extra in (("ncf defaults", a.extra), (f"ncf fast ({a.fast})", [*a.extra, *a.fast.split()]), ("MF, tuned (--mf)", [*a.extra, *a.mf.split()])):
+    for name, extra in (("ncf defaults", a.extra), ("ncf defaults, --refit_epochs 1", [*a.extra, "--refit_epochs", "1"]), (f"ncf fast ({a.fast})", [*a.extra, *a.fast.split()]), ("MF, tuned (--mf)", [*a.extra, *a.mf.split()])):
         r = run("ours", data, a.epochs, a.seed, extra)
         sps, reach = summarise(name, r, target)
         if base: print(f"{'':<28} {sps / b_sps:>11.1f}x" + (f" {b_reach / reach:>19.1f}x less time to the baseline's best validation HR" if reach else "   did not reach the target"))
@@ -184,20 +191,23 @@ def bootstrap_interval(ranks, k: int = 10, reps: int = 2000, seed: int = 0) -> d
 MF_FIXED = ["--model", "MF", "--num_ng", "8", "--batch_size", "4096", "--lr_scaling", "sqrt"]
 MF_TUNED = " ".join([*MF_FIXED, "--factor_num", "64", "--weight_decay", "1e-5", "--lr", "0.001", "--epochs", "20"])   # the best of tune_mf
 MF_GRID = {"--factor_num": ["32", "64", "128"], "--weight_decay": ["0", "1e-6", "1e-5", "1e-4"], "--lr": ["0.001", "0.003"]}
+# NeuMF keeps the original system's settings (lr 0.001, batch 256, dropout 0.3, factor_num 32, 3 layers) and searches what they leave open
+NEUMF_GRID = {"--weight_decay": ["0", "1e-6", "3e-6", "1e-5"], "--num_ng": ["4", "8"]}
+GRIDS = {"MF": (MF_FIXED, MF_GRID), "NeuMF": ([], NEUMF_GRID)}
 
 
-def tune_mf(data, a):
-    "The validation-only search behind the MF row: every point of MF_GRID on top of MF_FIXED, seed 0, no refit, ranked by the selected epoch's validation HR@10."
+def tune(data, a, fixed: list, grid: dict):
+    "A validation-only search (the MF row's came from it): every point of `grid` on top of `fixed`, seed 0, no refit, ranked by the selected epoch's validation HR@10."
     import itertools
     rows = []
-    for values in itertools.product(*MF_GRID.values()):
-        point = list(itertools.chain.from_iterable(zip(MF_GRID, values)))
-        r = run("ours", data, a.epochs, 0, [*a.extra, *MF_FIXED, "--refit", "false", *point])   # validation only: no refit
+    for values in itertools.product(*grid.values()):
+        point = list(itertools.chain.from_iterable(zip(grid, values)))
+        r = run("ours", data, a.epochs, 0, [*a.extra, *fixed, "--refit", "false", *point])   # validation only: no refit
         v = max((h["validation"] for h in r["history"]), key=lambda v: (v["hr"], v["ndcg"]))
         rows.append((v["hr"], v["ndcg"], r["best_epoch"], " ".join(point)))
         print(f"validation HR@10 {v['hr']:.4f} NDCG@10 {v['ndcg']:.4f} at epoch {r['best_epoch']:>2}: {rows[-1][3]}", flush=True)
     best = max(rows)
-    print(f"best on validation: {' '.join(MF_FIXED)} {best[3]} (HR@10 {best[0]:.4f}, NDCG@10 {best[1]:.4f}, epoch {best[2]})")
+    print(f"best on validation: {' '.join(fixed)} {best[3]} (HR@10 {best[0]:.4f}, NDCG@10 {best[1]:.4f}, epoch {best[2]})")
 
 
 def accuracy(data, a):
