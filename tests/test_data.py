@@ -160,3 +160,17 @@ def test_features_keep_int_ids(ml100k, tmp_path):
     assert len(f.recent) == 943 and all(len(v) == min(50, len(set(v))) for v in f.recent.values())
     assert type(next(iter(f.recent))) is int and type(f.pools["popular"][0]) is int and len(f.pools["popular"]) == 500
     assert sorted(f.pools) == ["new", "popular"]          # no item metadata given: no category pools
+
+
+def test_a_large_catalogue_is_drawn_in_two_stages_as_deterministically(tmp_path):
+    from ncf.data.synthetic import EXACT_MAX_ITEMS, Shop, SyntheticSpec, generate_day, item_catalog, next_day
+    spec = SyntheticSpec(n_users=600, n_items=EXACT_MAX_ITEMS + 1, seed=2)
+    assert not Shop(spec).exact and Shop(SyntheticSpec(n_users=600, n_items=EXACT_MAX_ITEMS)).exact
+    next_day(tmp_path, spec, initial_days=2)
+    later, = next_day(tmp_path)   # the spec, sampler included, comes back from _shop.json
+    assert pd.read_parquet(later).equals(generate_day(spec, 2))   # day 2 delivered later is day 2 regenerated
+    day = generate_day(spec, 0)
+    assert day.item_id.isin(item_catalog(spec).item_id).all() and len(day) > 0
+    # popularity and taste both still matter: the most popular tenth of the items draws a large share, not all
+    top = day.item_id.value_counts(); share = top.iloc[:len(top) // 10].sum() / len(day)
+    assert 0.2 < share < 0.9, share
