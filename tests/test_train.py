@@ -193,6 +193,21 @@ def test_raw_ratings_file_is_preprocessed_with_defaults(ml100k, tmp_path):
     assert "943" in r.stdout and load_model_dir(tmp_path / "m").model.cfg.n_items == 1682
 
 
+def test_raw_logs_leave_no_preprocessed_copy_behind(tmp_path):
+    from helpers import SMALL_SHOP
+    from ncf.data.synthetic import write_days
+    raw, tmp = tmp_path / "raw", tmp_path / "tmp"; tmp.mkdir()
+    write_days(SMALL_SHOP, raw, 30)
+    r = run_train("--data", raw, "--model-dir", tmp_path / "m", "--epochs", "1", *FAST, env={"TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert "users" in r.stdout and load_model_dir(tmp_path / "m").model.cfg.n_items > 0   # it was preprocessed...
+    assert not list(tmp.glob("ncf-data-*"))                                                # ...and the copy removed
+    bad = tmp_path / "bad.csv"; bad.write_text("user_id,item_id,timestamp\nu1,i1,notatime\n")
+    r = run_train("--data", bad, "--model-dir", tmp_path / "m2", "--epochs", "1", *FAST, env={"TMPDIR": str(tmp)})
+    assert r.returncode == 2 and "timestamp" in r.stderr, r.stderr                       # an error in preprocessing...
+    assert not list(tmp.glob("ncf-data-*"))                                                # ...leaves nothing either
+
+
 def test_sampler_never_emits_a_training_positive():
     rng = np.random.default_rng(0)
     u = torch.as_tensor(rng.integers(0, 50, 3000)); i = torch.as_tensor(rng.integers(0, 60, 3000))

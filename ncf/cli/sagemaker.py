@@ -60,7 +60,7 @@ def evaluate_entry(argv=None) -> int:
         prod = ""
         if a.production_uri:
             with storage.local_copy(a.production_uri) as local: prod = str(_extract(_archive_in(local), Path(d)/"production"))
-        rc = evaluate_main(["--model", str(new), "--data", str(resolve_data(a.data)), "--production", prod, "--out", a.out,
+        rc = evaluate_main(["--model", str(new), "--data", str(resolve_data(a.data, Path(d)/"data")), "--production", prod, "--out", a.out,
                             "--hr-threshold", str(a.hr_threshold), "--tolerance", str(a.tolerance)])
         if rc: return rc
         built = serving_archive(new, Path(a.package_out)/"model.tar.gz")   # with the wheels its requirements install from

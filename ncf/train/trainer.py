@@ -384,21 +384,21 @@ def save_model(result:TrainResult, splits:Splits, model_dir) -> dict:
                            asdict(result.config), splits.data_version)
 
 # %% ../../nbs/api/32_train.trainer.ipynb #d41b4b59
-def resolve_data(path) -> Path:
-    "A preprocessed partition for `path`: itself, the latest complete partition under it, or a fresh preprocessing of raw data."
+def resolve_data(path, work) -> Path:
+    "A preprocessed partition for `path`: itself, the latest complete partition under it, or a fresh preprocessing of raw data into the folder `work`."
     if storage.is_s3(path): return path
     p = Path(path)
     if not p.exists(): raise DataError(f"{p}: no such file or directory")
     if (p/DATA_MANIFEST).exists(): return p
     parts = sorted(d for d in p.glob("*=*") if (d/DATA_MANIFEST).exists()) if p.is_dir() else []
     if parts: return parts[-1]
-    m = preprocess(p, Path(tempfile.mkdtemp(prefix="ncf-data-")), run_id="from-raw")
+    m = preprocess(p, Path(work), run_id="from-raw")
     print(summary(m)); return Path(m["path"])
 
 # %% ../../nbs/api/32_train.trainer.ipynb #8d80930c
 def load_channels(train, validation=None, test=None) -> Splits:
-    "Load the data set; SageMaker may deliver validation and test tables on channels of their own."
-    splits = load_splits(resolve_data(train))
+    "Load the data set (raw logs preprocessed into a temporary folder, removed once loaded); SageMaker may deliver validation and test tables on channels of their own."
+    with tempfile.TemporaryDirectory(prefix="ncf-data-") as work: splits = load_splits(resolve_data(train, work))
     for name, ch in (("validation", validation), ("test", test)):
         if ch and Path(ch).resolve() != Path(train).resolve() and (Path(ch)/f"{name}.parquet").exists():
             setattr(splits, name, held_out(pd.read_parquet(Path(ch)/f"{name}.parquet"), pd.read_parquet(Path(ch)/f"{name}_negatives.parquet"), ch))
