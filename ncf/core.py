@@ -4,13 +4,13 @@
 
 # %% ../nbs/api/00_core.ipynb #71fe4824
 from __future__ import annotations
-import hashlib, json, os, tempfile
+import hashlib, json, os, sys, tempfile, time
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['EXTRAS', 'REQUIREMENTS_FILE', 'SPLITMIX64_GAMMA', 'SPLITMIX64_MIX', 'NCFError', 'ConfigError', 'DataError',
            'ModelError', 'RegistryError', 'MissingExtra', 'RequestError', 'extra', 'declared_requirements',
-           'requirements', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small']
+           'requirements', 'sha256_file', 'write_atomic', 'write_json', 'read_json', 'small', 'Progress']
 
 # %% ../nbs/api/00_core.ipynb #6c41f8ad
 class NCFError(Exception):
@@ -113,3 +113,28 @@ def read_json(path):
 def small() -> bool:
     "True when `NCF_SMALL` is set (as `make test` does): notebooks pick their small-data settings."
     return os.environ.get("NCF_SMALL", "") not in ("", "0", "false", "False")
+
+# %% ../nbs/api/00_core.ipynb #98dfcf98
+class Progress:
+    "Progress of a long stage: a tqdm bar on a terminal, else a plain line on `stream` every `every` seconds."
+    def __init__(self, total:int, desc:str, unit:str="it", every:float|None=None, stream=None):
+        every = float(os.environ.get("NCF_PROGRESS_SECONDS", 30)) if every is None else every
+        self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, 0
+        self.stream = stream or sys.stderr
+        self.t0 = self.last = time.monotonic()
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        if tty: from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream, leave=False) if tty else None
+    def update(self, n:int=1):
+        self.done += n
+        if self.bar is not None: self.bar.update(n); return
+        now = time.monotonic()
+        if now - self.last >= self.every: self.last = now; print(self.line(now), file=self.stream, flush=True)
+    def line(self, now:float) -> str:
+        "The plain progress line: done of total, share, rate and time left."
+        rate = self.done/max(now - self.t0, 1e-9); left = (self.total - self.done)/rate if rate else float("inf")
+        return f"{self.desc}: {self.done:,}/{self.total:,} {self.unit} ({self.done/max(self.total, 1):.0%}), {rate:,.0f} {self.unit}/s, {left:.0f} s left"
+    def close(self):
+        if self.bar is not None: self.bar.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()

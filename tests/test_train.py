@@ -208,6 +208,18 @@ def test_raw_logs_leave_no_preprocessed_copy_behind(tmp_path):
     assert not list(tmp.glob("ncf-data-*"))                                                # ...leaves nothing either
 
 
+def test_a_log_gets_plain_progress_lines_and_the_metric_lines_stay_alone(data, tmp_path):
+    # not a terminal (SageMaker's logs): a line per NCF_PROGRESS_SECONDS on stderr, none in stdout's metric lines
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", "--epochs", "1", *FAST, "--full_ranking", "true", env={"NCF_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("NeuMF epoch 1/1: ")]
+    assert len(lines) > 1 and "(100%)" in lines[-1] and "samples/s" in lines[-1], r.stderr[-500:]
+    assert any(l.startswith("full-ranking evaluation: ") for l in r.stderr.splitlines())
+    assert not any("samples (" in l for l in r.stdout.splitlines()) and sum(l.startswith("epoch ") for l in r.stdout.splitlines()) == 1
+    quiet = run_train("--data", data, "--model-dir", tmp_path / "m2", "--epochs", "1", *FAST)   # a short run: no progress at all
+    assert quiet.returncode == 0 and "samples (" not in quiet.stderr
+
+
 def test_sampler_never_emits_a_training_positive():
     rng = np.random.default_rng(0)
     u = torch.as_tensor(rng.integers(0, 50, 3000)); i = torch.as_tensor(rng.integers(0, 60, 3000))

@@ -8,7 +8,7 @@ import datetime as dt, functools, json
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np, pandas as pd
-from ..core import ConfigError, write_json, read_json
+from ..core import ConfigError, Progress, write_json, read_json
 
 # %% auto #0
 __all__ = ['EVENTS', 'EVENT_SHARE', 'SAMPLERS', 'EXACT_MAX_ITEMS', 'SyntheticSpec', 'Shop', 'generate_day', 'CategoryTables',
@@ -186,10 +186,11 @@ def write_days(spec:SyntheticSpec, root, days:range|int) -> list[Path]:
     root, shop = Path(root), Shop(spec)
     write_json(root/"_shop.json", asdict(spec))
     _write_parquet_atomic(item_catalog(spec, shop), root/"items.parquet")
-    out = []
-    for d in (range(days) if isinstance(days, int) else days):
-        p = root/f"dt={day_date(spec, d)}"/"part-0.parquet"
-        _write_parquet_atomic(generate_day(spec, d, shop), p); out.append(p)
+    out, days = [], range(days) if isinstance(days, int) else days
+    with Progress(len(days), "synthetic shop", "days") as progress:
+        for d in days:
+            p = root/f"dt={day_date(spec, d)}"/"part-0.parquet"
+            _write_parquet_atomic(generate_day(spec, d, shop), p); out.append(p); progress.update()
     return out
 
 # %% ../../nbs/api/13_data.synthetic.ipynb #08a0d287

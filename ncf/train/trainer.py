@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
-from ..core import ConfigError, DataError, ModelError, NCFError, write_json
+from ..core import ConfigError, DataError, ModelError, NCFError, Progress, write_json
 from ..data import storage
 from ..data.dataset import Splits, HeldOut, load_splits, held_out, MANIFEST as DATA_MANIFEST
 from ..data.split import tie_key
@@ -135,8 +135,9 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
     order = torch.argsort(tu, stable=True); tu, ti = tu[order], ti[order]
     out = {"hr": 0.0, "ndcg": 0.0, "recall": 0.0}
     users = torch.as_tensor(held.users); items = torch.as_tensor(held.items)
+    progress = Progress(len(users), "full-ranking evaluation", "users")
     for lo in range(0, len(users), chunk):
-        u = users[lo:lo+chunk]
+        u = users[lo:lo+chunk]; progress.update(len(u))
         scores = score_matrix(model, u.to(device), tables=tables).float().cpu()
         lo_i, hi_i = torch.searchsorted(tu, u.min()), torch.searchsorted(tu, u.max(), right=True)
         eu, ei = tu[lo_i:hi_i], ti[lo_i:hi_i]
@@ -144,6 +145,7 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
         keep = row_of[eu] >= 0
         m = full_ranking_metrics(scores, torch.arange(len(u)), items[lo:lo+chunk], row_of[eu[keep]], ei[keep], k)
         for f in out: out[f] += m[f]*len(u)
+    progress.close()
     return {f: v/len(users) for f, v in out.items()} | {"k": k}
 
 # %% ../../nbs/api/32_train.trainer.ipynb #413a637f
@@ -212,8 +214,8 @@ class TrainResult:
 
 # %% ../../nbs/api/32_train.trainer.ipynb #721673e7
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
-                cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None) -> tuple[float, int, float]:
-    "Train one epoch (positives weighted by `pos_weight` when given); return the mean loss, the number of samples and the seconds it took."
+                cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None, desc:str="epoch") -> tuple[float, int, float]:
+    "Train one epoch (positives weighted by `pos_weight` when given; its `Progress` named `desc`); return the mean loss, the number of samples and the seconds it took."
     model.train(); t0 = time.perf_counter(); device = tu.device
     nu, ni = sampler.sample(tu, cfg.num_ng, gen)
     users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
@@ -221,7 +223,7 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
     perm = torch.randperm(len(users), generator=gen, device=device)   # one shuffle; batches are then contiguous slices
     users, items, labels = users[perm], items[perm], labels[perm]
     weights = None if pos_weight is None else torch.cat([pos_weight, torch.ones(len(nu), device=device)])[perm]
-    total = torch.zeros((), device=device)
+    total, progress = torch.zeros((), device=device), Progress(len(perm), f"{cfg.model} {desc}", "samples")
     for lo in range(0, len(perm), cfg.batch_size):
         idx = slice(lo, lo + cfg.batch_size)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -232,7 +234,8 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
         loss.backward()
         for o in opts: o.step()
         rebalance_threads()   # this run's share of the cores, if another run started or ended (at most once a second)
-        total += loss.detach()*len(batch_labels)
+        total += loss.detach()*len(batch_labels); progress.update(len(batch_labels))
+    progress.close()
     return total.item()/len(perm), len(perm), time.perf_counter() - t0
 
 # %% ../../nbs/api/32_train.trainer.ipynb #f404bec4
@@ -255,7 +258,7 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
     sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
     pw = positive_weights(users, items, times, cfg, device)
     for epoch in range(1, epochs + 1):
-        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw); seconds += s
+        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"refit epoch {epoch}/{epochs}"); seconds += s
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     summary = {"epochs": epochs, "from": "selected" if start is not None else "scratch", "seconds": round(seconds, 3), "interactions": len(users)}
     return model.eval(), (users, items), summary
@@ -322,7 +325,7 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
         best, best_state = {"epoch": 0, **evaluate_sampled(model, select_on, cfg.top_k, device)}, copy.deepcopy(model.state_dict())
     stale = 0 if best is None else max(0, start - best["epoch"])
     for epoch in range(start + 1, cfg.epochs + 1):
-        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw)
+        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"epoch {epoch}/{cfg.epochs}")
         row = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 4), "samples_per_s": round(n/seconds)}
         if select_on is not None:
             row["validation"] = evaluate_sampled(model, select_on, cfg.top_k, device)
