@@ -8,7 +8,7 @@ import json, time
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd
-from ..core import ConfigError, DataError
+from ..core import ConfigError, DataError, Progress
 from .readers import Columns, Interactions, read_interactions, detect_format
 from .split import PreprocessParams, split_by_time, negatives_for, write_dataset, partition_uri, paper_dataset, attach_item_metadata
 from . import storage
@@ -110,17 +110,13 @@ def preprocess(src, out, params:PreprocessParams=PreprocessParams(), format:str=
         if fmt == "paper": manifest = paper_dataset(src, local, dest, params)
         else:
             data = read_interactions(local, fmt, cols, params.days, params.end_date, items)
-            bar = _progress(len(data)) if verbose else None
+            bar = Progress(4, "preprocess", "steps") if verbose and len(data) >= 500_000 else None   # a small run shows none
             tables, stats = preprocess_frame(data, params, progress=(lambda m: bar.update(1)) if bar else None)
             if bar: bar.close()
             source = {"uri": str(src), "format": fmt, "rows": stats["rows_read"],
                       "files": [str(Path(f).relative_to(local)) if Path(local).is_dir() else Path(f).name for f in data.files]}
             manifest = write_dataset(tables, dest, {"params": asdict(params), "source": source, "filtered": stats, "engine": "pandas"})
     return {**manifest, "path": dest, "seconds": round(time.perf_counter() - t0, 3)}
-
-def _progress(rows:int):
-    from tqdm.auto import tqdm
-    return tqdm(total=4, desc="preprocess", unit="step", disable=rows < 500_000)
 
 # %% ../../nbs/api/16_data.preprocess.ipynb #b80db567
 def summary(m:dict) -> str:

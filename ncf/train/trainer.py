@@ -359,10 +359,9 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     opts = make_optimizer(model, cfg)
     history, best = _select_epoch(model, opts, splits, cfg, device, gen, dtype, checkpoint_dir, log, metric_lines)
     selected, pairs, refit = model.eval(), (splits.train_users, splits.train_items), None
-    if cfg.refit and best and best["epoch"] > 0 and cfg.refit_epochs:   # continue the selected model
-        model, pairs, refit = refit_with_validation(splits, cfg, cfg.refit_epochs, device, dtype, log, start=selected)
-    elif cfg.refit and best and best["epoch"] > 0:   # a fresh model for the selected epochs
-        model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
+    if cfg.refit and best and best["epoch"] > 0:
+        if cfg.refit_epochs: model, pairs, refit = refit_with_validation(splits, cfg, cfg.refit_epochs, device, dtype, log, start=selected)
+        else: model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
     metrics["precision"] = {"autocast": "bf16" if dtype else "fp32", "reason": why}
     if refit: metrics["refit"] = refit
