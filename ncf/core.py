@@ -117,12 +117,13 @@ def small() -> bool:
 # %% ../nbs/api/00_core.ipynb #98dfcf98
 class Progress:
     "Progress of a long stage: a tqdm bar on a terminal, else a plain line on `stream` every `every` seconds."
-    def __init__(self, total:int, desc:str, unit:str="it", every:float|None=None, stream=None):
+    def __init__(self, total:int, desc:str, unit:str="it", every:float|None=None, stream=None, shown:bool=True):
         every = float(os.environ.get("NCF_PROGRESS_SECONDS", 30)) if every is None else every
+        every = every if shown else float("inf")   # not shown: counted only (the other ranks of a distributed run)
         self.total, self.desc, self.unit, self.every, self.done = total, desc, unit, every, 0
         self.stream = stream or sys.stderr
         self.t0 = self.last = time.monotonic()
-        tty = getattr(self.stream, "isatty", lambda: False)()
+        tty = shown and getattr(self.stream, "isatty", lambda: False)()
         if tty: from tqdm.auto import tqdm
         self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream, leave=False) if tty else None
     def update(self, n:int=1):

@@ -108,7 +108,8 @@ def test_definition_details(cli_definition):
 def test_the_definition_on_a_preprocessed_partition_has_no_preprocessing(aws):
     "EMR's partition is the training data: the pipeline NAME-preprocessed trains on the DataUri parameter itself."
     from ncf.pipeline.retrain import pipeline_steps
-    params = PipelineParams(data_uri="s3://shop-data/preprocessed/dt=2026-02-01", preprocessed=True, train_instance_type="ml.g5.xlarge")
+    params = PipelineParams(data_uri="s3://shop-data/preprocessed/dt=2026-02-01", preprocessed=True, train_instance_type="ml.g5.xlarge",
+                            train_instance_count=2, train_processes_per_instance=4)
     d = json.loads(nsm.definition(params, AwsSettings(bucket=BUCKET, role_arn=ROLE)))
     g = check_definition(d, pipeline_steps(True))
     assert "Preprocess" not in g and g["Train"]["after"] == set()
@@ -117,6 +118,14 @@ def test_the_definition_on_a_preprocessed_partition_has_no_preprocessing(aws):
     assert channel["DataSource"]["S3DataSource"]["S3Uri"] == {"Get": "Parameters.DataUri"}
     train = s["Train"]["Arguments"]
     assert train["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge" and "gpu" in train["AlgorithmSpecification"]["TrainingImage"]   # the image follows the type
+    # torchrun on every instance: the count is a run's parameter, the processes per instance are in the drivers' distributed.json
+    assert train["ResourceConfig"]["InstanceCount"] == {"Get": "Parameters.TrainInstanceCount"}
+    assert {p["Name"]: p for p in d["Parameters"]}["TrainInstanceCount"] == {"Name": "TrainInstanceCount", "Type": "Integer", "DefaultValue": 2}
+    drivers = next(c for c in train["InputDataConfig"] if c["ChannelName"] == "sm_drivers")["DataSource"]["S3DataSource"]["S3Uri"]
+    bucket, prefix = drivers.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", region_name=REGION)
+    assert json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/distributed.json")["Body"].read()) == {"process_count_per_node": 4, "smp": None}
+    assert any(k["Key"].endswith("distributed_drivers/torchrun_driver.py") for k in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"])
     assert s["CreateModel"]["Arguments"]["ExecutionRoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/ncf-sagemaker-model"   # not the pipeline's role
     with pytest.raises(Exception, match="does not match PIPELINE"): check_definition(d)
 
@@ -404,3 +413,23 @@ def test_every_artifact_is_under_the_artifact_prefix(cli_definition, aws):
     nsm.upsert(PipelineParams(data_uri="s3://shop-data/raw", hyperparameters={"epochs": 1}), settings=SETTINGS)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
     assert keys and all(k.startswith(f"{prefix}/") for k in keys), sorted(k for k in keys if not k.startswith(f"{prefix}/"))[:5]
+
+
+def test_the_training_step_trains_on_two_processes_of_one_emulated_instance(aws, shop_data, tmp_path):
+    "The Train step of the definition, resolved and run as SageMaker runs it (its drivers, torchrun): 2 ranks, one log, one model."
+    from ncf.emulate.definition import Context, bind_parameters, resolve, as_request
+    from ncf.emulate.jobs import run_training_job
+    s3 = boto3.client("s3")
+    for f in (p for p in shop_data.rglob("*") if p.is_file()): s3.upload_file(str(f), BUCKET, f"data/{f.relative_to(shop_data)}")
+    params = PipelineParams(data_uri=f"s3://{BUCKET}/data/", preprocessed=True, train_processes_per_instance=2, hyperparameters=FAST)
+    d = json.loads(nsm.definition(params, SETTINGS))
+    ctx = Context(parameters=bind_parameters(d), execution={})
+    request = as_request("Training", resolve(steps_by_name(d)["Train"]["Arguments"], ctx))
+    job = run_training_job("ncf-train-two-ranks", request, s3=s3, workdir=tmp_path / "job")
+    log = Path(job["Log"]).read_text()
+    assert job["TrainingJobStatus"] == "Completed", (job.get("FailureReason"), log[-3000:])
+    assert "--nproc_per_node=2" in log and "rank 0 of 2 training processes" in log
+    assert len([l for l in log.splitlines() if "epoch 1/1: HR=" in l]) == 1   # rank 0 alone logs the metric lines
+    bucket, key = job["ModelArtifacts"]["S3ModelArtifacts"].removeprefix("s3://").split("/", 1)
+    names = tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())).getnames()
+    assert "model.safetensors" in {Path(n).name for n in names}

@@ -32,12 +32,17 @@ class PipelineParams:
     endpoint_url:str="http://127.0.0.1:8080" # local endpoint (its admin swap is the local deployment)
     endpoint_name:str="ncf"                  # SageMaker endpoint
     train_instance_type:str="ml.m5.xlarge"   # SageMaker training job instance
+    train_instance_count:int=1               # SageMaker training instances (the default of the TrainInstanceCount parameter)
+    train_processes_per_instance:int|None=None   # torchrun processes per training instance (None: one per GPU, one on a CPU instance)
     processing_instance_type:str="ml.m5.large"   # SageMaker processing jobs (preprocess, evaluate)
     endpoint_instance_type:str="ml.m5.large"     # SageMaker endpoint instance
 
     def __post_init__(self):
         if not 0 <= self.hr_threshold <= 1: raise ConfigError(f"hr_threshold must be in [0, 1], got {self.hr_threshold}")
         if not 0 <= self.tolerance <= 1: raise ConfigError(f"tolerance must be in [0, 1], got {self.tolerance}")
+        if self.train_instance_count < 1: raise ConfigError(f"train_instance_count must be >= 1, got {self.train_instance_count}")
+        if self.train_processes_per_instance is not None and self.train_processes_per_instance < 1:
+            raise ConfigError(f"train_processes_per_instance must be >= 1 or None, got {self.train_processes_per_instance}")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         if bad := set(self.hyperparameters) - known: raise ConfigError(f"unknown hyperparameters {sorted(bad)}; known: {sorted(known)}")
         TrainConfig(**self.hyperparameters)  # validates values now, not after preprocessing

@@ -45,6 +45,7 @@ def pipeline_parameters(params:PipelineParams, default_data_uri:str="s3://BUCKET
     data_uri = params.data_uri if params.data_uri.startswith("s3://") else default_data_uri  # a local path means nothing there
     return [Param("DataUri", "String", data_uri), Param("RunDate", "String", params.run_date or ""),
             Param("Days", "Integer", params.days or 0), Param("DataVersion", "String", ""),
+            Param("TrainInstanceCount", "Integer", params.train_instance_count),
             *(Param(f"hp_{h}", _hp_type(defaults[h]), _hp_value(params.hyperparameters.get(h, defaults[h]))) for h in hps),
             Param("HrThreshold", "Float", params.hr_threshold), Param("Tolerance", "Float", params.tolerance),
             Param("ProductionModelUri", "String", ""), Param("DeployAs", "String", "champion"),
@@ -133,13 +134,15 @@ def _train_step(b:_Build, data_uri):
     from sagemaker.core.shapes import MetricDefinition, OutputDataConfig
     from sagemaker.core.training.configs import SourceCode, Compute, InputData
     from sagemaker.train import ModelTrainer
+    from sagemaker.train.distributed import Torchrun
     from sagemaker.mlops.workflow.steps import TrainingStep
     hps = {p.name[3:]: b.par[p.name] for p in pipeline_parameters(b.params) if p.name.startswith("hp_")}
     # Code, drivers and the model go under the artifact prefix, the only place the template lets the pipeline write.
     trainer = ModelTrainer(training_image=b.train_image, role=b.role, sagemaker_session=b.sess, base_job_name="ncf-train",
                            input_s3_key_prefix=f"{b.settings.prefix}/train", output_data_config=OutputDataConfig(s3_output_path=f"{b.root}/train"),
                            source_code=SourceCode(source_dir=str(b.staged), entry_script="train.py", requirements="requirements.txt"),
-                           compute=Compute(instance_type=b.params.train_instance_type, instance_count=1), hyperparameters=hps,
+                           compute=Compute(instance_type=b.params.train_instance_type, instance_count=b.par["TrainInstanceCount"]), hyperparameters=hps,
+                           distributed=Torchrun(process_count_per_node=b.params.train_processes_per_instance),   # SageMaker's driver runs torchrun on every instance
                            input_data_config=[InputData(channel_name="train", data_source=data_uri)])
     trainer = trainer.with_metric_definitions([MetricDefinition(name=n, regex=r) for n, r in METRICS])
     return TrainingStep(name="Train", step_args=trainer.train(), cache_config=b.cache)

@@ -30,9 +30,9 @@ def slots_dir() -> Path:
 
 # %% ../../nbs/api/33_train.threads.ipynb #6fed3051
 class CpuShare:
-    "This run's share of the usable cores among the training runs that hold a slot in `directory` now."
-    def __init__(self, threads:int=0, directory=None, every:float=1.0):
-        self.requested, self.every, self.checked = threads, every, float("-inf")
+    "This run's share of the usable cores among the training runs that hold a slot in `directory` now; `peers`: this run's processes on this machine (torchrun's `LOCAL_WORLD_SIZE`), counted before they hold their slots."
+    def __init__(self, threads:int=0, directory=None, every:float=1.0, peers:int=1):
+        self.requested, self.every, self.checked, self.peers = threads, every, float("-inf"), peers
         self.dir = Path(directory or slots_dir())
         self.cores, self.runs, self.slot = usable_cores(), 1, self._take_slot()
 
@@ -58,7 +58,7 @@ class CpuShare:
             try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError: n += 1
             finally: os.close(fd)   # closing drops a shared lock this probe took
-        return max(n, 1)
+        return max(n, self.peers, 1)
 
     def close(self):
         if self.slot is not None: os.close(self.slot); self.slot = None
@@ -87,7 +87,7 @@ def share_cores(threads:int=0, directory=None):
     "This process's `CpuShare` for the duration (the one already held, when nested), with torch's threads set to it; restored at the end."
     global _active
     if _active is not None: yield _active; return
-    before, _active = torch.get_num_threads(), CpuShare(threads, directory)
+    before, _active = torch.get_num_threads(), CpuShare(threads, directory, peers=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     try:
         _active.rebalance(); yield _active
     finally:

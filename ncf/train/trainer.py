@@ -20,6 +20,8 @@ from ..model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from ..model.modeldir import write_model_dir, load_model_dir
 from .config import TrainConfig, metric_line
 from .threads import share_cores, rebalance_threads
+from .distributed import (Ranks, DistributedError, process_group, ranks_from_env, wrap, shard_loss, sum_over_ranks,
+                                   from_main, gathered, dropout_seed, peer_lost)
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
@@ -214,8 +216,9 @@ class TrainResult:
 
 # %% ../../nbs/api/32_train.trainer.ipynb #721673e7
 def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, ti:torch.Tensor,
-                cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None, desc:str="epoch") -> tuple[float, int, float]:
-    "Train one epoch (positives weighted by `pos_weight` when given; its `Progress` named `desc`); return the mean loss, the number of samples and the seconds it took."
+                cfg:TrainConfig, gen:torch.Generator, dtype, pos_weight:torch.Tensor|None=None, desc:str="epoch",
+                r:Ranks=Ranks()) -> tuple[float, int, float]:
+    "Train one epoch (positives weighted by `pos_weight` when given; its `Progress` named `desc`), rank `r` on its part of every batch (`model` in DDP); return the mean loss, the number of samples and the seconds it took."
     model.train(); t0 = time.perf_counter(); device = tu.device
     nu, ni = sampler.sample(tu, cfg.num_ng, gen)
     users, items = torch.cat([tu, nu]), torch.cat([ti, ni])
@@ -223,20 +226,20 @@ def train_epoch(model:NCF, opts:list, sampler:NegativeSampler, tu:torch.Tensor, 
     perm = torch.randperm(len(users), generator=gen, device=device)   # one shuffle; batches are then contiguous slices
     users, items, labels = users[perm], items[perm], labels[perm]
     weights = None if pos_weight is None else torch.cat([pos_weight, torch.ones(len(nu), device=device)])[perm]
-    total, progress = torch.zeros((), device=device), Progress(len(perm), f"{cfg.model} {desc}", "samples")
+    total, progress = torch.zeros((), device=device), Progress(len(perm), f"{cfg.model} {desc}", "samples", shown=r.main)
     for lo in range(0, len(perm), cfg.batch_size):
-        idx = slice(lo, lo + cfg.batch_size)
+        rows = min(cfg.batch_size, len(perm) - lo); part = r.shard(rows)   # one process: the whole batch
+        idx = slice(lo + part.start, lo + part.stop)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(users[idx], items[idx])
-        batch_labels = labels[idx]
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch_labels, None if weights is None else weights[idx])
+        loss_sum = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels[idx], None if weights is None else weights[idx], reduction="sum")
         for o in opts: o.zero_grad(set_to_none=True)
-        loss.backward()
+        shard_loss(loss_sum, rows, r).backward()   # the batch's mean loss, once DDP has averaged the ranks' gradients
         for o in opts: o.step()
         rebalance_threads()   # this run's share of the cores, if another run started or ended (at most once a second)
-        total += loss.detach()*len(batch_labels); progress.update(len(batch_labels))
+        total += loss_sum.detach(); progress.update(rows)
     progress.close()
-    return total.item()/len(perm), len(perm), time.perf_counter() - t0
+    return sum_over_ranks(total, r).item()/len(perm), len(perm), time.perf_counter() - t0
 
 # %% ../../nbs/api/32_train.trainer.ipynb #f404bec4
 def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tensor|None:
@@ -245,7 +248,8 @@ def positive_weights(users, items, times, cfg:TrainConfig, device) -> torch.Tens
     return None if w is None else torch.as_tensor(w, device=device)
 
 # %% ../../nbs/api/32_train.trainer.ipynb #d2c94a41
-def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None, start:NCF|None=None):
+def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dtype, log=print, pretrained:tuple|None=None, start:NCF|None=None,
+                          r:Ranks=Ranks()):
     "Train a copy of `start`, or a fresh model (from `pretrained` GMF and MLP if given), on train + validation interactions for `epochs` epochs; return it, its pairs and a summary."
     users = np.concatenate([splits.train_users, splits.validation.users])
     items = np.concatenate([splits.train_items, splits.validation.items])
@@ -253,12 +257,13 @@ def refit_with_validation(splits:Splits, cfg:TrainConfig, epochs:int, device, dt
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     model = copy.deepcopy(start).train() if start is not None else build_model(cfg, splits.n_users, splits.n_items, pretrained).to(device)
-    opts = make_optimizer(model, cfg)
+    if r.rank: torch.manual_seed(dropout_seed(cfg.seed + 1, r))   # rank 0 keeps the stream of a one-process run
+    opts, net = make_optimizer(model, cfg), wrap(model, r, device)
     tu, ti = torch.as_tensor(users, device=device), torch.as_tensor(items, device=device)
     sampler, seconds = NegativeSampler(tu, ti, splits.n_items), 0.0
     pw = positive_weights(users, items, times, cfg, device)
     for epoch in range(1, epochs + 1):
-        loss, n, s = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"refit epoch {epoch}/{epochs}"); seconds += s
+        loss, n, s = train_epoch(net, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"refit epoch {epoch}/{epochs}", r); seconds += s
         log(f"refit epoch {epoch}/{epochs} on train + validation: loss {loss:.4f}; {s:.2f} s")
     summary = {"epochs": epochs, "from": "selected" if start is not None else "scratch", "seconds": round(seconds, 3), "interactions": len(users)}
     return model.eval(), (users, items), summary
@@ -283,18 +288,25 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
 def _better(a:dict, b:dict|None) -> bool:
     return b is None or (a["hr"], a["ndcg"]) > (b["hr"], b["ndcg"])
 
-def _resume(ckpt_path:Path|None, fp:str, model:NCF, opts:list, gen:torch.Generator, device) -> dict|None:
-    "This run's checkpoint at `ckpt_path`, if there is one, loaded into `model`, `opts` and both random generators; else None."
-    if not (ckpt_path and (ck := load_checkpoint(ckpt_path, fp))): return None
+def _resume(ckpt_path:Path|None, fp:str, model:NCF, opts:list, gen:torch.Generator, device, r:Ranks=Ranks(), seed:int=0) -> dict|None:
+    "This run's checkpoint at `ckpt_path`, if there is one (read by rank 0, sent to the others), loaded into `model`, `opts` and both random generators; else None."
+    ck = from_main(load_checkpoint(ckpt_path, fp) if ckpt_path and r.main else None, r)
+    if ck is None: return None
     model.load_state_dict(ck["model"])
     for o, s in zip(opts, ck["optimizers"]): o.load_state_dict(s)
-    torch.set_rng_state(ck["rng_torch"]); gen.set_state(ck["rng_sampler"])
+    ranks_rng = ck.get("rng_torch_ranks")
+    # a copy: torch 2.13's set_rng_state crashes on a tensor that is a view at an offset into a larger storage
+    torch.set_rng_state((ranks_rng[r.rank] if r.world > 1 and ranks_rng is not None and len(ranks_rng) == r.world else ck["rng_torch"]).clone())
+    if r.rank and (ranks_rng is None or len(ranks_rng) != r.world): torch.manual_seed(dropout_seed(seed + ck["epoch"], r))   # another process count
+    gen.set_state(ck["rng_sampler"])
     if device.type == "cuda": torch.cuda.set_rng_state(ck["rng_cuda"], device)
     return ck
 
-def _checkpoint(fp:str, epoch:int, model:NCF, opts:list, gen:torch.Generator, device, history:list, best:dict|None, best_state) -> dict:
-    "Everything a run resumed after `epoch` needs: weights, optimizers, both random generators, the history and the best epoch so far."
+def _checkpoint(fp:str, epoch:int, model:NCF, opts:list, gen:torch.Generator, device, history:list, best:dict|None, best_state, r:Ranks=Ranks()) -> dict:
+    "Everything a run resumed after `epoch` needs: weights, optimizers, both random generators (every rank's dropout generator), the history and the best epoch so far."
+    ranks_rng = gathered(torch.get_rng_state(), r)   # a collective: every rank calls it
     return {"fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
+            **({"rng_torch_ranks": ranks_rng} if r.world > 1 else {}),
             "optimizers": [o.state_dict() for o in opts], "rng_torch": torch.get_rng_state(),
             "rng_sampler": gen.get_state(), "history": json.dumps(history),
             **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
@@ -308,8 +320,8 @@ def _epoch_line(epoch:int, cfg:TrainConfig, row:dict, seconds:float, metric_line
 
 # %% ../../nbs/api/32_train.trainer.ipynb #199494db
 def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, gen:torch.Generator, dtype,
-                  checkpoint_dir, log, metric_lines:bool) -> tuple[list, dict|None]:
-    "Train `cfg.epochs` epochs (resuming this run's checkpoint) and leave the best epoch on validation in `model`; return the history and that epoch's metrics."
+                  checkpoint_dir, log, metric_lines:bool, r:Ranks=Ranks()) -> tuple[list, dict|None]:
+    "Train `cfg.epochs` epochs (resuming this run's checkpoint) and leave the best epoch on validation in `model`; return the history and that epoch's metrics. Rank 0 evaluates and checkpoints."
     tu = torch.as_tensor(splits.train_users, device=device); ti = torch.as_tensor(splits.train_items, device=device)
     sampler = NegativeSampler(tu, ti, splits.n_items)
     pw = positive_weights(splits.train_users, splits.train_items, splits.train_times, cfg, device)
@@ -317,24 +329,27 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
     fp = fingerprint(cfg, splits.data_version)
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
     start, history, best, best_state = 0, [], None, None
-    if ck := _resume(ckpt_path, fp, model, opts, gen, device):
+    validate = lambda: from_main(evaluate_sampled(model, select_on, cfg.top_k, device) if r.main else None, r)   # every rank selects the same epoch
+    if ck := _resume(ckpt_path, fp, model, opts, gen, device, r, cfg.seed):
         start, history = ck["epoch"], json.loads(ck["history"])
         best, best_state = json.loads(ck["best"]), ck["best_state"]
         log(f"resumed from {ckpt_path} after epoch {start}")
     if start == 0 and select_on is not None:  # epoch 0: the untrained model is a candidate too
-        best, best_state = {"epoch": 0, **evaluate_sampled(model, select_on, cfg.top_k, device)}, copy.deepcopy(model.state_dict())
-    stale = 0 if best is None else max(0, start - best["epoch"])
+        best, best_state = {"epoch": 0, **validate()}, copy.deepcopy(model.state_dict())
+    stale, net = 0 if best is None else max(0, start - best["epoch"]), wrap(model, r, device)
     for epoch in range(start + 1, cfg.epochs + 1):
-        loss, n, seconds = train_epoch(model, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"epoch {epoch}/{cfg.epochs}")
+        loss, n, seconds = train_epoch(net, opts, sampler, tu, ti, cfg, gen, dtype, pw, f"epoch {epoch}/{cfg.epochs}", r)
         row = {"epoch": epoch, "loss": loss, "seconds": round(seconds, 4), "samples_per_s": round(n/seconds)}
         if select_on is not None:
-            row["validation"] = evaluate_sampled(model, select_on, cfg.top_k, device)
+            row["validation"] = validate()
             if _better(row["validation"], best):
                 best, best_state, stale = {"epoch": epoch, **row["validation"]}, copy.deepcopy(model.state_dict()), 0
             else: stale += 1
         history.append(row)
         log(_epoch_line(epoch, cfg, row, seconds, metric_lines))
-        if ckpt_path: save_checkpoint(ckpt_path, _checkpoint(fp, epoch, model, opts, gen, device, history, best, best_state))
+        if ckpt_path:
+            state = _checkpoint(fp, epoch, model, opts, gen, device, history, best, best_state, r)
+            if r.main: save_checkpoint(ckpt_path, state)
         if cfg.patience and stale >= cfg.patience:
             log(f"early stop: validation HR has not improved for {stale} epochs (best: epoch {best['epoch']})"); break
     if best_state is not None: model.load_state_dict(best_state)
@@ -342,12 +357,18 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
 
 # %% ../../nbs/api/32_train.trainer.ipynb #472989cf
 def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log=print, metric_lines:bool=True) -> TrainResult:
-    "Train on `splits`; select the epoch on validation; score the selected model on test; on this run's share of the CPU cores (`ncf.train.threads`)."
-    with share_cores(cfg.threads) as share:
-        log(f"threads: {torch.get_num_threads()} ({'--threads' if share.requested else f'{share.runs} training run(s) share {share.cores} cores'})")
-        return _train(splits, cfg, checkpoint_dir, log, metric_lines)
+    "Train on `splits`; select the epoch on validation; score the selected model on test; on this run's share of the CPU cores (`ncf.train.threads`); under torchrun, on every rank (`ncf.train.distributed`), rank 0 logging and scoring."
+    with share_cores(cfg.threads) as share, process_group(resolve_device(cfg)) as r:
+        log = log if r.main else (lambda msg: None)
+        log(f"threads: {torch.get_num_threads()} ({'--threads' if share.requested else f'{share.runs} training run(s) share {share.cores} cores'})"
+            + (f"; rank 0 of {r.world} training processes" if r.world > 1 else ""))
+        if r.world > 1 and cfg.sparse: raise ConfigError("--sparse does not run on several processes: DDP all-reduces dense gradients")
+        try: return _train(splits, cfg, checkpoint_dir, log, metric_lines, r)
+        except Exception as e:
+            if lost := peer_lost(e, r): raise lost from e
+            raise
 
-def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:bool) -> TrainResult:
+def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:bool, r:Ranks) -> TrainResult:
     keep_freed_memory()
     pre = pretrain(splits, cfg, checkpoint_dir, log) if cfg.pretrain else None
     device = resolve_device(cfg)
@@ -356,12 +377,14 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
+    if r.rank: torch.manual_seed(dropout_seed(cfg.seed, r))   # same weights on every rank, its own dropout masks
     opts = make_optimizer(model, cfg)
-    history, best = _select_epoch(model, opts, splits, cfg, device, gen, dtype, checkpoint_dir, log, metric_lines)
+    history, best = _select_epoch(model, opts, splits, cfg, device, gen, dtype, checkpoint_dir, log, metric_lines, r)
     selected, pairs, refit = model.eval(), (splits.train_users, splits.train_items), None
     if cfg.refit and best and best["epoch"] > 0:
-        if cfg.refit_epochs: model, pairs, refit = refit_with_validation(splits, cfg, cfg.refit_epochs, device, dtype, log, start=selected)
-        else: model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model))
+        if cfg.refit_epochs: model, pairs, refit = refit_with_validation(splits, cfg, cfg.refit_epochs, device, dtype, log, start=selected, r=r)
+        else: model, pairs, refit = refit_with_validation(splits, cfg, best["epoch"], device, dtype, log, pre and (pre["GMF"].model, pre["MLP"].model), r=r)
+    if not r.main: return TrainResult(model.eval(), {}, cfg, pairs, selected)   # rank 0 scores and writes
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
     metrics["precision"] = {"autocast": "bf16" if dtype else "fp32", "reason": why}
     if refit: metrics["refit"] = refit
@@ -412,9 +435,11 @@ def fit(data, model_dir, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, val
     "Load `data` (see `resolve_data`), train, write the model directory `model_dir`; `output_data_dir` gets a copy of `metrics.json`."
     if not data: raise ConfigError("no data: pass --data or set SM_CHANNEL_TRAIN")
     if not model_dir: raise ConfigError("no model directory: pass --model-dir or set SM_MODEL_DIR")
+    if not ranks_from_env().main: log = lambda msg: None   # one log per distributed run: rank 0's
     splits = load_channels(data, validation_data, test_data)
     log(f"data {splits.data_version[:12]}: {splits.n_users:,} users, {splits.n_items:,} items, {len(splits.train_users):,} training interactions")
     result = train(splits, cfg, checkpoint_dir)
+    if not ranks_from_env().main: return result   # the other ranks of a distributed run: rank 0 writes the model
     manifest = save_model(result, splits, model_dir)
     m = result.metrics
     if output_data_dir: write_json(Path(output_data_dir)/METRICS, m)
