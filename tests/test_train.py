@@ -1,5 +1,5 @@
 """Training entry point: SageMaker environment, bitwise resume after a kill, pre-training, bad input."""
-import json, os, re, signal, subprocess, sys
+import dataclasses, json, os, re, signal, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +270,20 @@ def test_mf_trains_saves_and_serves(data, tmp_path):
     assert rec.md.model.cfg.model == "MF" and not hasattr(rec.md.model, "predict_layer")
     reference = score_matrix(rec.md.model.eval(), torch.arange(len(rec.users))).numpy()
     np.testing.assert_allclose(np.stack([rec.scorer.logits(u) for u in range(len(rec.users))]), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_large_tables_get_sparse_embeddings_automatically(data, monkeypatch):
+    "`--sparse auto`: from SPARSE_FROM_ROWS users + items the tables are sparse (SparseAdam), below it dense; either way the run trains."
+    import ncf.train.sparse as sparse
+    from torch import nn
+    s = load_splits(data); rows = s.n_users + s.n_items
+    cfg = TrainConfig(epochs=2, batch_size=512, factor_num=8, num_layers=2, full_ranking=False, precision="fp32", refit=False)
+    for threshold, expected in ((rows, True), (rows + 1, False)):
+        monkeypatch.setattr(sparse, "SPARSE_FROM_ROWS", threshold)
+        r = train(s, cfg, log=lambda msg: None)
+        assert r.metrics["embeddings"]["sparse"] is expected, r.metrics["embeddings"]
+        assert [m.sparse for m in r.model.modules() if isinstance(m, nn.Embedding)] == [expected] * 4
+        losses = [h["loss"] for h in r.metrics["history"]]
+        assert losses[1] < losses[0] and r.metrics["test"]["hr"] > 0
+    weighted = train(s, dataclasses.replace(cfg, weight_decay=1e-6), log=lambda msg: None)   # an L2 penalty keeps every row dense
+    assert weighted.metrics["embeddings"] == {"sparse": False, "reason": "auto: weight_decay needs every row updated at every step"}

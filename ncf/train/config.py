@@ -29,7 +29,7 @@ class TrainConfig:
     num_ng:int=4                 # sampled negatives per positive, re-drawn every epoch
     weight_decay:float=0.0       # Adam's L2 penalty
     lr_scaling:Literal["none", "sqrt", "linear"]="none"  # scale lr by (batch_size/256)^p: p = 0, 1/2 or 1
-    sparse:bool=False            # sparse embedding gradients (SparseAdam on embeddings): for large catalogues
+    sparse:Literal["auto", "true", "false"]="auto"  # sparse embedding tables updated row by row (SparseAdam); auto: from ncf.train.sparse.SPARSE_FROM_ROWS rows
     precision:Literal["auto", "bf16", "fp32"]="auto"  # auto: bf16 where measured faster (large NeuMF/MLP batches on bf16 CPUs)
     patience:int=0               # early stopping: stop after this many epochs without a better validation HR (0: off)
     seed:int=42                  # seed of initialisation, negatives and dropout
@@ -45,7 +45,9 @@ class TrainConfig:
     recency_window:int=10        # each user's this many latest training interactions ...
     recency_weight:float=8.0     # ... weigh this much in the loss (1: every positive weighs the same)
 
-    def __post_init__(self): check_config(self)
+    def __post_init__(self):
+        if isinstance(self.sparse, bool): object.__setattr__(self, "sparse", "true" if self.sparse else "false")   # a bool reads as before
+        check_config(self)
 
     @property
     def effective_lr(self) -> float:
@@ -79,7 +81,8 @@ def check_config(self:TrainConfig):
     need(self.gmf_pretrain is None or self.model == "NeuMF", "gmf_pretrain/mlp_pretrain apply to --model NeuMF only")
     need(not self.pretrain or self.model == "NeuMF", "pretrain applies to --model NeuMF only")
     need(not (self.pretrain and self.gmf_pretrain), "pretrain trains its own GMF and MLP: do not also pass gmf_pretrain/mlp_pretrain")
-    need(not (self.sparse and self.weight_decay), "sparse embeddings do not support weight_decay")
+    need(self.sparse in ("auto", "true", "false"), f"sparse must be auto, true or false, got {self.sparse!r}")
+    need(not (self.sparse == "true" and self.weight_decay), "sparse embeddings do not support weight_decay")
 
 # %% ../../nbs/api/31_train.config.ipynb #8296bb00
 def config_from_flags(flags:list) -> TrainConfig:

@@ -20,6 +20,7 @@ from ..model.metrics import ranks_among, hit_ndcg, full_ranking_metrics
 from ..model.modeldir import write_model_dir, load_model_dir
 from .config import TrainConfig, metric_line
 from .threads import share_cores, rebalance_threads
+from .sparse import sparse_choice
 from .distributed import (Ranks, DistributedError, process_group, ranks_from_env, wrap, shard_loss, sum_over_ranks,
                                    from_main, gathered, dropout_seed, peer_lost)
 
@@ -187,23 +188,24 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
 def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None=None) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP models (`pretrained`, or model directories)."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
-    if pretrained is None and cfg.gmf_pretrain is None: return NCF(mc, sparse=cfg.sparse)
+    sparse = sparse_choice(cfg.sparse, cfg.weight_decay, n_users, n_items, ranks_from_env().world)[0]
+    if pretrained is None and cfg.gmf_pretrain is None: return NCF(mc, sparse=sparse)
     gmf, mlp = pretrained or (load_model_dir(cfg.gmf_pretrain).model, load_model_dir(cfg.mlp_pretrain).model)
     for name, m in (("gmf_pretrain", gmf), ("mlp_pretrain", mlp)):
         if (m.cfg.n_users, m.cfg.n_items) != (n_users, n_items):
             raise ModelError(f"{name}: model has {m.cfg.n_users} users / {m.cfg.n_items} items, the data has {n_users} / {n_items}")
     if (gmf.cfg.factor_num, mlp.cfg.factor_num, mlp.cfg.num_layers) != (cfg.factor_num, cfg.factor_num, cfg.num_layers):
         raise ModelError("pre-trained GMF/MLP factor_num and num_layers must match --factor_num and --num_layers")
-    return neumf_from_pretrained(gmf, mlp, cfg.alpha, cfg.dropout, sparse=cfg.sparse)
+    return neumf_from_pretrained(gmf, mlp, cfg.alpha, cfg.dropout, sparse=sparse)
 
 # %% ../../nbs/api/32_train.trainer.ipynb #4b3d3cc4
 def make_optimizer(model:NCF, cfg:TrainConfig):
-    "Adam (the fused kernel); with sparse embeddings, SparseAdam on the embeddings and Adam on the rest."
+    "Adam (the fused kernel); with sparse embedding tables (`build_model`'s choice), SparseAdam on them and Adam on the rest."
     lr = cfg.effective_lr
-    if not cfg.sparse: return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)]
-    emb = [p for n, p in model.named_parameters() if n.startswith("embed_")]
-    dense = [p for n, p in model.named_parameters() if not n.startswith("embed_")]
-    return [torch.optim.SparseAdam(emb, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
+    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    if not sparse: return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)]
+    dense = [p for p in model.parameters() if all(p is not s for s in sparse)]
+    return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
 
 # %% ../../nbs/api/32_train.trainer.ipynb #0d1ca887
 @dataclass
@@ -362,7 +364,7 @@ def train(splits:Splits, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, log
         log = log if r.main else (lambda msg: None)
         log(f"threads: {torch.get_num_threads()} ({'--threads' if share.requested else f'{share.runs} training run(s) share {share.cores} cores'})"
             + (f"; rank 0 of {r.world} training processes" if r.world > 1 else ""))
-        if r.world > 1 and cfg.sparse: raise ConfigError("--sparse does not run on several processes: DDP all-reduces dense gradients")
+        if r.world > 1 and cfg.sparse == "true": raise ConfigError("--sparse does not run on several processes: DDP all-reduces dense gradients")
         try: return _train(splits, cfg, checkpoint_dir, log, metric_lines, r)
         except Exception as e:
             if lost := peer_lost(e, r): raise lost from e
@@ -374,6 +376,8 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     device = resolve_device(cfg)
     dtype, why = precision_choice(cfg, device)
     log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
+    sparse, sparse_why = sparse_choice(cfg.sparse, cfg.weight_decay, splits.n_users, splits.n_items, r.world)
+    log(f"embeddings: {'sparse, SparseAdam' if sparse else 'dense, Adam'} ({sparse_why})")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model = build_model(cfg, splits.n_users, splits.n_items, pre and (pre["GMF"].selected, pre["MLP"].selected)).to(device)
@@ -387,6 +391,7 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     if not r.main: return TrainResult(model.eval(), {}, cfg, pairs, selected)   # rank 0 scores and writes
     metrics = final_metrics(model, splits, cfg, device, history, best, pairs)
     metrics["precision"] = {"autocast": "bf16" if dtype else "fp32", "reason": why}
+    metrics["embeddings"] = {"sparse": sparse, "reason": sparse_why}
     if refit: metrics["refit"] = refit
     if pre: metrics["pretrain"] = {k: {f: r.metrics[f] for f in ("best_epoch", "validation", "test", "train_seconds")} for k, r in pre.items()}
     return TrainResult(model.eval(), metrics, cfg, pairs, selected)
