@@ -24,8 +24,8 @@ def hit_ndcg(ranks:torch.Tensor, k:int=10) -> tuple[float, float]:
 
 # %% ../../nbs/api/22_model.metrics.ipynb #50507f36
 def full_ranking_metrics(scores:torch.Tensor, target_rows:torch.Tensor, target_items:torch.Tensor,
-                         exclude_rows:torch.Tensor|None=None, exclude_items:torch.Tensor|None=None, k:int=10) -> dict:
-    "HR, NDCG and recall@k of `(row, item)` targets ranked over all columns of `scores`, excluded pairs removed."
+                         exclude_rows:torch.Tensor|None=None, exclude_items:torch.Tensor|None=None, k:int=10, per_row:bool=False) -> dict:
+    "HR, NDCG and recall@k of `(row, item)` targets ranked over all columns of `scores`, excluded pairs removed; with `per_row`, each row's (with targets, in row order) instead of their means."
     s = scores.clone().double()
     if exclude_rows is not None: s[exclude_rows, exclude_items] = -math.inf
     t = s[target_rows, target_items]
@@ -37,5 +37,5 @@ def full_ranking_metrics(scores:torch.Tensor, target_rows:torch.Tensor, target_i
     dcg = torch.zeros(n_rows, dtype=torch.double).index_add_(0, target_rows, torch.where(hit, 1/torch.log2(ranks.double() + 2), 0.0))
     ideal = torch.tensor([sum(1/math.log2(i + 2) for i in range(min(k, int(n)))) for n in per_row_n.tolist()], dtype=torch.double)
     rows = per_row_n > 0
-    return {"hr": (per_row_hits[rows] > 0).double().mean().item(), "ndcg": (dcg[rows]/ideal[rows]).mean().item(),
-            "recall": (per_row_hits[rows]/per_row_n[rows]).mean().item(), "k": k}
+    each = {"hr": (per_row_hits[rows] > 0).double(), "ndcg": dcg[rows]/ideal[rows], "recall": per_row_hits[rows]/per_row_n[rows]}
+    return (each if per_row else {f: v.mean().item() for f, v in each.items()}) | {"k": k}

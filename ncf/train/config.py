@@ -40,6 +40,7 @@ class TrainConfig:
     mlp_pretrain:str|None=None   # ... and a trained MLP model directory
     alpha:float=0.5              # weight of GMF in the pre-trained NeuMF output layer
     full_ranking:bool=True       # also score the selected model by full ranking on the test set
+    full_ranking_users:int=10000 # ... of a seeded sample of this many test users, with 95% confidence intervals, when there are more (0: every user)
     refit:bool=True              # after selection, train on train + validation too (see refit_epochs)
     refit_epochs:int=0           # 0: the refit trains a fresh model for the selected epochs; N: it continues the selected model N epochs (faster)
     recency_window:int=10        # each user's this many latest training interactions ...
@@ -73,7 +74,7 @@ def check_config(self:TrainConfig):
     need(self.lr_scaling in ("none", "sqrt", "linear"), f"lr_scaling must be none, sqrt or linear, got {self.lr_scaling!r}")
     need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
     need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-    need(min(self.patience, self.threads, self.refit_epochs) >= 0, "patience, threads and refit_epochs must be >= 0")
+    need(min(self.patience, self.threads, self.refit_epochs, self.full_ranking_users) >= 0, "patience, threads, refit_epochs and full_ranking_users must be >= 0")
     need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
     need(isinstance(self.recency_window, int) and self.recency_window >= 0, f"recency_window must be >= 0, got {self.recency_window}")
     need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")

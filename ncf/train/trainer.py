@@ -131,13 +131,16 @@ def popularity_baseline(splits:Splits, k:int) -> dict:
 
 # %% ../../nbs/api/32_train.trainer.ipynb #52b91f58
 @torch.no_grad()
-def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int=512) -> dict:
-    "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items."
+def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int=512, sample:int=0, seed:int=0) -> dict:
+    "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items; of a seeded sample of `sample` held-out users (with 95% confidence intervals) when there are more."
     model.eval(); tables = item_tables(model)
     tu, ti = torch.as_tensor(train_users), torch.as_tensor(train_items)
     order = torch.argsort(tu, stable=True); tu, ti = tu[order], ti[order]
-    out = {"hr": 0.0, "ndcg": 0.0, "recall": 0.0}
+    out = {"hr": [], "ndcg": [], "recall": []}
     users = torch.as_tensor(held.users); items = torch.as_tensor(held.items)
+    if 0 < sample < len(users):   # in held-out order, so that a chunk's users stay close together
+        pick = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+        users, items = users[pick], items[pick]
     progress = Progress(len(users), "full-ranking evaluation", "users")
     for lo in range(0, len(users), chunk):
         u = users[lo:lo+chunk]; progress.update(len(u))
@@ -146,10 +149,13 @@ def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, devi
         eu, ei = tu[lo_i:hi_i], ti[lo_i:hi_i]
         row_of = torch.full((int(u.max()) + 1,), -1, dtype=torch.long); row_of[u] = torch.arange(len(u))
         keep = row_of[eu] >= 0
-        m = full_ranking_metrics(scores, torch.arange(len(u)), items[lo:lo+chunk], row_of[eu[keep]], ei[keep], k)
-        for f in out: out[f] += m[f]*len(u)
+        m = full_ranking_metrics(scores, torch.arange(len(u)), items[lo:lo+chunk], row_of[eu[keep]], ei[keep], k, per_row=True)
+        for f in out: out[f].append(m[f])
     progress.close()
-    return {f: v/len(users) for f, v in out.items()} | {"k": k}
+    each = {f: torch.cat(v) for f, v in out.items()}
+    result = {f: v.mean().item() for f, v in each.items()} | {"k": k, "users": len(users), "of": len(held.users)}
+    if len(users) < len(held.users): result["ci95"] = {f: 1.96*v.std().item()/math.sqrt(len(v)) for f, v in each.items()}
+    return result
 
 # %% ../../nbs/api/32_train.trainer.ipynb #413a637f
 def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, window:int, weight:float) -> np.ndarray|None:
@@ -169,7 +175,7 @@ CHECKPOINT = "last.pt"
 
 def fingerprint(cfg:TrainConfig, data_version:str) -> str:
     "What a checkpoint must match to be resumed: the data and every setting that changes the result."
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "threads", "full_ranking", "device", "refit_epochs")}
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "threads", "full_ranking", "full_ranking_users", "device", "refit_epochs")}
     return json.dumps({"cfg": keep, "data": data_version}, sort_keys=True)
 
 def save_checkpoint(path:Path, state:dict):
@@ -283,7 +289,7 @@ def final_metrics(model, splits:Splits, cfg:TrainConfig, device, history:list, b
     m["test"] = evaluate_sampled(model, splits.test, k, device)
     m["test_popularity"] = popularity_baseline(splits, k)
     seen_users, seen_items = pairs or (splits.train_users, splits.train_items)
-    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device)
+    if cfg.full_ranking: m["test_full"] = evaluate_full(model, splits.test, seen_users, seen_items, k, device, sample=cfg.full_ranking_users, seed=cfg.seed)
     return m
 
 # %% ../../nbs/api/32_train.trainer.ipynb #799ec225
@@ -451,6 +457,7 @@ def fit(data, model_dir, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, val
     full = m.get("test_full", {})
     log(f"selected epoch {m['best_epoch']} on validation (HR@{m['k']} {m['validation']['hr']:.4f})")
     log(f"test: HR@{m['k']}={m['test']['hr']:.4f}; NDCG@{m['k']}={m['test']['ndcg']:.4f};"
-        + (f" full-ranking HR={full['hr']:.4f} NDCG={full['ndcg']:.4f} recall={full['recall']:.4f}" if full else ""))
+        + (f" full-ranking HR={full['hr']:.4f} NDCG={full['ndcg']:.4f} recall={full['recall']:.4f}" if full else "")
+        + (f" (a sample of {full['users']:,} of {full['of']:,} users; 95% CI of HR ±{full['ci95']['hr']:.4f})" if "ci95" in full else ""))
     log(f"model {manifest['model_version']} written to {model_dir}")
     return result
