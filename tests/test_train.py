@@ -287,3 +287,13 @@ def test_large_tables_get_sparse_embeddings_automatically(data, monkeypatch):
         assert losses[1] < losses[0] and r.metrics["test"]["hr"] > 0
     weighted = train(s, dataclasses.replace(cfg, weight_decay=1e-6), log=lambda msg: None)   # an L2 penalty keeps every row dense
     assert weighted.metrics["embeddings"] == {"sparse": False, "reason": "auto: weight_decay needs every row updated at every step"}
+
+
+def test_full_ranking_of_a_sample_of_users_says_so(data, tmp_path):
+    "--full_ranking_users N below the test users: a seeded sample of N, its size and 95% confidence intervals in metrics.json and the log."
+    r = run_train("--data", data, "--model-dir", tmp_path / "m", "--epochs", "1", *FAST, "--full_ranking", "true", "--full_ranking_users", "50")
+    assert r.returncode == 0, r.stderr
+    full = read_metrics(tmp_path / "m")["test_full"]
+    assert full["users"] == 50 and full["of"] > 50 and set(full["ci95"]) == {"hr", "ndcg", "recall"}
+    assert 0 <= full["hr"] <= 1 and full["ci95"]["hr"] <= 1.96 * 0.5 * (50 / 49) ** 0.5 / 50 ** 0.5 + 1e-9   # a 0/1 metric: sd <= 1/2
+    assert f"(a sample of 50 of {full['of']:,} users; 95% CI of HR ±" in r.stdout
