@@ -1,5 +1,5 @@
 """Training on 2 CPU processes under torchrun (gloo): the same steps as one process, reruns identical, a dead rank named and resumed from."""
-import json, os, subprocess, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,6 @@ def test_two_processes_at_half_the_batch_each_take_the_steps_of_one(data, tmp_pa
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a: torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) > 0 or True   # identical bits are allowed, not required
     ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [h["samples_per_s"] > 0 for h in mb["history"]] == [True, True]
     for ha, hb in zip(ma["history"], mb["history"]):

@@ -131,9 +131,11 @@ def popularity_baseline(splits:Splits, k:int) -> dict:
 
 # %% ../../nbs/api/32_train.trainer.ipynb #52b91f58
 @torch.no_grad()
-def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int=512, sample:int=0, seed:int=0) -> dict:
-    "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items; of a seeded sample of `sample` held-out users (with 95% confidence intervals) when there are more."
+def evaluate_full(model:NCF, held:HeldOut, train_users, train_items, k:int, device, chunk:int|None=None, sample:int=0, seed:int=0,
+                  chunk_pairs:int=1 << 21) -> dict:
+    "HR, NDCG and recall@k of held-out items ranked against all items, minus each user's training items, `chunk` users (default: up to 512 and `chunk_pairs` pairs) at a time; of a seeded sample of `sample` held-out users (with 95% confidence intervals) when there are more."
     model.eval(); tables = item_tables(model)
+    chunk = chunk or max(1, min(512, chunk_pairs//model.cfg.n_items))   # NeuMF's tower holds a 64-float row per pair: 2M pairs, 0.5 GB
     tu, ti = torch.as_tensor(train_users), torch.as_tensor(train_items)
     order = torch.argsort(tu, stable=True); tu, ti = tu[order], ti[order]
     out = {"hr": [], "ndcg": [], "recall": []}
