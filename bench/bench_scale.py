@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores")
     for n in sizes:
         tmp = None if a.work else tempfile.mkdtemp(prefix="ncf-bench-scale-")
-        one = argparse.Namespace(**{**vars(a), "rows": n, "items": max(100, a.items * n // largest), "work": a.work or tmp})
+        work = Path(a.work) / f"rows-{n}" if a.work else Path(tmp)   # one folder per size
+        one = argparse.Namespace(**{**vars(a), "rows": n, "items": max(100, a.items * n // largest), "work": str(work)})
         try: peaks.append(report(one))
         finally:
             if tmp: shutil.rmtree(tmp, ignore_errors=True)

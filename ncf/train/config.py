@@ -75,6 +75,7 @@ def check_config(self:TrainConfig):
     need(self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}")
     need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
     need(min(self.patience, self.threads, self.refit_epochs, self.full_ranking_users) >= 0, "patience, threads, refit_epochs and full_ranking_users must be >= 0")
+    need(self.full_ranking_users != 1, "full_ranking_users must be 0 (every user) or >= 2 (a sample with a confidence interval)")
     need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
     need(isinstance(self.recency_window, int) and self.recency_window >= 0, f"recency_window must be >= 0, got {self.recency_window}")
     need(math.isfinite(self.recency_weight) and self.recency_weight > 0, f"recency_weight must be > 0, got {self.recency_weight}")

@@ -11,10 +11,11 @@ __all__ = ['SPARSE_FROM_ROWS', 'sparse_choice']
 # %% ../../nbs/api/35_train.sparse.ipynb #04821d93
 SPARSE_FROM_ROWS = 16384   # users + items from which the sparse step is faster at batch 256: bench/bench_sparse.py
 
-def sparse_choice(sparse:str, weight_decay:float, n_users:int, n_items:int, processes:int=1) -> tuple[bool, str]:
+def sparse_choice(sparse:str, weight_decay:float, n_users:int, n_items:int, processes:int=1, device_type:str="cpu") -> tuple[bool, str]:
     "Whether the embedding tables are sparse (updated by `SparseAdam`) for `--sparse` `sparse`, and the reason, in words."
     if sparse != "auto": return sparse == "true", f"--sparse {sparse}"
     rows = n_users + n_items
+    if device_type != "cpu": return False, f"auto: the threshold was measured on CPUs; on {device_type} the dense update stays (--sparse true to choose)"
     if weight_decay: return False, "auto: weight_decay needs every row updated at every step"
     if processes > 1: return False, f"auto: {processes} processes all-reduce dense gradients"
     if rows < SPARSE_FROM_ROWS: return False, f"auto: {rows:,} rows < {SPARSE_FROM_ROWS:,}, below which dense Adam is faster"

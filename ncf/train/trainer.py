@@ -175,10 +175,10 @@ def recency_weights(users:np.ndarray, items:np.ndarray, times:np.ndarray|None, w
 # %% ../../nbs/api/32_train.trainer.ipynb #79c30ed4
 CHECKPOINT = "last.pt"
 
-def fingerprint(cfg:TrainConfig, data_version:str) -> str:
-    "What a checkpoint must match to be resumed: the data and every setting that changes the result."
+def fingerprint(cfg:TrainConfig, data_version:str, sparse:bool=False) -> str:
+    "What a checkpoint must match to be resumed: the data, every setting that changes the result, and whether the tables are sparse (`--sparse auto` decides per run: the optimizers differ)."
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience", "threads", "full_ranking", "full_ranking_users", "device", "refit_epochs")}
-    return json.dumps({"cfg": keep, "data": data_version}, sort_keys=True)
+    return json.dumps({"cfg": keep, "data": data_version, "sparse_tables": sparse}, sort_keys=True)
 
 def save_checkpoint(path:Path, state:dict):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +196,7 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
 def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None=None) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP models (`pretrained`, or model directories)."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
-    sparse = sparse_choice(cfg.sparse, cfg.weight_decay, n_users, n_items, ranks_from_env().world)[0]
+    sparse = sparse_choice(cfg.sparse, cfg.weight_decay, n_users, n_items, ranks_from_env().world, resolve_device(cfg).type)[0]
     if pretrained is None and cfg.gmf_pretrain is None: return NCF(mc, sparse=sparse)
     gmf, mlp = pretrained or (load_model_dir(cfg.gmf_pretrain).model, load_model_dir(cfg.mlp_pretrain).model)
     for name, m in (("gmf_pretrain", gmf), ("mlp_pretrain", mlp)):
@@ -304,19 +304,21 @@ def _resume(ckpt_path:Path|None, fp:str, model:NCF, opts:list, gen:torch.Generat
     if ck is None: return None
     model.load_state_dict(ck["model"])
     for o, s in zip(opts, ck["optimizers"]): o.load_state_dict(s)
-    ranks_rng = ck.get("rng_torch_ranks")
+    mine = lambda key, fallback: (ck[key][r.rank] if r.world > 1 and len(ck.get(key) or []) == r.world else ck[fallback]).clone()
     # a copy: torch 2.13's set_rng_state crashes on a tensor that is a view at an offset into a larger storage
-    torch.set_rng_state((ranks_rng[r.rank] if r.world > 1 and ranks_rng is not None and len(ranks_rng) == r.world else ck["rng_torch"]).clone())
-    if r.rank and (ranks_rng is None or len(ranks_rng) != r.world): torch.manual_seed(dropout_seed(seed + ck["epoch"], r))   # another process count
+    torch.set_rng_state(mine("rng_torch_ranks", "rng_torch"))
+    if device.type == "cuda" and "rng_cuda" in ck: torch.cuda.set_rng_state(mine("rng_cuda_ranks", "rng_cuda"), device)
+    if r.rank and len(ck.get("rng_torch_ranks") or []) != r.world: torch.manual_seed(dropout_seed(seed + ck["epoch"], r))   # another process count
     gen.set_state(ck["rng_sampler"])
-    if device.type == "cuda": torch.cuda.set_rng_state(ck["rng_cuda"], device)
     return ck
 
 def _checkpoint(fp:str, epoch:int, model:NCF, opts:list, gen:torch.Generator, device, history:list, best:dict|None, best_state, r:Ranks=Ranks()) -> dict:
     "Everything a run resumed after `epoch` needs: weights, optimizers, both random generators (every rank's dropout generator), the history and the best epoch so far."
     ranks_rng = gathered(torch.get_rng_state(), r)   # a collective: every rank calls it
+    ranks_cuda = gathered(torch.cuda.get_rng_state(device).cpu(), r) if device.type == "cuda" else None   # dropout's generator there
     return {"fingerprint": fp, "epoch": epoch, "model": model.state_dict(),
             **({"rng_torch_ranks": ranks_rng} if r.world > 1 else {}),
+            **({"rng_cuda_ranks": ranks_cuda} if r.world > 1 and ranks_cuda else {}),
             "optimizers": [o.state_dict() for o in opts], "rng_torch": torch.get_rng_state(),
             "rng_sampler": gen.get_state(), "history": json.dumps(history),
             **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
@@ -336,8 +338,9 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
     sampler = NegativeSampler(tu, ti, splits.n_items)
     pw = positive_weights(splits.train_users, splits.train_items, splits.train_times, cfg, device)
     select_on = splits.validation
-    fp = fingerprint(cfg, splits.data_version)
+    fp = fingerprint(cfg, splits.data_version, any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()))
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
+    checkpointing = from_main(ckpt_path is not None, r)   # rank 0's folder decides: saving gathers from every rank
     start, history, best, best_state = 0, [], None, None
     validate = lambda: from_main(evaluate_sampled(model, select_on, cfg.top_k, device) if r.main else None, r)   # every rank selects the same epoch
     if ck := _resume(ckpt_path, fp, model, opts, gen, device, r, cfg.seed):
@@ -357,7 +360,7 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
             else: stale += 1
         history.append(row)
         log(_epoch_line(epoch, cfg, row, seconds, metric_lines))
-        if ckpt_path:
+        if checkpointing:
             state = _checkpoint(fp, epoch, model, opts, gen, device, history, best, best_state, r)
             if r.main: save_checkpoint(ckpt_path, state)
         if cfg.patience and stale >= cfg.patience:
@@ -384,7 +387,7 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     device = resolve_device(cfg)
     dtype, why = precision_choice(cfg, device)
     log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
-    sparse, sparse_why = sparse_choice(cfg.sparse, cfg.weight_decay, splits.n_users, splits.n_items, r.world)
+    sparse, sparse_why = sparse_choice(cfg.sparse, cfg.weight_decay, splits.n_users, splits.n_items, r.world, device.type)
     log(f"embeddings: {'sparse, SparseAdam' if sparse else 'dense, Adam'} ({sparse_why})")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -431,7 +434,8 @@ def resolve_data(path, work) -> Path:
     parts = sorted(d for d in p.glob("*=*") if (d/DATA_MANIFEST).exists()) if p.is_dir() else []
     if parts: return parts[-1]
     m = preprocess(p, Path(work), run_id="from-raw")
-    print(summary(m)); return Path(m["path"])
+    if ranks_from_env().main: print(summary(m))   # one summary per distributed run
+    return Path(m["path"])
 
 # %% ../../nbs/api/32_train.trainer.ipynb #8d80930c
 def load_channels(train, validation=None, test=None) -> Splits:
