@@ -65,7 +65,9 @@ def process_group(device:torch.device):
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, 600)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     try: yield r
-    finally: dist.destroy_process_group()
+    except BaseException: dist.destroy_process_group(); raise
+    else:   # leave together: a rank that tore its group down while a peer still used it was seen to abort at exit
+        dist.barrier(); dist.destroy_process_group()
 
 # %% ../../nbs/api/34_train.distributed.ipynb #5ca72212
 def wrap(model:torch.nn.Module, r:Ranks, device:torch.device) -> torch.nn.Module:
