@@ -14,7 +14,7 @@ on the 2-core, 24 GB machine are printed beside the figures. Given two sizes or 
 catalogue growing with them as `--items` says for the last one), the last line extrapolates the worst stage's peak
 memory linearly through the two largest sizes to the size that would fill the machine: an estimate, not a measurement.
 """
-import argparse, json, os, random, shutil, socket, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -83,39 +83,22 @@ def measure(stage: str, a) -> dict:
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_gb": peak / 2**30}
 
 
-def free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
 def serve(a) -> dict:
     "ncf_serve with two workers: seconds until /ping answers, peak memory, and the seed request's load where wrk exists."
-    import pandas as pd, psutil
-    work, port = Path(a.work), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ncf.cli.serve", "--model-dir", str(work / "model"), "--port", str(port), "--workers", "2",
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ps, t0, up, peak = psutil.Process(proc.pid), time.perf_counter(), None, 0
+    import psutil
+    from bench_realtime import lua_seed, wrk
+    from ncf.model.modeldir import load_model_dir
+    from ncf.serve.client import launch
+    from ncf.serve.inference import Recommender
+    work = Path(a.work)
+    t0 = time.perf_counter(); proc = launch(work / "model", port=0, workers=2, timeout=600); out = {"startup_s": time.perf_counter() - t0}
+    ps = psutil.Process(proc.pid)
     try:
-        while up is None and time.perf_counter() - t0 < 600 and proc.poll() is None:
-            peak = max(peak, tree_rss(ps))
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as r:
-                    if r.status == 200: up = time.perf_counter() - t0
-            except OSError: time.sleep(0.2)
-        if up is None: sys.exit(f"ncf_serve did not answer /ping: {proc.stderr.read()[-3000:] if proc.poll() is not None else 'still starting'}")
-        out = {"startup_s": up}
+        peak = tree_rss(ps)
         if shutil.which("wrk") and a.load_seconds:
-            users = pd.read_parquet(work / "model" / "users.parquet")["user_id"].tolist()
-            items = pd.read_parquet(work / "model" / "items.parquet")["item_id"].tolist()
-            rnd = random.Random(1)
-            bodies = [json.dumps({"user": rnd.choice(users), "item": rnd.sample(items, 25)}) for _ in range(512)]
-            script = work / "seed.lua"
-            script.write_text("wrk.method = 'POST'\nwrk.headers['Content-Type'] = 'application/json'\nlocal bodies = {"
-                              + ",".join(json.dumps(b) for b in bodies) + "}\nlocal i = 0\nrequest = function()\n"
-                              "  i = i % #bodies + 1\n  return wrk.format(nil, '/invocations', nil, bodies[i])\nend\n")
-            report = subprocess.run(["wrk", "-t1", "-c16", f"-d{a.load_seconds}s", "-s", str(script), f"http://127.0.0.1:{port}"],
-                                    capture_output=True, text=True, check=True).stdout
-            out["seed_rps"] = float(next(l.split()[1] for l in report.splitlines() if l.strip().startswith("Requests/sec:")))
-            out["non2xx"] = int(next((l.split()[-1] for l in report.splitlines() if "Non-2xx" in l), 0))
+            lua_seed(work / "seed.lua", Recommender(load_model_dir(work / "model")))   # one user, 25 candidates
+            r = wrk(f"http://127.0.0.1:{proc.port}", work / "seed.lua", a.load_seconds, 16)
+            out.update(seed_rps=r["rps"], non2xx=r["non2xx"])
         peak = max(peak, tree_rss(ps))
     finally:
         proc.terminate(); proc.wait(timeout=30)

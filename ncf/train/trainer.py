@@ -21,15 +21,16 @@ from ..model.modeldir import write_model_dir, load_model_dir
 from .config import TrainConfig, metric_line
 from .threads import share_cores, rebalance_threads
 from .sparse import sparse_choice
-from .distributed import (Ranks, DistributedError, process_group, ranks_from_env, wrap, shard_loss, sum_over_ranks,
+from .distributed import (Ranks, process_group, ranks_from_env, wrap, shard_loss, sum_over_ranks,
                                    from_main, gathered, dropout_seed, peer_lost)
 
 # %% auto #0
 __all__ = ['CPU_BF16_ENV', 'BF16_MIN_BATCH', 'CHECKPOINT', 'cpu_bf16', 'resolve_device', 'precision_choice', 'autocast_dtype',
            'keep_freed_memory', 'NegativeSampler', 'sampled_ranks', 'evaluate_sampled', 'popularity_baseline',
-           'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'build_model',
-           'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights', 'refit_with_validation', 'final_metrics',
-           'train', 'pretrain', 'save_model', 'resolve_data', 'load_channels', 'fit']
+           'evaluate_full', 'recency_weights', 'fingerprint', 'save_checkpoint', 'load_checkpoint', 'embedding_choice',
+           'sparse_tables', 'build_model', 'make_optimizer', 'TrainResult', 'train_epoch', 'positive_weights',
+           'refit_with_validation', 'final_metrics', 'train', 'pretrain', 'save_model', 'resolve_data', 'load_channels',
+           'fit']
 
 # %% ../../nbs/api/32_train.trainer.ipynb #45da81dd
 CPU_BF16_ENV = "NCF_CPU_BF16"   # amx | avx512 | none: run as that CPU kind would (tests, reproductions)
@@ -193,10 +194,18 @@ def load_checkpoint(path:Path, fp:str) -> dict|None:
     return state if state.get("fingerprint") == fp else None
 
 # %% ../../nbs/api/32_train.trainer.ipynb #722e941d
+def embedding_choice(cfg:TrainConfig, n_users:int, n_items:int) -> tuple[bool, str]:
+    "`sparse_choice` for this run: its settings, its process count and its device."
+    return sparse_choice(cfg.sparse, cfg.weight_decay, n_users, n_items, ranks_from_env().world, resolve_device(cfg).type)
+
+def sparse_tables(model:NCF) -> list:
+    "The weights of `model`'s sparse embedding tables (none when they are dense)."
+    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+
 def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None=None) -> NCF:
     "A fresh model, or a NeuMF initialised from pre-trained GMF and MLP models (`pretrained`, or model directories)."
     mc = ModelConfig(n_users, n_items, cfg.model, cfg.factor_num, cfg.num_layers, cfg.dropout)
-    sparse = sparse_choice(cfg.sparse, cfg.weight_decay, n_users, n_items, ranks_from_env().world, resolve_device(cfg).type)[0]
+    sparse = embedding_choice(cfg, n_users, n_items)[0]
     if pretrained is None and cfg.gmf_pretrain is None: return NCF(mc, sparse=sparse)
     gmf, mlp = pretrained or (load_model_dir(cfg.gmf_pretrain).model, load_model_dir(cfg.mlp_pretrain).model)
     for name, m in (("gmf_pretrain", gmf), ("mlp_pretrain", mlp)):
@@ -210,7 +219,7 @@ def build_model(cfg:TrainConfig, n_users:int, n_items:int, pretrained:tuple|None
 def make_optimizer(model:NCF, cfg:TrainConfig):
     "Adam (the fused kernel); with sparse embedding tables (`build_model`'s choice), SparseAdam on them and Adam on the rest."
     lr = cfg.effective_lr
-    sparse = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    sparse = sparse_tables(model)
     if not sparse: return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)]
     dense = [p for p in model.parameters() if all(p is not s for s in sparse)]
     return [torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr, fused=True)]
@@ -338,7 +347,7 @@ def _select_epoch(model:NCF, opts:list, splits:Splits, cfg:TrainConfig, device, 
     sampler = NegativeSampler(tu, ti, splits.n_items)
     pw = positive_weights(splits.train_users, splits.train_items, splits.train_times, cfg, device)
     select_on = splits.validation
-    fp = fingerprint(cfg, splits.data_version, any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()))
+    fp = fingerprint(cfg, splits.data_version, bool(sparse_tables(model)))
     ckpt_path = Path(checkpoint_dir)/CHECKPOINT if checkpoint_dir else None
     checkpointing = from_main(ckpt_path is not None, r)   # rank 0's folder decides: saving gathers from every rank
     start, history, best, best_state = 0, [], None, None
@@ -387,7 +396,7 @@ def _train(splits:Splits, cfg:TrainConfig, checkpoint_dir, log, metric_lines:boo
     device = resolve_device(cfg)
     dtype, why = precision_choice(cfg, device)
     log(f"precision: {'bf16' if dtype else 'fp32'} ({why})")
-    sparse, sparse_why = sparse_choice(cfg.sparse, cfg.weight_decay, splits.n_users, splits.n_items, r.world, device.type)
+    sparse, sparse_why = embedding_choice(cfg, splits.n_users, splits.n_items)
     log(f"embeddings: {'sparse, SparseAdam' if sparse else 'dense, Adam'} ({sparse_why})")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -452,11 +461,12 @@ def fit(data, model_dir, cfg:TrainConfig=TrainConfig(), checkpoint_dir=None, val
     "Load `data` (see `resolve_data`), train, write the model directory `model_dir`; `output_data_dir` gets a copy of `metrics.json`."
     if not data: raise ConfigError("no data: pass --data or set SM_CHANNEL_TRAIN")
     if not model_dir: raise ConfigError("no model directory: pass --model-dir or set SM_MODEL_DIR")
-    if not ranks_from_env().main: log = lambda msg: None   # one log per distributed run: rank 0's
+    main = ranks_from_env().main   # one log and one model per distributed run: rank 0's
+    if not main: log = lambda msg: None
     splits = load_channels(data, validation_data, test_data)
     log(f"data {splits.data_version[:12]}: {splits.n_users:,} users, {splits.n_items:,} items, {len(splits.train_users):,} training interactions")
     result = train(splits, cfg, checkpoint_dir)
-    if not ranks_from_env().main: return result   # the other ranks of a distributed run: rank 0 writes the model
+    if not main: return result
     manifest = save_model(result, splits, model_dir)
     m = result.metrics
     if output_data_dir: write_json(Path(output_data_dir)/METRICS, m)
